@@ -1,0 +1,390 @@
+//! The native `.csb` format (docs/FORMAT.md): read in place from a memory map, validated first.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::ops::Range;
+use std::path::Path;
+
+use super::source::Image;
+use super::{validate_csr, BatchError, CountBatch, Format, ReadOptions, Storage};
+
+pub const MAGIC: &[u8; 4] = b"CSB1";
+const VERSION: u16 = 1;
+const HEADER_LEN: usize = 128;
+const TRAILER_LEN: usize = 4;
+const ALIGN: usize = 64;
+const SECTION_NAMES: [&str; 6] = [
+    "gene_names",
+    "gene_ids",
+    "barcodes",
+    "indptr",
+    "indices",
+    "data",
+];
+
+/// The fixed header, decoded but not yet trusted.
+struct Header {
+    n_cells: u64,
+    n_genes: u64,
+    nnz: u64,
+    sections: [(u64, u64); 6],
+}
+
+pub fn read_mapped(path: &Path) -> Result<CountBatch, BatchError> {
+    let image = Image::map(path)?;
+    from_image(path, image, Format::Csb)
+}
+
+pub fn read_zst(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
+    let file = File::open(path).map_err(|e| BatchError::io(path, e))?;
+    let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| BatchError::io(path, e))?;
+    let image = Image::read_capped(path, decoder, opts.max_decompressed)?;
+    if !image.bytes().starts_with(MAGIC) {
+        return Err(BatchError::invalid(
+            path,
+            "a zstd stream that does not hold a .csb image (magic CSB1 missing at offset 0)",
+        ));
+    }
+    from_image(path, image, Format::CsbZst)
+}
+
+fn from_image(path: &Path, image: Image, format: Format) -> Result<CountBatch, BatchError> {
+    let bytes = image.bytes();
+    let header = parse_header(path, bytes)?;
+    check_crc(path, bytes)?;
+    let ranges = check_sections(path, bytes.len(), &header)?;
+    let gene_names = parse_strings(path, bytes, &ranges[0], header.n_genes, "gene_names")?;
+    let gene_ids = if ranges[1].is_empty() {
+        None
+    } else {
+        Some(parse_strings(
+            path,
+            bytes,
+            &ranges[1],
+            header.n_genes,
+            "gene_ids",
+        )?)
+    };
+    let barcodes = parse_strings(path, bytes, &ranges[2], header.n_cells, "barcodes")?;
+    validate_csr(
+        path,
+        header.n_cells as usize,
+        header.n_genes as usize,
+        bytemuck::cast_slice(&bytes[ranges[3].clone()]),
+        bytemuck::cast_slice(&bytes[ranges[4].clone()]),
+        bytemuck::cast_slice(&bytes[ranges[5].clone()]),
+    )?;
+    let [_, _, _, indptr, indices, data] = ranges;
+    Ok(CountBatch {
+        source: path.to_path_buf(),
+        format,
+        gene_names,
+        gene_ids,
+        barcodes,
+        storage: Storage::Image {
+            image,
+            indptr,
+            indices,
+            data,
+        },
+    })
+}
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+fn parse_header(path: &Path, b: &[u8]) -> Result<Header, BatchError> {
+    if b.len() < HEADER_LEN + TRAILER_LEN {
+        return Err(BatchError::corrupt(
+            path,
+            format!(
+                "truncated: {} bytes, a .csb file has at least {} (header + checksum)",
+                b.len(),
+                HEADER_LEN + TRAILER_LEN
+            ),
+        ));
+    }
+    if &b[0..4] != MAGIC {
+        return Err(BatchError::invalid(
+            path,
+            format!(
+                "bad magic at offset 0: {:02x?}, expected \"CSB1\"",
+                &b[0..4]
+            ),
+        ));
+    }
+    let version = u16_at(b, 4);
+    if version != VERSION {
+        return Err(BatchError::invalid(
+            path,
+            format!("unsupported version {version} at offset 4, expected {VERSION}"),
+        ));
+    }
+    let flags = u16_at(b, 6);
+    if flags != 0 {
+        return Err(BatchError::invalid(
+            path,
+            format!("unknown flags {flags:#06x} at offset 6, expected 0"),
+        ));
+    }
+    let mut sections = [(0u64, 0u64); 6];
+    for (i, s) in sections.iter_mut().enumerate() {
+        *s = (u64_at(b, 32 + 16 * i), u64_at(b, 40 + 16 * i));
+    }
+    Ok(Header {
+        n_cells: u64_at(b, 8),
+        n_genes: u64_at(b, 16),
+        nnz: u64_at(b, 24),
+        sections,
+    })
+}
+
+fn check_crc(path: &Path, b: &[u8]) -> Result<(), BatchError> {
+    let body = &b[..b.len() - TRAILER_LEN];
+    let stored = u32::from_le_bytes(b[b.len() - TRAILER_LEN..].try_into().unwrap());
+    let actual = crc32c::crc32c(body);
+    if stored != actual {
+        return Err(BatchError::corrupt(
+            path,
+            format!(
+                "checksum mismatch: trailer at offset {} holds crc32c {stored:#010x}, the bytes before it give {actual:#010x} (truncated or damaged file)",
+                b.len() - TRAILER_LEN
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks 3 of docs/FORMAT.md; returns the byte range of each section.
+fn check_sections(
+    path: &Path,
+    file_len: usize,
+    h: &Header,
+) -> Result<[Range<usize>; 6], BatchError> {
+    // u128: a lying header must not overflow its way past the check.
+    let expected_len = |i: usize| -> Option<u128> {
+        match i {
+            3 => Some((h.n_cells as u128 + 1) * 8),
+            4 | 5 => Some(h.nnz as u128 * 4),
+            _ => None,
+        }
+    };
+    let body_end = (file_len - TRAILER_LEN) as u64;
+    let mut prev_end = HEADER_LEN as u64;
+    let mut ranges: [Range<usize>; 6] = Default::default();
+    for (i, &(off, len)) in h.sections.iter().enumerate() {
+        let name = SECTION_NAMES[i];
+        let at = 32 + 16 * i;
+        if let Some(want) = expected_len(i) {
+            if len as u128 != want {
+                return Err(BatchError::invalid(
+                    path,
+                    format!("section {name} (table entry at offset {at}) is {len} bytes, the header's counts imply {want}"),
+                ));
+            }
+        }
+        if len == 0 {
+            ranges[i] = 0..0;
+            continue;
+        }
+        if off % ALIGN as u64 != 0 {
+            return Err(BatchError::invalid(
+                path,
+                format!("section {name} (table entry at offset {at}) starts at {off}, not a multiple of {ALIGN}"),
+            ));
+        }
+        let end = off.checked_add(len).filter(|&e| e <= body_end);
+        let Some(end) = end else {
+            return Err(BatchError::invalid(
+                path,
+                format!("section {name} (table entry at offset {at}) spans {off}..{off}+{len}, past the end of the data at {body_end}"),
+            ));
+        };
+        if off < prev_end {
+            return Err(BatchError::invalid(
+                path,
+                format!("section {name} (table entry at offset {at}) starts at {off}, overlapping the header or the previous section ending at {prev_end}"),
+            ));
+        }
+        prev_end = end;
+        ranges[i] = off as usize..end as usize;
+    }
+    Ok(ranges)
+}
+
+/// Check 4: exactly `count` NUL-terminated UTF-8 strings.
+fn parse_strings(
+    path: &Path,
+    bytes: &[u8],
+    range: &Range<usize>,
+    count: u64,
+    name: &str,
+) -> Result<Vec<String>, BatchError> {
+    let section = &bytes[range.clone()];
+    if count > section.len() as u64 {
+        return Err(BatchError::invalid(
+            path,
+            format!("section {name} at offset {} holds {} bytes, too few for {count} NUL-terminated strings", range.start, section.len()),
+        ));
+    }
+    if section.last().is_some_and(|&b| b != 0) {
+        return Err(BatchError::invalid(
+            path,
+            format!(
+                "section {name} at offset {} does not end with a NUL byte",
+                range.start
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    let mut start = 0;
+    for (i, &b) in section.iter().enumerate() {
+        if b != 0 {
+            continue;
+        }
+        let s = std::str::from_utf8(&section[start..i]).map_err(|e| {
+            BatchError::invalid(
+                path,
+                format!(
+                    "section {name}: string {} at offset {} is not valid UTF-8 ({e})",
+                    out.len(),
+                    range.start + start
+                ),
+            )
+        })?;
+        out.push(s.to_owned());
+        start = i + 1;
+    }
+    if out.len() as u64 != count {
+        return Err(BatchError::invalid(
+            path,
+            format!(
+                "section {name} at offset {} holds {} strings, the header says {count}",
+                range.start,
+                out.len()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// Writes `batch` as a `.csb` image to `w`.
+pub fn write_csb(batch: &CountBatch, w: &mut impl Write) -> std::io::Result<()> {
+    let strings = |v: &[String]| -> Vec<u8> {
+        let mut out = Vec::with_capacity(v.iter().map(|s| s.len() + 1).sum());
+        for s in v {
+            out.extend_from_slice(s.as_bytes());
+            out.push(0);
+        }
+        out
+    };
+    let sections: [Vec<u8>; 3] = [
+        strings(&batch.gene_names),
+        batch.gene_ids.as_deref().map(strings).unwrap_or_default(),
+        strings(&batch.barcodes),
+    ];
+    let arrays: [&[u8]; 3] = [
+        bytemuck::cast_slice(batch.indptr()),
+        bytemuck::cast_slice(batch.indices()),
+        bytemuck::cast_slice(batch.data()),
+    ];
+    let all: Vec<&[u8]> = sections
+        .iter()
+        .map(|s| s.as_slice())
+        .chain(arrays)
+        .collect();
+
+    let mut table = Vec::with_capacity(6);
+    let mut at = HEADER_LEN;
+    for s in &all {
+        if s.is_empty() {
+            table.push((0u64, 0u64));
+            continue;
+        }
+        at = at.next_multiple_of(ALIGN);
+        table.push((at as u64, s.len() as u64));
+        at += s.len();
+    }
+
+    let mut w = Crc32cWriter { inner: w, crc: 0 };
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&VERSION.to_le_bytes());
+    header.extend_from_slice(&0u16.to_le_bytes());
+    for n in [batch.n_cells(), batch.n_genes(), batch.nnz()] {
+        header.extend_from_slice(&(n as u64).to_le_bytes());
+    }
+    for (off, len) in &table {
+        header.extend_from_slice(&off.to_le_bytes());
+        header.extend_from_slice(&len.to_le_bytes());
+    }
+    w.write_all(&header)?;
+    let mut pos = HEADER_LEN;
+    for (s, (off, _)) in all.iter().zip(&table) {
+        if s.is_empty() {
+            continue;
+        }
+        w.write_all(&vec![0u8; *off as usize - pos])?;
+        w.write_all(s)?;
+        pos = *off as usize + s.len();
+    }
+    let crc = w.crc;
+    w.inner.write_all(&crc.to_le_bytes())
+}
+
+/// Writes `batch` to `out` (`.csb`, or `.csb.zst` when the name ends in `.zst`) under a temporary
+/// name, fsyncs, and renames it into place, so a reader never sees a partial file.
+pub fn write_csb_file(batch: &CountBatch, out: &Path) -> std::io::Result<()> {
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = out.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let file = File::create(&tmp)?;
+        let compress = name.ends_with(".zst");
+        let file = if compress {
+            let mut enc = zstd::stream::write::Encoder::new(BufWriter::new(file), 3)?;
+            write_csb(batch, &mut enc)?;
+            enc.finish()?.into_inner().map_err(|e| e.into_error())?
+        } else {
+            let mut buf = BufWriter::new(file);
+            write_csb(batch, &mut buf)?;
+            buf.into_inner().map_err(|e| e.into_error())?
+        };
+        file.sync_all()?;
+        std::fs::rename(&tmp, out)?;
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Passes bytes through while keeping their running CRC-32C.
+struct Crc32cWriter<'a, W: Write> {
+    inner: &'a mut W,
+    crc: u32,
+}
+
+impl<W: Write> Write for Crc32cWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}

@@ -1,0 +1,494 @@
+//! Count batches: what every reader yields.
+//!
+//! A [`CountBatch`] is cells × genes of raw UMI counts in CSR form (one row per cell), with the
+//! gene symbols, optional feature ids and cell barcodes. Readers differ only in where the three
+//! CSR arrays live: the native `.csb` reader leaves them in the memory-mapped file (zero-copy),
+//! the others build them on the heap.
+
+mod csb;
+mod dense;
+mod error;
+#[cfg(feature = "hdf5")]
+mod h5;
+mod mtx;
+mod source;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+pub use csb::{write_csb, write_csb_file};
+pub use error::{BatchError, BatchErrorKind};
+
+#[cfg(target_endian = "big")]
+compile_error!(
+    "cellstream reads little-endian arrays in place and supports little-endian hosts only"
+);
+
+/// Limits that protect the reader from hostile input.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadOptions {
+    /// Largest number of bytes a compressed input (gzip, zstd) may expand to.
+    pub max_decompressed: u64,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            max_decompressed: 4 << 30,
+        }
+    }
+}
+
+/// The formats cellstream reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// 10x Matrix Market directory (v2 `genes.tsv` or v3 `features.tsv`, gzipped or not).
+    Mtx,
+    /// Native `.csb`, memory-mapped.
+    Csb,
+    /// `.csb` compressed with zstd.
+    CsbZst,
+    /// Dense genes × cells text matrix (first line barcodes, then `gene<TAB>counts…`).
+    DenseText,
+    /// 10x HDF5 (`.h5`, v2 or v3) or AnnData (`.h5ad`); feature `hdf5`.
+    Hdf5,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Mtx => "mtx",
+            Format::Csb => "csb",
+            Format::CsbZst => "csb.zst",
+            Format::DenseText => "dense-text",
+            Format::Hdf5 => "hdf5",
+        }
+    }
+}
+
+/// One cell's stored entries: gene indices (strictly increasing) and their counts.
+#[derive(Debug, Clone, Copy)]
+pub struct CellCounts<'a> {
+    pub genes: &'a [u32],
+    pub counts: &'a [u32],
+}
+
+/// CSR arrays on the heap, as the non-mapped readers build them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CsrArrays {
+    pub indptr: Vec<u64>,
+    pub indices: Vec<u32>,
+    pub data: Vec<u32>,
+}
+
+/// Where the CSR arrays live.
+enum Storage {
+    Owned {
+        indptr: Vec<u64>,
+        indices: Vec<u32>,
+        data: Vec<u32>,
+    },
+    /// Byte ranges inside a validated `.csb` image (mapped file or decompressed buffer).
+    Image {
+        image: source::Image,
+        indptr: Range<usize>,
+        indices: Range<usize>,
+        data: Range<usize>,
+    },
+}
+
+/// Cells × genes raw counts with their names. Every reader returns this.
+pub struct CountBatch {
+    /// The file or directory it was read from (for error messages and batch ids).
+    pub source: PathBuf,
+    pub format: Format,
+    /// Gene symbols, one per column; what the vocabulary is matched against.
+    pub gene_names: Vec<String>,
+    /// Feature ids (e.g. Ensembl) when the input has them.
+    pub gene_ids: Option<Vec<String>>,
+    /// Cell barcodes, one per row.
+    pub barcodes: Vec<String>,
+    storage: Storage,
+}
+
+impl std::fmt::Debug for CountBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountBatch")
+            .field("source", &self.source)
+            .field("format", &self.format)
+            .field("n_cells", &self.n_cells())
+            .field("n_genes", &self.n_genes())
+            .field("nnz", &self.nnz())
+            .finish()
+    }
+}
+
+impl CountBatch {
+    /// Builds a batch from heap arrays, validating them exactly as the `.csb` reader does.
+    pub fn from_csr(
+        source: impl Into<PathBuf>,
+        format: Format,
+        gene_names: Vec<String>,
+        gene_ids: Option<Vec<String>>,
+        barcodes: Vec<String>,
+        csr: CsrArrays,
+    ) -> Result<CountBatch, BatchError> {
+        let source = source.into();
+        let CsrArrays {
+            indptr,
+            indices,
+            data,
+        } = csr;
+        validate_csr(
+            &source,
+            barcodes.len(),
+            gene_names.len(),
+            &indptr,
+            &indices,
+            &data,
+        )?;
+        if let Some(ids) = &gene_ids {
+            if ids.len() != gene_names.len() {
+                return Err(BatchError::invalid(
+                    &source,
+                    format!(
+                        "{} feature ids for {} gene names",
+                        ids.len(),
+                        gene_names.len()
+                    ),
+                ));
+            }
+        }
+        Ok(CountBatch {
+            source,
+            format,
+            gene_names,
+            gene_ids,
+            barcodes,
+            storage: Storage::Owned {
+                indptr,
+                indices,
+                data,
+            },
+        })
+    }
+
+    pub fn n_cells(&self) -> usize {
+        self.barcodes.len()
+    }
+
+    pub fn n_genes(&self) -> usize {
+        self.gene_names.len()
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.indices().len()
+    }
+
+    /// Row pointers, `n_cells + 1` of them.
+    pub fn indptr(&self) -> &[u64] {
+        match &self.storage {
+            Storage::Owned { indptr, .. } => indptr,
+            Storage::Image { image, indptr, .. } => {
+                bytemuck::cast_slice(&image.bytes()[indptr.clone()])
+            }
+        }
+    }
+
+    /// Gene index of every stored entry.
+    pub fn indices(&self) -> &[u32] {
+        match &self.storage {
+            Storage::Owned { indices, .. } => indices,
+            Storage::Image { image, indices, .. } => {
+                bytemuck::cast_slice(&image.bytes()[indices.clone()])
+            }
+        }
+    }
+
+    /// Count of every stored entry.
+    pub fn data(&self) -> &[u32] {
+        match &self.storage {
+            Storage::Owned { data, .. } => data,
+            Storage::Image { image, data, .. } => {
+                bytemuck::cast_slice(&image.bytes()[data.clone()])
+            }
+        }
+    }
+
+    /// The stored entries of cell `i`.
+    pub fn cell(&self, i: usize) -> CellCounts<'_> {
+        let indptr = self.indptr();
+        let range = indptr[i] as usize..indptr[i + 1] as usize;
+        CellCounts {
+            genes: &self.indices()[range.clone()],
+            counts: &self.data()[range],
+        }
+    }
+
+    /// The batch id: the input's file name without its format extensions.
+    pub fn batch_id(&self) -> String {
+        batch_id_of(&self.source)
+    }
+}
+
+/// `run42-000017.csb.zst` → `run42-000017`; a directory keeps its name.
+pub fn batch_id_of(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut id = name.as_str();
+    for ext in [
+        ".zst", ".gz", ".csb", ".h5ad", ".h5", ".txt", ".tsv", ".csv",
+    ] {
+        if let Some(stripped) = id.strip_suffix(ext) {
+            id = stripped;
+        }
+    }
+    id.to_string()
+}
+
+/// Reads any supported input, detecting its format from its content.
+pub fn read_batch(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
+    let format = detect_format(path)?;
+    let batch = match format {
+        Format::Mtx => mtx::read_dir(path, opts)?,
+        Format::Csb => csb::read_mapped(path)?,
+        Format::CsbZst => csb::read_zst(path, opts)?,
+        Format::DenseText => dense::read(path, opts)?,
+        Format::Hdf5 => read_hdf5(path)?,
+    };
+    Ok(batch)
+}
+
+#[cfg(feature = "hdf5")]
+fn read_hdf5(path: &Path) -> Result<CountBatch, BatchError> {
+    h5::read(path)
+}
+
+#[cfg(not(feature = "hdf5"))]
+fn read_hdf5(path: &Path) -> Result<CountBatch, BatchError> {
+    Err(BatchError::new(
+        path,
+        BatchErrorKind::UnknownFormat(
+            "an HDF5 file (.h5/.h5ad), but this build has no HDF5 support: rebuild with `--features hdf5`"
+                .into(),
+        ),
+    ))
+}
+
+/// Looks at the first bytes (or the directory's members) to decide the format.
+pub fn detect_format(path: &Path) -> Result<Format, BatchError> {
+    let meta = std::fs::metadata(path).map_err(|e| BatchError::io(path, e))?;
+    if meta.is_dir() {
+        return Ok(Format::Mtx);
+    }
+    let head = source::read_head(path, 16)?;
+    if head.starts_with(csb::MAGIC) {
+        return Ok(Format::Csb);
+    }
+    if head.starts_with(&source::ZSTD_MAGIC) {
+        return Ok(Format::CsbZst);
+    }
+    if head.starts_with(b"\x89HDF\r\n\x1a\n") {
+        return Ok(Format::Hdf5);
+    }
+    if head.starts_with(b"%%MatrixMarket") {
+        return Err(BatchError::new(
+            path,
+            BatchErrorKind::UnknownFormat(
+                "a Matrix Market file alone has no gene names or barcodes: pass the directory that holds matrix.mtx, features.tsv and barcodes.tsv".into(),
+            ),
+        ));
+    }
+    if head.starts_with(&source::GZIP_MAGIC) {
+        return Err(BatchError::new(
+            path,
+            BatchErrorKind::UnknownFormat(
+                "a gzip file that is not part of a Matrix Market directory: decompress it or pass its directory".into(),
+            ),
+        ));
+    }
+    if head.is_empty() {
+        return Err(BatchError::new(
+            path,
+            BatchErrorKind::Empty("the file is empty (0 bytes)".into()),
+        ));
+    }
+    if head
+        .iter()
+        .all(|&b| b.is_ascii_graphic() || b.is_ascii_whitespace())
+    {
+        return Ok(Format::DenseText);
+    }
+    Err(BatchError::new(
+        path,
+        BatchErrorKind::UnknownFormat(format!(
+            "unrecognised content (first bytes {:02x?}); expected a .csb, .csb.zst, 10x .h5/.h5ad, dense text matrix or a Matrix Market directory",
+            &head[..head.len().min(8)]
+        )),
+    ))
+}
+
+/// The CSR invariants every reader guarantees (see docs/FORMAT.md, checks 5 and 6).
+fn validate_csr(
+    path: &Path,
+    n_cells: usize,
+    n_genes: usize,
+    indptr: &[u64],
+    indices: &[u32],
+    data: &[u32],
+) -> Result<(), BatchError> {
+    if n_cells == 0 || n_genes == 0 {
+        return Err(BatchError::new(
+            path,
+            BatchErrorKind::Empty(format!("{n_cells} cells × {n_genes} genes")),
+        ));
+    }
+    if indptr.len() != n_cells + 1 {
+        return Err(BatchError::invalid(
+            path,
+            format!(
+                "indptr has {} entries, expected n_cells + 1 = {}",
+                indptr.len(),
+                n_cells + 1
+            ),
+        ));
+    }
+    if indices.len() != data.len() {
+        return Err(BatchError::invalid(
+            path,
+            format!("{} gene indices but {} counts", indices.len(), data.len()),
+        ));
+    }
+    if indptr[0] != 0 {
+        return Err(BatchError::invalid(
+            path,
+            format!("indptr[0] is {}, expected 0", indptr[0]),
+        ));
+    }
+    for (cell, w) in indptr.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(BatchError::invalid(
+                path,
+                format!("indptr not monotone at cell {cell}: {} then {}", w[0], w[1]),
+            ));
+        }
+    }
+    let nnz = indices.len() as u64;
+    if indptr[n_cells] != nnz {
+        return Err(BatchError::invalid(
+            path,
+            format!(
+                "indptr[n_cells] is {}, expected nnz = {nnz}",
+                indptr[n_cells]
+            ),
+        ));
+    }
+    for cell in 0..n_cells {
+        let genes = &indices[indptr[cell] as usize..indptr[cell + 1] as usize];
+        check_cell_genes(path, cell, genes, n_genes)?;
+    }
+    Ok(())
+}
+
+fn check_cell_genes(
+    path: &Path,
+    cell: usize,
+    genes: &[u32],
+    n_genes: usize,
+) -> Result<(), BatchError> {
+    // Fast path: one branch-free pass; the slow path below only runs to name the culprit.
+    let mut ok = true;
+    let mut prev: i64 = -1;
+    for &g in genes {
+        ok &= (g as i64) > prev && (g as usize) < n_genes;
+        prev = g as i64;
+    }
+    if ok {
+        return Ok(());
+    }
+    let mut prev: i64 = -1;
+    for (k, &g) in genes.iter().enumerate() {
+        if g as usize >= n_genes {
+            return Err(BatchError::invalid(
+                path,
+                format!(
+                    "gene index {g} out of range at cell {cell}, entry {k} (n_genes = {n_genes})"
+                ),
+            ));
+        }
+        if (g as i64) <= prev {
+            return Err(BatchError::invalid(
+                path,
+                format!("gene indices of cell {cell} not strictly increasing at entry {k} ({prev} then {g})"),
+            ));
+        }
+        prev = g as i64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(
+        indptr: Vec<u64>,
+        indices: Vec<u32>,
+        data: Vec<u32>,
+    ) -> Result<CountBatch, BatchError> {
+        CountBatch::from_csr(
+            "t",
+            Format::Mtx,
+            vec!["A".into(), "B".into(), "C".into()],
+            None,
+            vec!["c1".into(), "c2".into()],
+            CsrArrays {
+                indptr,
+                indices,
+                data,
+            },
+        )
+    }
+
+    #[test]
+    fn valid_csr_gives_cells() {
+        let b = batch(vec![0, 2, 3], vec![0, 2, 1], vec![5, 1, 7]).unwrap();
+        assert_eq!(b.cell(0).genes, &[0, 2]);
+        assert_eq!(b.cell(1).counts, &[7]);
+        assert_eq!(b.nnz(), 3);
+    }
+
+    #[test]
+    fn csr_violations_are_named() {
+        let e = batch(vec![0, 2, 1], vec![0, 2, 1], vec![5, 1, 7]).unwrap_err();
+        assert!(
+            e.to_string().contains("indptr not monotone at cell 1"),
+            "{e}"
+        );
+        let e = batch(vec![0, 2, 3], vec![0, 9, 1], vec![5, 1, 7]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("gene index 9 out of range at cell 0"),
+            "{e}"
+        );
+        let e = batch(vec![0, 2, 3], vec![2, 0, 1], vec![5, 1, 7]).unwrap_err();
+        assert!(e.to_string().contains("not strictly increasing"), "{e}");
+        let e = batch(vec![0, 2, 4], vec![0, 2, 1], vec![5, 1, 7]).unwrap_err();
+        assert!(e.to_string().contains("expected nnz = 3"), "{e}");
+    }
+
+    #[test]
+    fn batch_id_strips_format_extensions() {
+        assert_eq!(
+            batch_id_of(Path::new("/x/run42-000017.csb.zst")),
+            "run42-000017"
+        );
+        assert_eq!(batch_id_of(Path::new("/x/run.h5ad")), "run");
+        assert_eq!(
+            batch_id_of(Path::new("/x/filtered_feature_bc_matrix")),
+            "filtered_feature_bc_matrix"
+        );
+    }
+}

@@ -1,0 +1,135 @@
+//! Getting bytes off disk: memory maps, capped decompression, first-bytes sniffing.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{BatchError, BatchErrorKind};
+
+pub const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+/// The whole bytes of a `.csb` file, shared by the batch that views into them.
+#[derive(Clone)]
+pub struct Image(Arc<ImageBytes>);
+
+enum ImageBytes {
+    Mapped(memmap2::Mmap),
+    /// Decompressed bytes, kept in `u64` words so that every 8-aligned offset is aligned in memory.
+    Heap {
+        words: Vec<u64>,
+        len: usize,
+    },
+}
+
+impl Image {
+    /// Maps `file` read-only.
+    ///
+    /// SAFETY contract (the reason this is `unsafe` in memmap2): the mapping reflects later writes
+    /// to the file, and truncation by another process would fault on access. cellstream maps only
+    /// files that a producer renamed complete into the spool and that the daemon then renamed
+    /// into its own `processing/` folder, so no one writes them any more; the one-shot commands
+    /// map files named by the user, who owns them for the duration of the command.
+    pub fn map(path: &Path) -> Result<Image, BatchError> {
+        let file = File::open(path).map_err(|e| BatchError::io(path, e))?;
+        // SAFETY: see the contract above; the map is read-only and every offset is validated
+        // before it is sliced.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| BatchError::io(path, e))?;
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::Sequential);
+        Ok(Image(Arc::new(ImageBytes::Mapped(map))))
+    }
+
+    /// Streams `reader` into an aligned buffer, failing once more than `cap` bytes come out.
+    pub fn read_capped(path: &Path, mut reader: impl Read, cap: u64) -> Result<Image, BatchError> {
+        let mut words: Vec<u64> = Vec::new();
+        let mut len = 0usize;
+        loop {
+            if len == words.len() * 8 {
+                let grow = (words.len().max(1 << 13)).min(1 << 24);
+                words.resize(words.len() + grow, 0);
+            }
+            let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words[..]);
+            let n = match reader.read(&mut bytes[len..]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(BatchError::corrupt(
+                        path,
+                        format!("decompression failed after {len} bytes of output: {e}"),
+                    ))
+                }
+            };
+            len += n;
+            if len as u64 > cap {
+                return Err(BatchError::new(
+                    path,
+                    BatchErrorKind::TooLarge(format!(
+                        "decompresses to more than the cap of {cap} bytes"
+                    )),
+                ));
+            }
+        }
+        words.truncate(len.div_ceil(8));
+        Ok(Image(Arc::new(ImageBytes::Heap { words, len })))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match &*self.0 {
+            ImageBytes::Mapped(m) => m,
+            ImageBytes::Heap { words, len } => &bytemuck::cast_slice(words)[..*len],
+        }
+    }
+}
+
+/// The first `n` bytes of a file (fewer when it is shorter).
+pub fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, BatchError> {
+    let file = File::open(path).map_err(|e| BatchError::io(path, e))?;
+    let mut head = Vec::with_capacity(n);
+    file.take(n as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| BatchError::io(path, e))?;
+    Ok(head)
+}
+
+/// Reads a whole text member, gunzipping it when it starts with the gzip magic, up to `cap` bytes.
+pub fn read_maybe_gz(path: &Path, cap: u64) -> Result<Vec<u8>, BatchError> {
+    let mut file = File::open(path).map_err(|e| BatchError::io(path, e))?;
+    let mut raw = Vec::new();
+    (&mut file)
+        .take(cap.saturating_add(1))
+        .read_to_end(&mut raw)
+        .map_err(|e| BatchError::io(path, e))?;
+    if !raw.starts_with(&GZIP_MAGIC) {
+        if raw.len() as u64 > cap {
+            return Err(BatchError::new(
+                path,
+                BatchErrorKind::TooLarge(format!("larger than the cap of {cap} bytes")),
+            ));
+        }
+        return Ok(raw);
+    }
+    let mut out = Vec::with_capacity(raw.len() * 4);
+    let decoder = flate2::read::MultiGzDecoder::new(&raw[..]);
+    decoder
+        .take(cap.saturating_add(1))
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            BatchError::corrupt(
+                path,
+                format!(
+                    "gzip stream broken after {} bytes of output: {e}",
+                    out.len()
+                ),
+            )
+        })?;
+    if out.len() as u64 > cap {
+        return Err(BatchError::new(
+            path,
+            BatchErrorKind::TooLarge(format!("gunzips to more than the cap of {cap} bytes")),
+        ));
+    }
+    Ok(out)
+}

@@ -1,0 +1,34 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cellstream::batch::{read_batch, write_csb_file, ReadOptions};
+
+use super::UsageError;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Any readable batch: 10x MTX directory, .csb, .csb.zst, .h5/.h5ad (feature hdf5), dense text.
+    input: PathBuf,
+    /// Output file, ending in .csb or .csb.zst.
+    out: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let name = args.out.to_string_lossy();
+    if !(name.ends_with(".csb") || name.ends_with(".csb.zst")) {
+        return Err(UsageError(format!(
+            "{name}: the output name must end in .csb or .csb.zst"
+        ))
+        .into());
+    }
+    let batch = read_batch(&args.input, &ReadOptions::default())?;
+    write_csb_file(&batch, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} ({} cells × {} genes, {} entries)",
+        args.out.display(),
+        batch.n_cells(),
+        batch.n_genes(),
+        batch.nnz()
+    );
+    Ok(())
+}

@@ -1,0 +1,132 @@
+use std::path::PathBuf;
+
+use cellstream::batch::{read_batch, CountBatch, ReadOptions};
+use cellstream::tokenize::Vocab;
+use serde_json::json;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The batch to inspect.
+    input: PathBuf,
+    /// A vocabulary (vocab.json) to report gene coverage against.
+    #[arg(long)]
+    vocab: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// "ensembl" when most names look like `ENSG00000141510`, else "symbol".
+fn id_kind(names: &[String]) -> &'static str {
+    let looks_ensembl = |s: &String| {
+        s.starts_with("ENS")
+            && s.len() >= 11
+            && s[s.len() - 11..].bytes().all(|b| b.is_ascii_digit())
+    };
+    if names.iter().filter(|s| looks_ensembl(s)).count() * 2 > names.len() {
+        "ensembl"
+    } else {
+        "symbol"
+    }
+}
+
+fn median(mut v: Vec<u64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2] as f64
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) as f64 / 2.0
+    }
+}
+
+fn summary(batch: &CountBatch, vocab: Option<&Vocab>) -> serde_json::Value {
+    let per_cell_counts: Vec<u64> = (0..batch.n_cells())
+        .map(|i| batch.cell(i).counts.iter().map(|&c| c as u64).sum())
+        .collect();
+    let per_cell_genes: Vec<u64> = (0..batch.n_cells())
+        .map(|i| batch.cell(i).counts.iter().filter(|&&c| c > 0).count() as u64)
+        .collect();
+    let total: u64 = per_cell_counts.iter().sum();
+    let mut v = json!({
+        "input": batch.source.display().to_string(),
+        "format": batch.format.name(),
+        "batch_id": batch.batch_id(),
+        "cells": batch.n_cells(),
+        "genes": batch.n_genes(),
+        "nnz": batch.nnz(),
+        "density": batch.nnz() as f64 / (batch.n_cells() as f64 * batch.n_genes() as f64),
+        "gene_name_kind": id_kind(&batch.gene_names),
+        "gene_id_kind": batch.gene_ids.as_deref().map(id_kind),
+        "total_counts": total,
+        "median_counts_per_cell": median(per_cell_counts),
+        "median_genes_per_cell": median(per_cell_genes),
+    });
+    if let Some(vocab) = vocab {
+        let map = vocab.map_genes(&batch.gene_names);
+        let in_vocab: u64 = batch
+            .indices()
+            .iter()
+            .zip(batch.data())
+            .filter(|(&g, _)| {
+                map.token_of_gene[g as usize] != cellstream::tokenize::vocab::NOT_IN_VOCAB
+            })
+            .map(|(_, &c)| c as u64)
+            .sum();
+        v["vocab"] = json!({
+            "tokens": vocab.len(),
+            "genes_matched": map.n_matched,
+            "genes_matched_fraction": map.n_matched as f64 / batch.n_genes() as f64,
+            "counts_matched_fraction": if total > 0 { in_vocab as f64 / total as f64 } else { 0.0 },
+        });
+    }
+    v
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let vocab = args
+        .vocab
+        .as_deref()
+        .map(Vocab::from_json_file)
+        .transpose()?;
+    let batch = read_batch(&args.input, &ReadOptions::default())?;
+    let s = summary(&batch, vocab.as_ref());
+    if args.json {
+        println!("{s}");
+        return Ok(());
+    }
+    println!("input:        {}", batch.source.display());
+    println!("format:       {}", s["format"].as_str().unwrap_or_default());
+    println!("shape:        {} cells × {} genes", s["cells"], s["genes"]);
+    println!(
+        "nnz:          {} ({:.2}% dense)",
+        s["nnz"],
+        s["density"].as_f64().unwrap_or(0.0) * 100.0
+    );
+    println!(
+        "gene names:   {}{}",
+        s["gene_name_kind"].as_str().unwrap_or_default(),
+        match s["gene_id_kind"].as_str() {
+            Some(k) => format!(" (feature ids: {k})"),
+            None => String::new(),
+        }
+    );
+    println!(
+        "counts:       {} total, median {} per cell, median {} genes per cell",
+        s["total_counts"], s["median_counts_per_cell"], s["median_genes_per_cell"]
+    );
+    if let Some(v) = s.get("vocab") {
+        println!(
+            "vocabulary:   {} of {} genes ({:.1}%) in a {}-token vocabulary, covering {:.1}% of counts",
+            v["genes_matched"],
+            s["genes"],
+            v["genes_matched_fraction"].as_f64().unwrap_or(0.0) * 100.0,
+            v["tokens"],
+            v["counts_matched_fraction"].as_f64().unwrap_or(0.0) * 100.0
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! cellstream: single-cell count batches in, scGPT tokens, embeddings and labels out.
+//!
+//! The pipeline reads as its modules: [`batch`] (readers → `CountBatch`), [`tokenize`]
+//! (`CountBatch` → `TokenBatch`, exactly as scGPT bins), and the model, pipeline and sinks
+//! that follow.
+
+pub mod batch;
+pub mod tokenize;

@@ -1,0 +1,44 @@
+//! The `cellstream` command line (DESIGN.md §8). Each subcommand lives in `cli/`.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cellstream",
+    version,
+    about = "Single-cell count batches → scGPT tokens, embeddings and labels"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tokenize a batch exactly as scGPT does and write one JSON line per cell.
+    Tokenize(cli::tokenize::Args),
+    /// Convert any readable batch to the native .csb (or .csb.zst) format.
+    Convert(cli::convert::Args),
+    /// Show what a batch contains (shape, nnz, gene-id kind, vocabulary coverage), validated.
+    Inspect(cli::inspect::Args),
+}
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    let result = match args.command {
+        Command::Tokenize(a) => cli::tokenize::run(a),
+        Command::Convert(a) => cli::convert::run(a),
+        Command::Inspect(a) => cli::inspect::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cellstream: error: {err:#}");
+            ExitCode::from(cli::exit_code(&err))
+        }
+    }
+}

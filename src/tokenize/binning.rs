@@ -1,0 +1,211 @@
+//! scGPT's per-cell quantile binning (`scgpt.preprocess.binning` / `_digitize`), exactly.
+//!
+//! For one cell's non-zero counts `x` (as float32, as scGPT holds them):
+//! `edges = np.quantile(x, np.linspace(0, 1, n_bins - 1))` with numpy's "linear" method and its
+//! float64 arithmetic, `left = np.digitize(x, edges)`, `right = np.digitize(x, edges, right=True)`,
+//! and where `left != right` the bin is `ceil(u * (right - left) + left)` for a uniform `u`.
+//!
+//! Counts are integers, so the order statistics come from a counting pass (a histogram of the
+//! small counts; only counts ≥ [`SMALL`] are sorted, and cells rarely have more than a few), and
+//! `left`/`right` are computed once per distinct value and gathered per gene.
+
+/// Counts below this go through the histogram; larger ones are sorted.
+const SMALL: usize = 4096;
+
+/// numpy's `np.linspace(0, 1, num)`: `arange(num) * (1/(num-1))`, last element exactly 1.
+pub fn numpy_linspace01(num: usize) -> Vec<f64> {
+    assert!(num >= 2, "linspace needs at least 2 points");
+    let step = 1.0 / (num - 1) as f64;
+    let mut q: Vec<f64> = (0..num).map(|i| i as f64 * step).collect();
+    q[num - 1] = 1.0;
+    q
+}
+
+/// Per-cell binning state, reused across cells so the hot loop allocates nothing.
+pub struct Binner {
+    quantiles: Vec<f64>,
+    /// Histogram of small counts; all zero between calls.
+    hist: Vec<u32>,
+    sorted: Vec<u32>,
+    large: Vec<u32>,
+    edges: Vec<f64>,
+    /// `left`/`right` digit of each small count value present in the current cell.
+    lut_left: Vec<u16>,
+    lut_right: Vec<u16>,
+}
+
+impl Binner {
+    /// `n_bins` as in scGPT (51 there): `n_bins - 1` edges, bins `1..=n_bins-1`.
+    pub fn new(n_bins: u16) -> Binner {
+        assert!(n_bins >= 3, "n_bins must be at least 3");
+        let n_edges = n_bins as usize - 1;
+        Binner {
+            quantiles: numpy_linspace01(n_edges),
+            hist: vec![0; SMALL],
+            sorted: Vec::new(),
+            large: Vec::new(),
+            edges: Vec::with_capacity(n_edges),
+            lut_left: vec![0; SMALL],
+            lut_right: vec![0; SMALL],
+        }
+    }
+
+    /// The edges of the last cell passed to [`Binner::digitize`].
+    pub fn edges(&self) -> &[f64] {
+        &self.edges
+    }
+
+    /// Computes the edges for `counts` (all > 0) and writes `np.digitize` left and right
+    /// digits of every count into `left` and `right`.
+    pub fn digitize(&mut self, counts: &[u32], left: &mut Vec<u16>, right: &mut Vec<u16>) {
+        left.clear();
+        right.clear();
+        self.edges.clear();
+        if counts.is_empty() {
+            return;
+        }
+        self.sort_counts(counts);
+        self.compute_edges();
+        self.fill_luts();
+        left.reserve(counts.len());
+        right.reserve(counts.len());
+        for &v in counts {
+            let (l, r) = if (v as usize) < SMALL {
+                (self.lut_left[v as usize], self.lut_right[v as usize])
+            } else {
+                let x = v as f32 as f64;
+                (
+                    self.edges.partition_point(|&e| e <= x) as u16,
+                    self.edges.partition_point(|&e| e < x) as u16,
+                )
+            };
+            left.push(l);
+            right.push(r);
+        }
+    }
+
+    /// Counting sort of the small counts, comparison sort of the (few) large ones.
+    fn sort_counts(&mut self, counts: &[u32]) {
+        self.large.clear();
+        let mut max_small = 0usize;
+        for &v in counts {
+            let v = v as usize;
+            if v < SMALL {
+                self.hist[v] += 1;
+                max_small = max_small.max(v);
+            } else {
+                self.large.push(v as u32);
+            }
+        }
+        self.sorted.clear();
+        self.sorted.reserve(counts.len());
+        for v in 0..=max_small {
+            let n = std::mem::take(&mut self.hist[v]);
+            for _ in 0..n {
+                self.sorted.push(v as u32);
+            }
+        }
+        self.large.sort_unstable();
+        self.sorted.extend_from_slice(&self.large);
+    }
+
+    /// `np.quantile(x, q)` with the "linear" method, in numpy's exact operation order:
+    /// `vi = (n-1)*q`, `g = vi - floor(vi)`, then `_lerp(a, b, g)` on float32 `a`, `b`
+    /// promoted to float64 (`a + (b-a)*g`, or `b - (b-a)*(1-g)` when `g >= 0.5`).
+    fn compute_edges(&mut self) {
+        let s = &self.sorted;
+        let last = s.len() - 1;
+        let last_f = last as f64;
+        for &q in &self.quantiles {
+            let vi = last_f * q;
+            let edge = if vi >= last_f {
+                s[last] as f32 as f64
+            } else {
+                let prev = vi.floor();
+                let g = vi - prev;
+                let i = prev as usize;
+                let a = s[i] as f32;
+                let b = s[i + 1] as f32;
+                let d = (b - a) as f64;
+                if g >= 0.5 {
+                    b as f64 - d * (1.0 - g)
+                } else {
+                    a as f64 + d * g
+                }
+            };
+            self.edges.push(edge);
+        }
+    }
+
+    /// `left`/`right` digits for each distinct small value, in one merge walk over the edges.
+    fn fill_luts(&mut self) {
+        let edges = &self.edges;
+        let (mut l, mut r) = (0usize, 0usize);
+        let mut prev = u32::MAX;
+        for &v in &self.sorted {
+            if v as usize >= SMALL {
+                break;
+            }
+            if v == prev {
+                continue;
+            }
+            prev = v;
+            let x = v as f64;
+            while l < edges.len() && edges[l] <= x {
+                l += 1;
+            }
+            while r < edges.len() && edges[r] < x {
+                r += 1;
+            }
+            self.lut_left[v as usize] = l as u16;
+            self.lut_right[v as usize] = r as u16;
+        }
+    }
+}
+
+/// scGPT's tie rule: `ceil(u * (right - left) + left)` in float64, a value in `right+1 ..= left`.
+#[inline]
+pub fn tie_bin(u: f64, left: u16, right: u16) -> f64 {
+    (u * (right as f64 - left as f64) + left as f64).ceil()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linspace_matches_numpy() {
+        let q = numpy_linspace01(50);
+        assert_eq!(q[1], 0.02040816326530612);
+        assert_eq!(q[48], 0.9795918367346939);
+        assert_eq!(q[49], 1.0);
+    }
+
+    #[test]
+    fn single_value_cell_ties_over_every_bin() {
+        let mut b = Binner::new(51);
+        let (mut l, mut r) = (Vec::new(), Vec::new());
+        b.digitize(&[7], &mut l, &mut r);
+        assert_eq!((l[0], r[0]), (50, 0));
+        assert!(b.edges().iter().all(|&e| e == 7.0));
+    }
+
+    #[test]
+    fn large_counts_use_the_sorted_path() {
+        let mut b = Binner::new(51);
+        let (mut l, mut r) = (Vec::new(), Vec::new());
+        let counts = [1, 5000, 2, 100_000, 3, 5000];
+        b.digitize(&counts, &mut l, &mut r);
+        // The largest count sits on the last edge: left = 50, right = 49.
+        assert_eq!((l[3], r[3]), (50, 49));
+        assert_eq!(l[1], l[5]);
+        assert!(b.edges().windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn tie_bin_spans_right_plus_one_to_left() {
+        assert_eq!(tie_bin(0.0, 5, 2), 5.0);
+        assert_eq!(tie_bin(0.999_999, 5, 2), 3.0);
+        assert_eq!(tie_bin(0.5, 4, 4), 4.0);
+    }
+}
