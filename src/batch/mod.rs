@@ -81,6 +81,62 @@ pub struct CsrArrays {
     pub data: Vec<u32>,
 }
 
+impl CsrArrays {
+    /// Checks that `indptr` can be used to slice the entries: starts at 0, never decreases,
+    /// ends at the number of entries.
+    pub(crate) fn check_indptr(&self) -> Result<(), String> {
+        let nnz = self.indices.len() as u64;
+        if self.data.len() as u64 != nnz {
+            return Err(format!("{nnz} indices but {} counts", self.data.len()));
+        }
+        match (self.indptr.first(), self.indptr.last()) {
+            (Some(0), Some(&last)) if last == nnz => {}
+            (first, last) => {
+                return Err(format!(
+                    "indptr runs from {first:?} to {last:?}, expected 0 to nnz = {nnz}"
+                ))
+            }
+        }
+        if let Some(i) = self.indptr.windows(2).position(|w| w[1] < w[0]) {
+            return Err(format!("indptr not monotone at row {i}"));
+        }
+        Ok(())
+    }
+
+    /// Sorts each row's entries by column where they are out of order (writers may store them
+    /// unsorted); a column repeated within a row is an error, 1-based in the message.
+    pub(crate) fn sort_rows(&mut self) -> Result<(), String> {
+        self.check_indptr()?;
+        let mut pairs: Vec<(u32, u32)> = Vec::new();
+        for row in 0..self.indptr.len() - 1 {
+            let r = self.indptr[row] as usize..self.indptr[row + 1] as usize;
+            if self.indices[r.clone()].windows(2).all(|w| w[0] < w[1]) {
+                continue;
+            }
+            pairs.clear();
+            pairs.extend(
+                self.indices[r.clone()]
+                    .iter()
+                    .copied()
+                    .zip(self.data[r.clone()].iter().copied()),
+            );
+            pairs.sort_unstable_by_key(|p| p.0);
+            if let Some(w) = pairs.windows(2).find(|w| w[0].0 == w[1].0) {
+                return Err(format!(
+                    "duplicate entry for gene {} in cell {} (1-based)",
+                    w[0].0 + 1,
+                    row + 1
+                ));
+            }
+            for (k, (g, v)) in pairs.iter().enumerate() {
+                self.indices[r.start + k] = *g;
+                self.data[r.start + k] = *v;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where the CSR arrays live.
 enum Storage {
     Owned {
@@ -256,18 +312,18 @@ pub fn read_batch(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchEr
         Format::Csb => csb::read_mapped(path)?,
         Format::CsbZst => csb::read_zst(path, opts)?,
         Format::DenseText => dense::read(path, opts)?,
-        Format::Hdf5 => read_hdf5(path)?,
+        Format::Hdf5 => read_hdf5(path, opts)?,
     };
     Ok(batch)
 }
 
 #[cfg(feature = "hdf5")]
-fn read_hdf5(path: &Path) -> Result<CountBatch, BatchError> {
-    h5::read(path)
+fn read_hdf5(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
+    h5::read(path, opts)
 }
 
 #[cfg(not(feature = "hdf5"))]
-fn read_hdf5(path: &Path) -> Result<CountBatch, BatchError> {
+fn read_hdf5(path: &Path, _opts: &ReadOptions) -> Result<CountBatch, BatchError> {
     Err(BatchError::new(
         path,
         BatchErrorKind::UnknownFormat(
@@ -276,6 +332,8 @@ fn read_hdf5(path: &Path) -> Result<CountBatch, BatchError> {
         ),
     ))
 }
+
+const HDF5_MAGIC: &[u8] = b"\x89HDF\r\n\x1a\n";
 
 /// Looks at the first bytes (or the directory's members) to decide the format.
 pub fn detect_format(path: &Path) -> Result<Format, BatchError> {
@@ -290,7 +348,7 @@ pub fn detect_format(path: &Path) -> Result<Format, BatchError> {
     if head.starts_with(&source::ZSTD_MAGIC) {
         return Ok(Format::CsbZst);
     }
-    if head.starts_with(b"\x89HDF\r\n\x1a\n") {
+    if head.starts_with(HDF5_MAGIC) {
         return Ok(Format::Hdf5);
     }
     if head.starts_with(b"%%MatrixMarket") {
@@ -300,6 +358,10 @@ pub fn detect_format(path: &Path) -> Result<Format, BatchError> {
                 "a Matrix Market file alone has no gene names or barcodes: pass the directory that holds matrix.mtx, features.tsv and barcodes.tsv".into(),
             ),
         ));
+    }
+    if head.starts_with(&source::GZIP_MAGIC) && source::gunzip_head(path, 8).starts_with(HDF5_MAGIC)
+    {
+        return Ok(Format::Hdf5);
     }
     if head.starts_with(&source::GZIP_MAGIC) {
         return Err(BatchError::new(

@@ -159,17 +159,18 @@ fn parse_matrix(path: &Path, text: &[u8]) -> Result<Entries, BatchError> {
             ),
         ));
     }
-    let real =
-        match words[3] {
-            "integer" => false,
-            "real" | "double" => true,
-            other => return Err(BatchError::invalid(
+    let real = match words[3] {
+        "integer" => false,
+        "real" | "double" => true,
+        other => {
+            return Err(BatchError::invalid(
                 path,
                 format!(
                     "line 1: field type '{other}' cannot hold counts (expected integer or real)"
                 ),
-            )),
-        };
+            ))
+        }
+    };
 
     // Size line, after comments.
     let (size_line_no, size_line) = loop {
@@ -351,37 +352,14 @@ impl Entries {
             data[at] = self.counts[k];
             next[c] += 1;
         }
-        for cell in 0..self.n_cols {
-            let r = indptr[cell] as usize..indptr[cell + 1] as usize;
-            if indices[r.clone()].windows(2).all(|w| w[0] < w[1]) {
-                continue;
-            }
-            let mut pairs: Vec<(u32, u32)> = indices[r.clone()]
-                .iter()
-                .copied()
-                .zip(data[r.clone()].iter().copied())
-                .collect();
-            pairs.sort_unstable_by_key(|p| p.0);
-            if let Some(w) = pairs.windows(2).find(|w| w[0].0 == w[1].0) {
-                return Err(BatchError::invalid(
-                    path,
-                    format!(
-                        "duplicate entry for gene row {} in cell column {} (1-based)",
-                        w[0].0 + 1,
-                        cell + 1
-                    ),
-                ));
-            }
-            for (k, (g, v)) in pairs.into_iter().enumerate() {
-                indices[r.start + k] = g;
-                data[r.start + k] = v;
-            }
-        }
-        Ok(CsrArrays {
+        let mut csr = CsrArrays {
             indptr,
             indices,
             data,
-        })
+        };
+        csr.sort_rows()
+            .map_err(|what| BatchError::invalid(path, what))?;
+        Ok(csr)
     }
 }
 

@@ -133,3 +133,14 @@ pub fn read_maybe_gz(path: &Path, cap: u64) -> Result<Vec<u8>, BatchError> {
     }
     Ok(out)
 }
+
+/// The first `n` bytes of a gzip file's content (empty when it cannot be decompressed).
+pub fn gunzip_head(path: &Path, n: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(n);
+    if let Ok(file) = File::open(path) {
+        let _ = flate2::read::MultiGzDecoder::new(file)
+            .take(n as u64)
+            .read_to_end(&mut head);
+    }
+    head
+}

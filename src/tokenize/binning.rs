@@ -84,6 +84,31 @@ impl Binner {
         }
     }
 
+    /// The same binning for arbitrary positive float values (normalised, log1p'd, …), by a
+    /// plain sort. The reference the counting path is checked against, and the path for
+    /// inputs that are not integer counts.
+    pub fn digitize_f32(&mut self, values: &[f32], left: &mut Vec<u16>, right: &mut Vec<u16>) {
+        left.clear();
+        right.clear();
+        self.edges.clear();
+        if values.is_empty() {
+            return;
+        }
+        let mut sorted = values.to_vec();
+        sorted.sort_unstable_by(f32::total_cmp);
+        quantile_edges(
+            &self.quantiles,
+            sorted.len(),
+            |i| sorted[i],
+            &mut self.edges,
+        );
+        for &v in values {
+            let x = v as f64;
+            left.push(self.edges.partition_point(|&e| e <= x) as u16);
+            right.push(self.edges.partition_point(|&e| e < x) as u16);
+        }
+    }
+
     /// Counting sort of the small counts, comparison sort of the (few) large ones.
     fn sort_counts(&mut self, counts: &[u32]) {
         self.large.clear();
@@ -109,32 +134,9 @@ impl Binner {
         self.sorted.extend_from_slice(&self.large);
     }
 
-    /// `np.quantile(x, q)` with the "linear" method, in numpy's exact operation order:
-    /// `vi = (n-1)*q`, `g = vi - floor(vi)`, then `_lerp(a, b, g)` on float32 `a`, `b`
-    /// promoted to float64 (`a + (b-a)*g`, or `b - (b-a)*(1-g)` when `g >= 0.5`).
     fn compute_edges(&mut self) {
         let s = &self.sorted;
-        let last = s.len() - 1;
-        let last_f = last as f64;
-        for &q in &self.quantiles {
-            let vi = last_f * q;
-            let edge = if vi >= last_f {
-                s[last] as f32 as f64
-            } else {
-                let prev = vi.floor();
-                let g = vi - prev;
-                let i = prev as usize;
-                let a = s[i] as f32;
-                let b = s[i + 1] as f32;
-                let d = (b - a) as f64;
-                if g >= 0.5 {
-                    b as f64 - d * (1.0 - g)
-                } else {
-                    a as f64 + d * g
-                }
-            };
-            self.edges.push(edge);
-        }
+        quantile_edges(&self.quantiles, s.len(), |i| s[i] as f32, &mut self.edges);
     }
 
     /// `left`/`right` digits for each distinct small value, in one merge walk over the edges.
@@ -160,6 +162,32 @@ impl Binner {
             self.lut_left[v as usize] = l as u16;
             self.lut_right[v as usize] = r as u16;
         }
+    }
+}
+
+/// `np.quantile(x, q)` with the "linear" method for the sorted float32 values `at(0..n)`, in
+/// numpy's exact operation order: `vi = (n-1)*q`, `g = vi - floor(vi)`, then `_lerp(a, b, g)`
+/// on float32 `a`, `b` promoted to float64 (`a + (b-a)*g`, or `b - (b-a)*(1-g)` when `g >= 0.5`).
+fn quantile_edges(quantiles: &[f64], n: usize, at: impl Fn(usize) -> f32, edges: &mut Vec<f64>) {
+    let last = n - 1;
+    let last_f = last as f64;
+    for &q in quantiles {
+        let vi = last_f * q;
+        let edge = if vi >= last_f {
+            at(last) as f64
+        } else {
+            let prev = vi.floor();
+            let g = vi - prev;
+            let i = prev as usize;
+            let (a, b) = (at(i), at(i + 1));
+            let d = (b - a) as f64;
+            if g >= 0.5 {
+                b as f64 - d * (1.0 - g)
+            } else {
+                a as f64 + d * g
+            }
+        };
+        edges.push(edge);
     }
 }
 

@@ -1,0 +1,380 @@
+//! HDF5 inputs (feature `hdf5`): 10x `.h5` (v3 `matrix/`, v2 one group per genome) and AnnData
+//! `.h5ad` (raw counts from `layers/counts`, `raw/X` or `X`; CSR, CSC or dense).
+
+use std::path::Path;
+
+use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
+use hdf5::{Dataset, File, Group};
+
+use super::source::{read_maybe_gz, GZIP_MAGIC};
+use super::{BatchError, CountBatch, CsrArrays, Format, ReadOptions};
+
+type H5Result<T> = Result<T, String>;
+
+pub fn read(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
+    let gzipped = super::source::read_head(path, 2)? == GZIP_MAGIC;
+    let parts = if gzipped {
+        read_gzipped(path, opts)?
+    } else {
+        read_parts(path)
+    };
+    let parts = parts.map_err(|what| BatchError::invalid(path, what))?;
+    CountBatch::from_csr(
+        path,
+        Format::Hdf5,
+        parts.gene_names,
+        parts.gene_ids,
+        parts.barcodes,
+        parts.csr,
+    )
+}
+
+/// `.h5.gz`: HDF5 needs a seekable file, so the content goes to a private temporary file first.
+fn read_gzipped(path: &Path, opts: &ReadOptions) -> Result<H5Result<Parts>, BatchError> {
+    let bytes = read_maybe_gz(path, opts.max_decompressed)?;
+    let tmp = std::env::temp_dir().join(format!(
+        "cellstream-{}-{:?}.h5",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| BatchError::io(&tmp, e))?;
+    let parts = read_parts(&tmp);
+    let _ = std::fs::remove_file(&tmp);
+    Ok(parts)
+}
+
+struct Parts {
+    gene_names: Vec<String>,
+    gene_ids: Option<Vec<String>>,
+    barcodes: Vec<String>,
+    csr: CsrArrays,
+}
+
+fn read_parts(path: &Path) -> H5Result<Parts> {
+    // HDF5 prints its own error stack to stderr unless told not to; our errors say it better.
+    hdf5::silence_errors(true);
+    let file = File::open(path).map_err(|e| format!("cannot open as HDF5: {e}"))?;
+    if file.link_exists("X") || file.link_exists("obs") {
+        return read_anndata(&file);
+    }
+    if file.link_exists("matrix") {
+        let m = file.group("matrix").map_err(h5err("matrix"))?;
+        let f = m.group("features").map_err(h5err("matrix/features"))?;
+        return read_10x_group(
+            &m,
+            "matrix",
+            strings(&f, "matrix/features/name")?,
+            Some(strings(&f, "matrix/features/id")?),
+        );
+    }
+    read_10x_v2(&file)
+}
+
+fn h5err(what: &str) -> impl Fn(hdf5::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// Cell Ranger 2: one group per genome (`genes`, `gene_names`, `barcodes`, CSC data). Several
+/// genomes (barnyard runs) share the barcodes; their genes are concatenated in group order.
+fn read_10x_v2(file: &File) -> H5Result<Parts> {
+    let genomes = file
+        .member_names()
+        .map_err(|e| format!("listing groups: {e}"))?;
+    let mut merged: Option<Parts> = None;
+    for genome in genomes.iter().filter(|g| file.group(g).is_ok()) {
+        let g = file.group(genome).map_err(h5err(genome))?;
+        if !g.link_exists("indptr") {
+            continue;
+        }
+        let names = strings(&g, &format!("{genome}/gene_names"))?;
+        let ids = strings(&g, &format!("{genome}/genes"))?;
+        let part = read_10x_group(&g, genome, names, Some(ids))?;
+        merged = Some(match merged {
+            None => part,
+            Some(prev) => concat_genes(prev, part, genome)?,
+        });
+    }
+    merged.ok_or_else(|| {
+        "no 10x matrix found: expected matrix/ (Cell Ranger 3+), genome groups with indptr (Cell Ranger 2), or AnnData X/obs/var".to_string()
+    })
+}
+
+/// A 10x group: `shape` = [genes, cells], CSC over cells (so CSR for cells × genes).
+fn read_10x_group(
+    g: &Group,
+    at: &str,
+    gene_names: Vec<String>,
+    gene_ids: Option<Vec<String>>,
+) -> H5Result<Parts> {
+    let barcodes = strings(g, &format!("{at}/barcodes"))?;
+    let shape = ints(g, &format!("{at}/shape"))?;
+    if shape.len() != 2
+        || shape[0] as usize != gene_names.len()
+        || shape[1] as usize != barcodes.len()
+    {
+        return Err(format!(
+            "{at}/shape is {shape:?}, but there are {} features and {} barcodes",
+            gene_names.len(),
+            barcodes.len()
+        ));
+    }
+    let csr = sparse(g, at)?;
+    Ok(Parts {
+        gene_names,
+        gene_ids,
+        barcodes,
+        csr,
+    })
+}
+
+fn concat_genes(a: Parts, b: Parts, genome: &str) -> H5Result<Parts> {
+    if a.barcodes != b.barcodes {
+        return Err(format!(
+            "genome {genome} lists other barcodes than the first genome"
+        ));
+    }
+    let offset = a.gene_names.len() as u32;
+    let mut csr = CsrArrays {
+        indptr: vec![0],
+        ..Default::default()
+    };
+    for cell in 0..a.barcodes.len() {
+        for (m, shift) in [(&a.csr, 0), (&b.csr, offset)] {
+            let r = m.indptr[cell] as usize..m.indptr[cell + 1] as usize;
+            csr.indices
+                .extend(m.indices[r.clone()].iter().map(|&i| i + shift));
+            csr.data.extend_from_slice(&m.data[r]);
+        }
+        csr.indptr.push(csr.indices.len() as u64);
+    }
+    let gene_ids = match (a.gene_ids, b.gene_ids) {
+        (Some(mut x), Some(y)) => {
+            x.extend(y);
+            Some(x)
+        }
+        _ => None,
+    };
+    let mut gene_names = a.gene_names;
+    gene_names.extend(b.gene_names);
+    Ok(Parts {
+        gene_names,
+        gene_ids,
+        barcodes: a.barcodes,
+        csr,
+    })
+}
+
+/// AnnData: counts from `layers/counts`, else `raw/X` (with `raw/var`), else `X`.
+fn read_anndata(file: &File) -> H5Result<Parts> {
+    let (x_path, var_path) = if file.link_exists("layers/counts") {
+        ("layers/counts", "var")
+    } else if file.link_exists("raw/X") {
+        ("raw/X", "raw/var")
+    } else {
+        ("X", "var")
+    };
+    let var = file.group(var_path).map_err(h5err(var_path))?;
+    let obs = file.group("obs").map_err(h5err("obs"))?;
+    let gene_names = dataframe_index(&var, var_path)?;
+    let gene_ids = ["gene_ids", "gene_id", "feature_id"]
+        .iter()
+        .find(|c| var.link_exists(c))
+        .map(|c| strings(&var, &format!("{var_path}/{c}")))
+        .transpose()?;
+    let barcodes = dataframe_index(&obs, "obs")?;
+    let (n_cells, n_genes) = (barcodes.len(), gene_names.len());
+    let csr = if let Ok(ds) = file.dataset(x_path) {
+        dense(&ds, x_path, n_cells, n_genes)?
+    } else {
+        let g = file.group(x_path).map_err(h5err(x_path))?;
+        let encoding = string_attr(&g, "encoding-type").unwrap_or_default();
+        let shape = g
+            .attr("shape")
+            .and_then(|a| a.read_raw::<i64>())
+            .map_err(h5err("shape attribute"))?;
+        if shape != [n_cells as i64, n_genes as i64] {
+            return Err(format!(
+                "{x_path} has shape {shape:?}, but obs has {n_cells} cells and {var_path} {n_genes} genes"
+            ));
+        }
+        match encoding.as_str() {
+            "csr_matrix" => sparse(&g, x_path)?,
+            "csc_matrix" => transpose(sparse(&g, x_path)?, n_cells)
+                .map_err(|what| format!("{x_path}: {what}"))?,
+            other => return Err(format!("{x_path}: unsupported encoding-type {other:?}")),
+        }
+    };
+    Ok(Parts {
+        gene_names,
+        gene_ids,
+        barcodes,
+        csr,
+    })
+}
+
+/// The index column of an AnnData dataframe (its `_index` attribute names it).
+fn dataframe_index(g: &Group, at: &str) -> H5Result<Vec<String>> {
+    let column = string_attr(g, "_index").unwrap_or_else(|| "_index".to_string());
+    strings(g, &format!("{at}/{column}"))
+}
+
+fn string_attr(g: &Group, name: &str) -> Option<String> {
+    let a = g.attr(name).ok()?;
+    a.read_scalar::<VarLenUnicode>()
+        .map(|s| s.as_str().to_owned())
+        .or_else(|_| {
+            a.read_scalar::<VarLenAscii>()
+                .map(|s| s.as_str().to_owned())
+        })
+        .or_else(|_| {
+            a.read_scalar::<FixedAscii<256>>()
+                .map(|s| s.as_str().to_owned())
+        })
+        .ok()
+}
+
+/// A 1-D string dataset in any of HDF5's string encodings; `path` is relative to the file.
+fn strings(g: &Group, path: &str) -> H5Result<Vec<String>> {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let ds = g.dataset(name).map_err(h5err(path))?;
+    let desc = ds
+        .dtype()
+        .and_then(|t| t.to_descriptor())
+        .map_err(h5err(path))?;
+    let out = match desc {
+        TypeDescriptor::VarLenUnicode => ds
+            .read_raw::<VarLenUnicode>()
+            .map(|v| v.iter().map(|s| s.as_str().to_owned()).collect()),
+        TypeDescriptor::VarLenAscii => ds
+            .read_raw::<VarLenAscii>()
+            .map(|v| v.iter().map(|s| s.as_str().to_owned()).collect()),
+        TypeDescriptor::FixedAscii(n) if n <= 256 => ds
+            .read_raw::<FixedAscii<256>>()
+            .map(|v| v.iter().map(|s| s.as_str().to_owned()).collect()),
+        TypeDescriptor::FixedUnicode(n) if n <= 256 => ds
+            .read_raw::<FixedUnicode<256>>()
+            .map(|v| v.iter().map(|s| s.as_str().to_owned()).collect()),
+        other => {
+            return Err(format!(
+                "{path}: expected strings of at most 256 bytes, found {other:?}"
+            ))
+        }
+    };
+    out.map_err(h5err(path))
+}
+
+fn ints(g: &Group, path: &str) -> H5Result<Vec<i64>> {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    g.dataset(name)
+        .and_then(|d| d.read_raw::<i64>())
+        .map_err(h5err(path))
+}
+
+/// `data`/`indices`/`indptr` of a compressed sparse group, checked and narrowed.
+fn sparse(g: &Group, at: &str) -> H5Result<CsrArrays> {
+    let indptr = ints(g, &format!("{at}/indptr"))?;
+    let indices = ints(g, &format!("{at}/indices"))?;
+    let data = g
+        .dataset("data")
+        .and_then(|d| d.read_raw::<f64>())
+        .map_err(h5err(&format!("{at}/data")))?;
+    let indptr = indptr
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| u64::try_from(p).map_err(|_| format!("{at}/indptr[{i}] is negative ({p})")))
+        .collect::<H5Result<Vec<u64>>>()?;
+    let indices = indices
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| {
+            u32::try_from(p)
+                .map_err(|_| format!("{at}/indices[{i}] = {p} is not a valid gene index"))
+        })
+        .collect::<H5Result<Vec<u32>>>()?;
+    let data = data
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| count(v).map_err(|what| format!("{at}/data[{i}]: {what}")))
+        .collect::<H5Result<Vec<u32>>>()?;
+    let mut csr = CsrArrays {
+        indptr,
+        indices,
+        data,
+    };
+    csr.sort_rows().map_err(|what| format!("{at}: {what}"))?;
+    Ok(csr)
+}
+
+fn count(v: f64) -> Result<u32, String> {
+    if !v.is_finite() {
+        return Err(format!("count {v} is not finite"));
+    }
+    if v < 0.0 {
+        return Err(format!("count {v} is negative"));
+    }
+    if v.fract() != 0.0 {
+        return Err(format!("count {v} is not an integer (raw UMI counts expected; is this X normalised? try layers/counts or raw/X)"));
+    }
+    if v > u32::MAX as f64 {
+        return Err(format!("count {v} exceeds the u32 range"));
+    }
+    Ok(v as u32)
+}
+
+fn dense(ds: &Dataset, at: &str, n_cells: usize, n_genes: usize) -> H5Result<CsrArrays> {
+    if ds.shape() != [n_cells, n_genes] {
+        return Err(format!(
+            "{at} has shape {:?}, expected [{n_cells}, {n_genes}]",
+            ds.shape()
+        ));
+    }
+    let values = ds.read_raw::<f64>().map_err(h5err(at))?;
+    let mut csr = CsrArrays {
+        indptr: vec![0],
+        ..Default::default()
+    };
+    for (cell, row) in values.chunks(n_genes.max(1)).enumerate() {
+        for (gene, &v) in row.iter().enumerate() {
+            let c = count(v).map_err(|what| format!("{at}[{cell}, {gene}]: {what}"))?;
+            if c > 0 {
+                csr.indices.push(gene as u32);
+                csr.data.push(c);
+            }
+        }
+        csr.indptr.push(csr.indices.len() as u64);
+    }
+    Ok(csr)
+}
+
+/// CSC (genes as the compressed axis, `sparse` checked its indptr) → CSR over `n_cells`.
+fn transpose(csc: CsrArrays, n_cells: usize) -> H5Result<CsrArrays> {
+    let mut indptr = vec![0u64; n_cells + 1];
+    for (k, &c) in csc.indices.iter().enumerate() {
+        if c as usize >= n_cells {
+            return Err(format!(
+                "cell index {c} at entry {k} out of range ({n_cells} cells)"
+            ));
+        }
+        indptr[c as usize + 1] += 1;
+    }
+    for i in 0..n_cells {
+        indptr[i + 1] += indptr[i];
+    }
+    let mut next = indptr[..n_cells].to_vec();
+    let mut indices = vec![0u32; indptr[n_cells] as usize];
+    let mut data = vec![0u32; indices.len()];
+    for gene in 0..csc.indptr.len().saturating_sub(1) {
+        for k in csc.indptr[gene] as usize..csc.indptr[gene + 1] as usize {
+            let c = csc.indices[k] as usize;
+            let at = next[c] as usize;
+            indices[at] = gene as u32;
+            data[at] = csc.data[k];
+            next[c] += 1;
+        }
+    }
+    Ok(CsrArrays {
+        indptr,
+        indices,
+        data,
+    })
+}

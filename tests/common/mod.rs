@@ -1,0 +1,52 @@
+//! Shared helpers for the end-to-end tests: paths to the committed fixtures, running the real
+//! binary, and batch comparison.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use cellstream::batch::{read_batch, CountBatch, ReadOptions};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    repo().join("tests/fixtures").join(rel)
+}
+
+pub fn pbmc3k() -> PathBuf {
+    repo().join("bench-data/pbmc3k")
+}
+
+pub fn vocab_path() -> PathBuf {
+    fixture("scgpt_default_gene_vocab.json")
+}
+
+pub fn read(path: &Path) -> CountBatch {
+    read_batch(path, &ReadOptions::default())
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Runs `cellstream ARGS…` and returns its output.
+pub fn cellstream(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cellstream"))
+        .args(args)
+        .output()
+        .expect("running the cellstream binary")
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Same cells, genes, barcodes and counts (the format and source may differ).
+pub fn assert_same_matrix(a: &CountBatch, b: &CountBatch) {
+    let what = format!("{} vs {}", a.source.display(), b.source.display());
+    assert_eq!(a.n_cells(), b.n_cells(), "cells: {what}");
+    assert_eq!(a.gene_names, b.gene_names, "gene names: {what}");
+    assert_eq!(a.barcodes, b.barcodes, "barcodes: {what}");
+    assert_eq!(a.indptr(), b.indptr(), "indptr: {what}");
+    assert_eq!(a.indices(), b.indices(), "indices: {what}");
+    assert_eq!(a.data(), b.data(), "counts: {what}");
+}
