@@ -266,7 +266,7 @@ fn parse_entry(line: &[u8], real: bool) -> Result<(u64, u64, u32), String> {
         .split(|c| c.is_ascii_whitespace())
         .filter(|f| !f.is_empty());
     let mut index = |what: &str| -> Result<u64, String> {
-        let f = fields.next().ok_or(format!("missing {what}"))?;
+        let f = fields.next().ok_or_else(|| format!("missing {what}"))?;
         parse_u64(f).ok_or_else(|| {
             format!(
                 "{what} {:?} is not a positive integer",

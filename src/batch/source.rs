@@ -47,7 +47,7 @@ impl Image {
         let mut len = 0usize;
         loop {
             if len == words.len() * 8 {
-                let grow = (words.len().max(1 << 13)).min(1 << 24);
+                let grow = words.len().clamp(1 << 13, 1 << 24);
                 words.resize(words.len() + grow, 0);
             }
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words[..]);

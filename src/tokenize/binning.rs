@@ -5,9 +5,10 @@
 //! float64 arithmetic, `left = np.digitize(x, edges)`, `right = np.digitize(x, edges, right=True)`,
 //! and where `left != right` the bin is `ceil(u * (right - left) + left)` for a uniform `u`.
 //!
-//! Counts are integers, so the order statistics come from a counting pass (a histogram of the
-//! small counts; only counts ≥ [`SMALL`] are sorted, and cells rarely have more than a few), and
-//! `left`/`right` are computed once per distinct value and gathered per gene.
+//! Counts are integers, so no per-cell sort is needed: a histogram of the small counts gives the
+//! order statistics in one ascending walk (only counts ≥ [`SMALL`] are sorted, and cells rarely
+//! have more than a few), and `left`/`right` come from a table filled once per cell and
+//! gathered per gene.
 
 /// Counts below this go through the histogram; larger ones are sorted.
 const SMALL: usize = 4096;
@@ -24,61 +25,84 @@ pub fn numpy_linspace01(num: usize) -> Vec<f64> {
 /// Per-cell binning state, reused across cells so the hot loop allocates nothing.
 pub struct Binner {
     quantiles: Vec<f64>,
-    /// Histogram of small counts; all zero between calls.
+    /// Histogram of small counts; all zero between cells.
     hist: Vec<u32>,
-    sorted: Vec<u32>,
+    /// Counts ≥ [`SMALL`] of the current cell, sorted.
     large: Vec<u32>,
+    /// How many counts of the current cell are small.
+    n_small: usize,
     edges: Vec<f64>,
-    /// `left`/`right` digit of each small count value present in the current cell.
-    lut_left: Vec<u16>,
-    lut_right: Vec<u16>,
+    /// `left | right << 16` for every small count value up to the current cell's largest.
+    lut: Vec<u32>,
 }
 
 impl Binner {
-    /// `n_bins` as in scGPT (51 there): `n_bins - 1` edges, bins `1..=n_bins-1`.
+    /// `n_bins` as in scGPT (51): `n_bins - 1` edges, bins `1..=n_bins-1`.
     pub fn new(n_bins: u16) -> Binner {
         assert!(n_bins >= 3, "n_bins must be at least 3");
         let n_edges = n_bins as usize - 1;
         Binner {
             quantiles: numpy_linspace01(n_edges),
             hist: vec![0; SMALL],
-            sorted: Vec::new(),
             large: Vec::new(),
+            n_small: 0,
             edges: Vec::with_capacity(n_edges),
-            lut_left: vec![0; SMALL],
-            lut_right: vec![0; SMALL],
+            lut: vec![0; SMALL],
         }
     }
 
-    /// The edges of the last cell passed to [`Binner::digitize`].
+    /// The edges of the last cell prepared.
     pub fn edges(&self) -> &[f64] {
         &self.edges
     }
 
-    /// Computes the edges for `counts` (all > 0) and writes `np.digitize` left and right
-    /// digits of every count into `left` and `right`.
-    pub fn digitize(&mut self, counts: &[u32], left: &mut Vec<u16>, right: &mut Vec<u16>) {
-        left.clear();
-        right.clear();
+    /// Computes the edges for one cell's counts (all > 0) and the digit table, so that
+    /// [`Binner::digits`] answers for each of them.
+    pub fn prepare(&mut self, counts: &[u32]) {
         self.edges.clear();
+        self.large.clear();
         if counts.is_empty() {
             return;
         }
-        self.sort_counts(counts);
-        self.compute_edges();
-        self.fill_luts();
-        left.reserve(counts.len());
-        right.reserve(counts.len());
+        let mut max_small = 0usize;
         for &v in counts {
-            let (l, r) = if (v as usize) < SMALL {
-                (self.lut_left[v as usize], self.lut_right[v as usize])
+            let v = v as usize;
+            if v < SMALL {
+                self.hist[v] += 1;
+                max_small = max_small.max(v);
             } else {
-                let x = v as f32 as f64;
-                (
-                    self.edges.partition_point(|&e| e <= x) as u16,
-                    self.edges.partition_point(|&e| e < x) as u16,
-                )
-            };
+                self.large.push(v as u32);
+            }
+        }
+        self.large.sort_unstable();
+        self.n_small = counts.len() - self.large.len();
+        self.compute_edges(counts.len(), max_small);
+        self.hist[..=max_small].fill(0);
+        self.fill_lut(max_small);
+    }
+
+    /// numpy's `digitize(v, edges)` and `digitize(v, edges, right=True)` for a prepared count.
+    #[inline]
+    pub fn digits(&self, v: u32) -> (u16, u16) {
+        if (v as usize) < SMALL {
+            let packed = self.lut[v as usize];
+            (packed as u16, (packed >> 16) as u16)
+        } else {
+            let x = v as f32 as f64;
+            (
+                self.edges.partition_point(|&e| e <= x) as u16,
+                self.edges.partition_point(|&e| e < x) as u16,
+            )
+        }
+    }
+
+    /// Edges, then the left and right digit of every count, into `left` and `right`.
+    pub fn digitize(&mut self, counts: &[u32], left: &mut Vec<u16>, right: &mut Vec<u16>) {
+        self.prepare(counts);
+        left.clear();
+        right.clear();
+        for &v in counts {
+            let (l, r) = self.digits(v);
             left.push(l);
             right.push(r);
         }
@@ -109,49 +133,35 @@ impl Binner {
         }
     }
 
-    /// Counting sort of the small counts, comparison sort of the (few) large ones.
-    fn sort_counts(&mut self, counts: &[u32]) {
-        self.large.clear();
-        let mut max_small = 0usize;
-        for &v in counts {
-            let v = v as usize;
-            if v < SMALL {
-                self.hist[v] += 1;
-                max_small = max_small.max(v);
+    /// The order statistics the quantiles need, read off the cumulative histogram in one
+    /// ascending walk (the ranks are non-decreasing), then numpy's interpolation.
+    fn compute_edges(&mut self, n: usize, max_small: usize) {
+        let hist = &self.hist[..=max_small];
+        let (large, n_small) = (&self.large, self.n_small);
+        // The lower and the upper neighbour of each virtual index are each non-decreasing
+        // sequences of ranks: one forward walker for each.
+        let mut lower = RankWalker::new(hist, large, n_small);
+        let mut upper = RankWalker::new(hist, large, n_small);
+        let last = n - 1;
+        let last_f = last as f64;
+        for &q in &self.quantiles {
+            let vi = last_f * q;
+            let edge = if vi >= last_f {
+                upper.at(last) as f32 as f64
             } else {
-                self.large.push(v as u32);
-            }
+                let prev = vi.floor();
+                let i = prev as usize;
+                lerp(lower.at(i) as f32, upper.at(i + 1) as f32, vi - prev)
+            };
+            self.edges.push(edge);
         }
-        self.sorted.clear();
-        self.sorted.reserve(counts.len());
-        for v in 0..=max_small {
-            let n = std::mem::take(&mut self.hist[v]);
-            for _ in 0..n {
-                self.sorted.push(v as u32);
-            }
-        }
-        self.large.sort_unstable();
-        self.sorted.extend_from_slice(&self.large);
     }
 
-    fn compute_edges(&mut self) {
-        let s = &self.sorted;
-        quantile_edges(&self.quantiles, s.len(), |i| s[i] as f32, &mut self.edges);
-    }
-
-    /// `left`/`right` digits for each distinct small value, in one merge walk over the edges.
-    fn fill_luts(&mut self) {
+    /// `left | right << 16` for every value 1..=max_small, in one merge walk over the edges.
+    fn fill_lut(&mut self, max_small: usize) {
         let edges = &self.edges;
         let (mut l, mut r) = (0usize, 0usize);
-        let mut prev = u32::MAX;
-        for &v in &self.sorted {
-            if v as usize >= SMALL {
-                break;
-            }
-            if v == prev {
-                continue;
-            }
-            prev = v;
+        for v in 1..=max_small {
             let x = v as f64;
             while l < edges.len() && edges[l] <= x {
                 l += 1;
@@ -159,9 +169,54 @@ impl Binner {
             while r < edges.len() && edges[r] < x {
                 r += 1;
             }
-            self.lut_left[v as usize] = l as u16;
-            self.lut_right[v as usize] = r as u16;
+            self.lut[v] = l as u32 | (r as u32) << 16;
         }
+    }
+}
+
+/// Reads order statistics off a histogram for non-decreasing ranks, walking forward only.
+struct RankWalker<'a> {
+    hist: &'a [u32],
+    large: &'a [u32],
+    n_small: usize,
+    /// Current value, and how many counts are `<=` it.
+    v: usize,
+    cum: usize,
+}
+
+impl<'a> RankWalker<'a> {
+    fn new(hist: &'a [u32], large: &'a [u32], n_small: usize) -> Self {
+        let cum = hist[0] as usize;
+        RankWalker {
+            hist,
+            large,
+            n_small,
+            v: 0,
+            cum,
+        }
+    }
+
+    /// The `p`-th smallest count (0-based); `p` never decreases between calls.
+    fn at(&mut self, p: usize) -> u32 {
+        if p >= self.n_small {
+            return self.large[p - self.n_small];
+        }
+        while self.cum <= p {
+            self.v += 1;
+            self.cum += self.hist[self.v] as usize;
+        }
+        self.v as u32
+    }
+}
+
+/// numpy's `_lerp(a, b, g)` on float32 `a`, `b` promoted to float64.
+#[inline]
+fn lerp(a: f32, b: f32, g: f64) -> f64 {
+    let d = (b - a) as f64;
+    if g >= 0.5 {
+        b as f64 - d * (1.0 - g)
+    } else {
+        a as f64 + d * g
     }
 }
 
@@ -179,13 +234,7 @@ fn quantile_edges(quantiles: &[f64], n: usize, at: impl Fn(usize) -> f32, edges:
             let prev = vi.floor();
             let g = vi - prev;
             let i = prev as usize;
-            let (a, b) = (at(i), at(i + 1));
-            let d = (b - a) as f64;
-            if g >= 0.5 {
-                b as f64 - d * (1.0 - g)
-            } else {
-                a as f64 + d * g
-            }
+            lerp(at(i), at(i + 1), g)
         };
         edges.push(edge);
     }

@@ -39,6 +39,7 @@ impl Mt19937 {
         self.index = 0;
     }
 
+    #[inline]
     pub fn next_u32(&mut self) -> u32 {
         if self.index >= 624 {
             self.twist();
@@ -52,6 +53,7 @@ impl Mt19937 {
     }
 
     /// numpy's legacy `random_sample`: 53 random bits from two draws (`genrand_res53`).
+    #[inline]
     pub fn next_f64(&mut self) -> f64 {
         let a = (self.next_u32() >> 5) as f64;
         let b = (self.next_u32() >> 6) as f64;
@@ -90,6 +92,7 @@ impl CellRng {
         CellRng { s }
     }
 
+    #[inline]
     pub fn next_u64(&mut self) -> u64 {
         let s = &mut self.s;
         let result = s[0].wrapping_add(s[3]).rotate_left(23).wrapping_add(s[0]);
@@ -108,15 +111,18 @@ impl CellRng {
         (self.next_u64() >> 11) as f64 * (1.0 / 9_007_199_254_740_992.0)
     }
 
-    /// Uniform in `0..n` (Lemire's multiply-shift with rejection; no modulo bias).
+    /// Uniform in `0..n`, `n > 0` (Lemire's multiply-shift; the division that removes the
+    /// bias only runs in the rare case that needs it).
+    #[inline]
     pub fn below(&mut self, n: u64) -> u64 {
-        loop {
-            let m = (self.next_u64() as u128) * (n as u128);
-            let low = m as u64;
-            if low >= n.wrapping_neg() % n {
-                return (m >> 64) as u64;
+        let mut m = (self.next_u64() as u128) * (n as u128);
+        if (m as u64) < n {
+            let threshold = n.wrapping_neg() % n;
+            while (m as u64) < threshold {
+                m = (self.next_u64() as u128) * (n as u128);
             }
         }
+        (m >> 64) as u64
     }
 }
 
@@ -138,6 +144,19 @@ mod tests {
     fn mt19937_reference_output() {
         // The reference implementation's first output for init_genrand(5489).
         assert_eq!(Mt19937::new(5489).next_u32(), 3_499_211_612);
+    }
+
+    #[test]
+    fn below_is_in_range_and_uniform() {
+        let mut r = CellRng::for_cell(1, "x");
+        let mut seen = [0u32; 7];
+        for _ in 0..70_000 {
+            seen[r.below(7) as usize] += 1;
+        }
+        assert!(
+            seen.iter().all(|&c| (9_500..10_500).contains(&c)),
+            "{seen:?}"
+        );
     }
 
     #[test]

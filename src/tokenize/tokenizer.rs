@@ -78,10 +78,8 @@ pub struct Tokenizer {
     binner: Binner,
     tokens: Vec<u32>,
     counts: Vec<u32>,
-    left: Vec<u16>,
-    right: Vec<u16>,
-    bins: Vec<f32>,
     pick: Vec<u32>,
+    kept: Vec<bool>,
 }
 
 impl Tokenizer {
@@ -96,10 +94,8 @@ impl Tokenizer {
             cfg,
             tokens: Vec::new(),
             counts: Vec::new(),
-            left: Vec::new(),
-            right: Vec::new(),
-            bins: Vec::new(),
             pick: Vec::new(),
+            kept: Vec::new(),
         }
     }
 
@@ -110,10 +106,15 @@ impl Tokenizer {
     /// Tokenizes every cell of `batch` in order. In `numpy` tie mode the generator is seeded
     /// once here and consumed cell after cell, as scGPT's collator does over a dataset.
     pub fn tokenize(&mut self, batch: &CountBatch, genes: &GeneMap) -> TokenBatch {
+        // Upper bound: every stored entry plus one <cls> per cell (no regrowth copies).
+        let cap = batch.nnz().min(batch.n_cells() * self.cfg.max_len) + batch.n_cells();
         let mut out = TokenBatch {
-            offsets: vec![0],
-            ..Default::default()
+            gene_ids: Vec::with_capacity(cap),
+            values: Vec::with_capacity(cap),
+            offsets: Vec::with_capacity(batch.n_cells() + 1),
+            expressed: Vec::with_capacity(batch.n_cells()),
         };
+        out.offsets.push(0);
         let mut mt = match self.cfg.ties {
             TieMode::Numpy => Some(Mt19937::new(self.cfg.seed as u32)),
             TieMode::Seeded => None,
@@ -144,69 +145,86 @@ impl Tokenizer {
         mt: Option<&mut Mt19937>,
         out: &mut TokenBatch,
     ) -> CellCoverage {
-        let mut cov = CellCoverage::default();
-        self.tokens.clear();
-        self.counts.clear();
-        for (&g, &c) in gene_idx.iter().zip(counts) {
-            if c == 0 {
-                continue;
-            }
-            cov.n_genes += 1;
-            cov.total_counts += c as u64;
-            let t = genes.token_of_gene[g as usize];
-            if t != NOT_IN_VOCAB {
-                self.tokens.push(t);
-                self.counts.push(c);
-            }
-        }
-        cov.n_in_vocab = self.tokens.len() as u32;
-        cov.counts_in_vocab = self.counts.iter().map(|&c| c as u64).sum();
-
-        self.binner
-            .digitize(&self.counts, &mut self.left, &mut self.right);
+        let cov = self.select_in_vocab(gene_idx, counts, genes);
+        self.binner.prepare(&self.counts);
         let mut rng = CellRng::for_cell(self.cfg.seed, barcode);
-        self.bins.clear();
-        match mt {
-            // scGPT draws one double per value, tie or not.
-            Some(mt) => {
-                for (&l, &r) in self.left.iter().zip(&self.right) {
-                    self.bins.push(tie_bin(mt.next_f64(), l, r) as f32);
-                }
-            }
-            None => {
-                for (&l, &r) in self.left.iter().zip(&self.right) {
-                    let bin = if l == r {
-                        l as f32
-                    } else {
-                        tie_bin(rng.next_f64(), l, r) as f32
-                    };
-                    self.bins.push(bin);
-                }
-            }
-        }
 
         out.gene_ids.push(self.cls_id);
         out.values.push(self.cfg.pad_value);
+        let start = out.values.len();
+        out.gene_ids.extend(self.tokens.iter().map(|&t| t as i64));
+        let binner = &self.binner;
+        match mt {
+            // scGPT draws one double per value, tie or not, and rounds up.
+            Some(mt) => out.values.extend(self.counts.iter().map(|&c| {
+                let (l, r) = binner.digits(c);
+                tie_bin(mt.next_f64(), l, r) as f32
+            })),
+            // A uniform pick from scGPT's allowed set `right+1 ..= left`, drawn only for ties.
+            None => out.values.extend(self.counts.iter().map(|&c| {
+                let (l, r) = binner.digits(c);
+                if l == r {
+                    l as f32
+                } else {
+                    (l as u64 - rng.below((l - r) as u64)) as f32
+                }
+            })),
+        }
+
         let k = self.tokens.len();
         let keep = self.cfg.max_len - 1;
-        if k <= keep {
-            out.gene_ids.extend(self.tokens.iter().map(|&t| t as i64));
-            out.values.extend_from_slice(&self.bins);
-        } else {
-            // A uniform random subset of `keep` genes (partial Fisher–Yates), kept in input order.
+        if k > keep {
+            // A uniform random subset of `keep` genes (partial Fisher–Yates), kept in input
+            // order: marked, then compacted in place front to back (no kept token is
+            // overwritten before it moves).
             self.pick.clear();
             self.pick.extend(0..k as u32);
+            self.kept.clear();
+            self.kept.resize(k, false);
             for j in 0..keep {
                 let s = j + rng.below((k - j) as u64) as usize;
                 self.pick.swap(j, s);
+                self.kept[self.pick[j] as usize] = true;
             }
-            self.pick.truncate(keep);
-            self.pick.sort_unstable();
-            for &p in &self.pick {
-                out.gene_ids.push(self.tokens[p as usize] as i64);
-                out.values.push(self.bins[p as usize]);
+            let mut dst = start;
+            for (src, &kept) in self.kept.iter().enumerate() {
+                out.gene_ids[dst] = out.gene_ids[start + src];
+                out.values[dst] = out.values[start + src];
+                dst += kept as usize;
             }
+            out.gene_ids.truncate(start + keep);
+            out.values.truncate(start + keep);
         }
+        cov
+    }
+
+    /// Keeps the cell's non-zero, in-vocabulary genes in `tokens`/`counts` (branch-free: every
+    /// entry is written, the cursor advances only for kept ones).
+    fn select_in_vocab(
+        &mut self,
+        gene_idx: &[u32],
+        counts: &[u32],
+        genes: &GeneMap,
+    ) -> CellCoverage {
+        let mut cov = CellCoverage::default();
+        let n = gene_idx.len();
+        self.tokens.resize(n + 1, 0);
+        self.counts.resize(n + 1, 0);
+        let mut k = 0;
+        for (&g, &c) in gene_idx.iter().zip(counts) {
+            let t = genes.token_of_gene[g as usize];
+            self.tokens[k] = t;
+            self.counts[k] = c;
+            let expressed = c != 0;
+            cov.n_genes += expressed as u32;
+            cov.total_counts += c as u64;
+            let kept = expressed & (t != NOT_IN_VOCAB);
+            cov.counts_in_vocab += if kept { c as u64 } else { 0 };
+            k += kept as usize;
+        }
+        self.tokens.truncate(k);
+        self.counts.truncate(k);
+        cov.n_in_vocab = k as u32;
         cov
     }
 }
