@@ -131,7 +131,7 @@ proptest! {
         let cfg = TokenizerConfig { ties, seed, n_bins, max_len: 1 << 20, ..TokenizerConfig::default() };
         let t = Tokenizer::new(&v, cfg).tokenize(&batch, &v.map_genes(&batch.gene_names));
         let (ids, values) = t.cell(0);
-        prop_assert_eq!(ids[0], v.cls_id as i64);
+        prop_assert_eq!(ids[0], v.cls_id);
         prop_assert_eq!(values[0], -2.0);
         prop_assert_eq!(ids.len(), counts.iter().filter(|&&c| c > 0).count() + 1);
         for &x in &values[1..] {
@@ -149,7 +149,7 @@ proptest! {
         let (cid, cval) = cut.cell(0);
         prop_assert_eq!(cid.len(), fid.len().min(max_len));
         prop_assert_eq!(cid[0], fid[0]);
-        let bin_of: HashMap<i64, f32> = fid.iter().copied().zip(fval.iter().copied()).collect();
+        let bin_of: HashMap<u32, f32> = fid.iter().copied().zip(fval.iter().copied()).collect();
         prop_assert!(cid[1..].windows(2).all(|w| w[0] < w[1]), "input order kept");
         for (id, v) in cid[1..].iter().zip(&cval[1..]) {
             prop_assert_eq!(bin_of[id], *v);

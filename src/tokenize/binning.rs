@@ -11,7 +11,9 @@
 //! gathered per gene.
 
 /// Counts below this go through the histogram; larger ones are sorted.
-const SMALL: usize = 4096;
+pub const SMALL: usize = 4096;
+/// Interleaved histogram lanes (see [`Binner::prepare`]).
+const LANES: usize = 4;
 
 /// numpy's `np.linspace(0, 1, num)`: `arange(num) * (1/(num-1))`, last element exactly 1.
 pub fn numpy_linspace01(num: usize) -> Vec<f64> {
@@ -25,7 +27,7 @@ pub fn numpy_linspace01(num: usize) -> Vec<f64> {
 /// Per-cell binning state, reused across cells so the hot loop allocates nothing.
 pub struct Binner {
     quantiles: Vec<f64>,
-    /// Histogram of small counts; all zero between cells.
+    /// Histogram of small counts, [`LANES`] counters per value; all zero between cells.
     hist: Vec<u32>,
     /// Counts ≥ [`SMALL`] of the current cell, sorted.
     large: Vec<u32>,
@@ -43,7 +45,7 @@ impl Binner {
         let n_edges = n_bins as usize - 1;
         Binner {
             quantiles: numpy_linspace01(n_edges),
-            hist: vec![0; SMALL],
+            hist: vec![0; SMALL * LANES],
             large: Vec::new(),
             n_small: 0,
             edges: Vec::with_capacity(n_edges),
@@ -64,21 +66,48 @@ impl Binner {
         if counts.is_empty() {
             return;
         }
-        let mut max_small = 0usize;
-        for &v in counts {
-            let v = v as usize;
-            if v < SMALL {
-                self.hist[v] += 1;
-                max_small = max_small.max(v);
-            } else {
-                self.large.push(v as u32);
+        let max = counts.iter().copied().max().unwrap_or(0) as usize;
+        let max_small = if max < SMALL {
+            // Four interleaved histograms: consecutive equal counts (most are 1 or 2) land in
+            // different slots, so the increments do not wait on each other's stores.
+            let mut chunks = counts.chunks_exact(LANES);
+            for chunk in &mut chunks {
+                for (lane, &v) in chunk.iter().enumerate() {
+                    self.hist[v as usize * LANES + lane] += 1;
+                }
             }
-        }
-        self.large.sort_unstable();
+            for &v in chunks.remainder() {
+                self.hist[v as usize * LANES] += 1;
+            }
+            max
+        } else {
+            let mut max_small = 0usize;
+            for &v in counts {
+                let v = v as usize;
+                if v < SMALL {
+                    self.hist[v * LANES] += 1;
+                    max_small = max_small.max(v);
+                } else {
+                    self.large.push(v as u32);
+                }
+            }
+            self.large.sort_unstable();
+            max_small
+        };
         self.n_small = counts.len() - self.large.len();
         self.compute_edges(counts.len(), max_small);
-        self.hist[..=max_small].fill(0);
+        self.hist[..(max_small + 1) * LANES].fill(0);
         self.fill_lut(max_small);
+    }
+
+    /// The packed digit table `left | right << 16`, indexable by any count below [`SMALL`],
+    /// when the prepared cell has no larger count (else `None`: use [`Binner::digits`]).
+    pub fn small_lut(&self) -> Option<&[u32; SMALL]> {
+        if self.large.is_empty() {
+            self.lut.as_slice().try_into().ok()
+        } else {
+            None
+        }
     }
 
     /// numpy's `digitize(v, edges)` and `digitize(v, edges, right=True)` for a prepared count.
@@ -136,7 +165,7 @@ impl Binner {
     /// The order statistics the quantiles need, read off the cumulative histogram in one
     /// ascending walk (the ranks are non-decreasing), then numpy's interpolation.
     fn compute_edges(&mut self, n: usize, max_small: usize) {
-        let hist = &self.hist[..=max_small];
+        let hist = &self.hist[..(max_small + 1) * LANES];
         let (large, n_small) = (&self.large, self.n_small);
         // The lower and the upper neighbour of each virtual index are each non-decreasing
         // sequences of ranks: one forward walker for each.
@@ -157,19 +186,35 @@ impl Binner {
         }
     }
 
-    /// `left | right << 16` for every value 1..=max_small, in one merge walk over the edges.
+    /// `left | right << 16` for every value 1..=max_small. Both digits are step functions of
+    /// the value: `left` steps up at `ceil(e)` (v >= e) and `right` at `floor(e) + 1` (v > e)
+    /// for each edge `e`, so the table is filled segment by segment (vectorised fills), not
+    /// value by value.
     fn fill_lut(&mut self, max_small: usize) {
-        let edges = &self.edges;
-        let (mut l, mut r) = (0usize, 0usize);
-        for v in 1..=max_small {
-            let x = v as f64;
-            while l < edges.len() && edges[l] <= x {
-                l += 1;
+        let end = max_small + 1;
+        let at = |e: f64, up: bool| -> usize {
+            let t = if up { e.ceil() } else { e.floor() + 1.0 };
+            (t.max(0.0) as usize).min(end)
+        };
+        let n = self.edges.len();
+        let (mut i, mut j) = (0usize, 0usize); // edges counted into left, right
+        let (mut l_next, mut r_next) = (
+            self.edges.first().map_or(end, |&e| at(e, true)),
+            self.edges.first().map_or(end, |&e| at(e, false)),
+        );
+        let mut v = 0usize;
+        while v < end {
+            while i < n && l_next <= v {
+                i += 1;
+                l_next = self.edges.get(i).map_or(end, |&e| at(e, true));
             }
-            while r < edges.len() && edges[r] < x {
-                r += 1;
+            while j < n && r_next <= v {
+                j += 1;
+                r_next = self.edges.get(j).map_or(end, |&e| at(e, false));
             }
-            self.lut[v] = l as u32 | (r as u32) << 16;
+            let next = l_next.min(r_next).max(v + 1);
+            self.lut[v..next].fill(i as u32 | (j as u32) << 16);
+            v = next;
         }
     }
 }
@@ -185,15 +230,24 @@ struct RankWalker<'a> {
 }
 
 impl<'a> RankWalker<'a> {
+    /// `hist` holds [`LANES`] interleaved counters per value.
     fn new(hist: &'a [u32], large: &'a [u32], n_small: usize) -> Self {
-        let cum = hist[0] as usize;
-        RankWalker {
+        let mut w = RankWalker {
             hist,
             large,
             n_small,
             v: 0,
-            cum,
-        }
+            cum: 0,
+        };
+        w.cum = w.count_of(0);
+        w
+    }
+
+    fn count_of(&self, v: usize) -> usize {
+        self.hist[v * LANES..(v + 1) * LANES]
+            .iter()
+            .map(|&c| c as usize)
+            .sum()
     }
 
     /// The `p`-th smallest count (0-based); `p` never decreases between calls.
@@ -203,7 +257,7 @@ impl<'a> RankWalker<'a> {
         }
         while self.cum <= p {
             self.v += 1;
-            self.cum += self.hist[self.v] as usize;
+            self.cum += self.count_of(self.v);
         }
         self.v as u32
     }

@@ -1,6 +1,6 @@
 //! `CountBatch` → `TokenBatch`: vocabulary mapping, binning, `<cls>`, subsampling beyond `max_len`.
 
-use super::binning::{tie_bin, Binner};
+use super::binning::{tie_bin, Binner, SMALL};
 use super::rng::{CellRng, Mt19937};
 use super::vocab::{GeneMap, Vocab, NOT_IN_VOCAB};
 use crate::batch::CountBatch;
@@ -43,7 +43,9 @@ impl Default for TokenizerConfig {
 /// Tokens of a batch's cells, unpadded, `<cls>` first in each cell.
 #[derive(Debug, Clone, Default)]
 pub struct TokenBatch {
-    pub gene_ids: Vec<i64>,
+    /// Token ids (u32: half the bytes of the model's i64, widened when the input tensor is
+    /// packed).
+    pub gene_ids: Vec<u32>,
     pub values: Vec<f32>,
     /// Cell `i`'s tokens are `offsets[i]..offsets[i+1]`.
     pub offsets: Vec<usize>,
@@ -65,7 +67,7 @@ impl TokenBatch {
     }
 
     /// Token ids and values of cell `i`.
-    pub fn cell(&self, i: usize) -> (&[i64], &[f32]) {
+    pub fn cell(&self, i: usize) -> (&[u32], &[f32]) {
         let r = self.offsets[i]..self.offsets[i + 1];
         (&self.gene_ids[r.clone()], &self.values[r])
     }
@@ -74,7 +76,7 @@ impl TokenBatch {
 /// Turns count batches into tokens. Holds per-cell scratch buffers: one per thread.
 pub struct Tokenizer {
     cfg: TokenizerConfig,
-    cls_id: i64,
+    cls_id: u32,
     binner: Binner,
     tokens: Vec<u32>,
     counts: Vec<u32>,
@@ -90,7 +92,7 @@ impl Tokenizer {
         );
         Tokenizer {
             binner: Binner::new(cfg.n_bins),
-            cls_id: vocab.cls_id as i64,
+            cls_id: vocab.cls_id,
             cfg,
             tokens: Vec::new(),
             counts: Vec::new(),
@@ -106,14 +108,24 @@ impl Tokenizer {
     /// Tokenizes every cell of `batch` in order. In `numpy` tie mode the generator is seeded
     /// once here and consumed cell after cell, as scGPT's collator does over a dataset.
     pub fn tokenize(&mut self, batch: &CountBatch, genes: &GeneMap) -> TokenBatch {
+        let mut out = TokenBatch::default();
+        self.tokenize_into(batch, genes, &mut out);
+        out
+    }
+
+    /// [`Tokenizer::tokenize`] into a recycled `TokenBatch` (its buffers are cleared and reused,
+    /// so a pipeline that hands batches back allocates nothing in steady state).
+    pub fn tokenize_into(&mut self, batch: &CountBatch, genes: &GeneMap, out: &mut TokenBatch) {
         // Upper bound: every stored entry plus one <cls> per cell (no regrowth copies).
         let cap = batch.nnz().min(batch.n_cells() * self.cfg.max_len) + batch.n_cells();
-        let mut out = TokenBatch {
-            gene_ids: Vec::with_capacity(cap),
-            values: Vec::with_capacity(cap),
-            offsets: Vec::with_capacity(batch.n_cells() + 1),
-            expressed: Vec::with_capacity(batch.n_cells()),
-        };
+        out.gene_ids.clear();
+        out.values.clear();
+        out.offsets.clear();
+        out.expressed.clear();
+        out.gene_ids.reserve(cap);
+        out.values.reserve(cap);
+        out.offsets.reserve(batch.n_cells() + 1);
+        out.expressed.reserve(batch.n_cells());
         out.offsets.push(0);
         let mut mt = match self.cfg.ties {
             TieMode::Numpy => Some(Mt19937::new(self.cfg.seed as u32)),
@@ -127,12 +139,11 @@ impl Tokenizer {
                 genes,
                 &batch.barcodes[i],
                 mt.as_mut(),
-                &mut out,
+                out,
             );
             out.expressed.push(coverage);
             out.offsets.push(out.gene_ids.len());
         }
-        out
     }
 
     /// Appends one cell's tokens to `out`.
@@ -146,32 +157,33 @@ impl Tokenizer {
         out: &mut TokenBatch,
     ) -> CellCoverage {
         let cov = self.select_in_vocab(gene_idx, counts, genes);
-        self.binner.prepare(&self.counts);
+        let k = cov.n_in_vocab as usize;
+        let (tokens, counts) = (&self.tokens[..k], &self.counts[..k]);
+        self.binner.prepare(counts);
         let mut rng = CellRng::for_cell(self.cfg.seed, barcode);
 
         out.gene_ids.push(self.cls_id);
         out.values.push(self.cfg.pad_value);
         let start = out.values.len();
-        out.gene_ids.extend(self.tokens.iter().map(|&t| t as i64));
+        // `extend` from exact-size iterators: written once, no zero-fill first.
+        out.gene_ids.extend_from_slice(tokens);
         let binner = &self.binner;
-        match mt {
+        match (mt, binner.small_lut()) {
             // scGPT draws one double per value, tie or not, and rounds up.
-            Some(mt) => out.values.extend(self.counts.iter().map(|&c| {
+            (Some(mt), _) => out.values.extend(counts.iter().map(|&c| {
                 let (l, r) = binner.digits(c);
                 tie_bin(mt.next_f64(), l, r) as f32
             })),
-            // A uniform pick from scGPT's allowed set `right+1 ..= left`, drawn only for ties.
-            None => out.values.extend(self.counts.iter().map(|&c| {
-                let (l, r) = binner.digits(c);
-                if l == r {
-                    l as f32
-                } else {
-                    (l as u64 - rng.below((l - r) as u64)) as f32
-                }
-            })),
+            (None, Some(lut)) => seeded_bins(lut, counts, rng.next_u64() as u32, &mut out.values),
+            (None, None) => {
+                let key = rng.next_u64() as u32;
+                out.values.extend(counts.iter().enumerate().map(|(i, &c)| {
+                    let (l, r) = binner.digits(c);
+                    seeded_bin(l as u32, r as u32, key, i as u32) as f32
+                }));
+            }
         }
 
-        let k = self.tokens.len();
         let keep = self.cfg.max_len - 1;
         if k > keep {
             // A uniform random subset of `keep` genes (partial Fisher–Yates), kept in input
@@ -198,8 +210,8 @@ impl Tokenizer {
         cov
     }
 
-    /// Keeps the cell's non-zero, in-vocabulary genes in `tokens`/`counts` (branch-free: every
-    /// entry is written, the cursor advances only for kept ones).
+    /// Keeps the cell's non-zero, in-vocabulary genes at the front of `tokens`/`counts`
+    /// (branch-free: every entry is written, the cursor advances only for kept ones).
     fn select_in_vocab(
         &mut self,
         gene_idx: &[u32],
@@ -207,14 +219,16 @@ impl Tokenizer {
         genes: &GeneMap,
     ) -> CellCoverage {
         let mut cov = CellCoverage::default();
-        let n = gene_idx.len();
-        self.tokens.resize(n + 1, 0);
-        self.counts.resize(n + 1, 0);
+        if self.tokens.len() < gene_idx.len() {
+            self.tokens.resize(gene_idx.len(), 0);
+            self.counts.resize(gene_idx.len(), 0);
+        }
+        let (tokens, kept_counts) = (&mut self.tokens[..], &mut self.counts[..]);
         let mut k = 0;
         for (&g, &c) in gene_idx.iter().zip(counts) {
             let t = genes.token_of_gene[g as usize];
-            self.tokens[k] = t;
-            self.counts[k] = c;
+            tokens[k] = t;
+            kept_counts[k] = c;
             let expressed = c != 0;
             cov.n_genes += expressed as u32;
             cov.total_counts += c as u64;
@@ -222,9 +236,36 @@ impl Tokenizer {
             cov.counts_in_vocab += if kept { c as u64 } else { 0 };
             k += kept as usize;
         }
-        self.tokens.truncate(k);
-        self.counts.truncate(k);
         cov.n_in_vocab = k as u32;
         cov
     }
+}
+
+/// Seeded tie breaking: a uniform pick from scGPT's allowed set `right+1 ..= left`, from a
+/// counter-based hash of (cell key, entry index) — no sequential generator state, so the loop
+/// has no branch and no dependency between entries. Where `left == right` the pick is `left`.
+/// The multiply-shift maps 32 random bits onto `left - right ≤ 50` choices with a bias below
+/// 50 / 2^32 (invisible next to scGPT's own float rounding of `ceil(u*(r-l)+l)`).
+#[inline(always)]
+fn seeded_bin(left: u32, right: u32, key: u32, i: u32) -> u32 {
+    let h = fmix32(key ^ i.wrapping_mul(0x9e37_79b9));
+    left - ((h as u64 * (left - right) as u64) >> 32) as u32
+}
+
+/// murmur3's 32-bit finaliser: a bijection with full avalanche.
+#[inline(always)]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+/// The seeded bins of a cell with only small counts: table gathers and arithmetic, no branch.
+fn seeded_bins(lut: &[u32; SMALL], counts: &[u32], key: u32, values: &mut Vec<f32>) {
+    values.extend(counts.iter().enumerate().map(|(i, &c)| {
+        let packed = lut[c as usize % SMALL];
+        seeded_bin(packed & 0xffff, packed >> 16, key, i as u32) as f32
+    }));
 }
