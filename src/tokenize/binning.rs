@@ -176,7 +176,8 @@ impl Binner {
         for &q in &self.quantiles {
             let vi = last_f * q;
             let edge = if vi >= last_f {
-                upper.at(last) as f32 as f64
+                // The maximum, known without walking the sparse top of the histogram.
+                large.last().map_or(max_small as u32, |&m| m) as f32 as f64
             } else {
                 let prev = vi.floor();
                 let i = prev as usize;
@@ -186,35 +187,20 @@ impl Binner {
         }
     }
 
-    /// `left | right << 16` for every value 1..=max_small. Both digits are step functions of
-    /// the value: `left` steps up at `ceil(e)` (v >= e) and `right` at `floor(e) + 1` (v > e)
-    /// for each edge `e`, so the table is filled segment by segment (vectorised fills), not
-    /// value by value.
+    /// `left | right << 16` for every value 1..=max_small, in one merge walk over the edges
+    /// (a typical cell's largest small count is under a hundred).
     fn fill_lut(&mut self, max_small: usize) {
-        let end = max_small + 1;
-        let at = |e: f64, up: bool| -> usize {
-            let t = if up { e.ceil() } else { e.floor() + 1.0 };
-            (t.max(0.0) as usize).min(end)
-        };
-        let n = self.edges.len();
-        let (mut i, mut j) = (0usize, 0usize); // edges counted into left, right
-        let (mut l_next, mut r_next) = (
-            self.edges.first().map_or(end, |&e| at(e, true)),
-            self.edges.first().map_or(end, |&e| at(e, false)),
-        );
-        let mut v = 0usize;
-        while v < end {
-            while i < n && l_next <= v {
-                i += 1;
-                l_next = self.edges.get(i).map_or(end, |&e| at(e, true));
+        let edges = &self.edges;
+        let (mut l, mut r) = (0usize, 0usize);
+        for v in 1..=max_small {
+            let x = v as f64;
+            while l < edges.len() && edges[l] <= x {
+                l += 1;
             }
-            while j < n && r_next <= v {
-                j += 1;
-                r_next = self.edges.get(j).map_or(end, |&e| at(e, false));
+            while r < edges.len() && edges[r] < x {
+                r += 1;
             }
-            let next = l_next.min(r_next).max(v + 1);
-            self.lut[v..next].fill(i as u32 | (j as u32) << 16);
-            v = next;
+            self.lut[v] = l as u32 | (r as u32) << 16;
         }
     }
 }
