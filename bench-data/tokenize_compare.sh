@@ -13,7 +13,7 @@ req=bench-data/requirements-peer.txt
 "$venv/bin/pip" install -q -r <(grep -vE '^(scgpt==|#)' "$req")
 
 pin=()
-command -v taskset >/dev/null && pin=(taskset -c 0)
+command -v taskset >/dev/null && pin=(taskset -c "${BENCH_CORE:-0}")
 log=$(mktemp -d)
 trap 'rm -rf "$log"' EXIT
 
