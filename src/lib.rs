@@ -5,4 +5,8 @@
 //! that follow.
 
 pub mod batch;
+pub mod model;
+pub mod pipeline;
+pub mod qc;
+pub mod sink;
 pub mod tokenize;

@@ -19,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Embed and label every cell of the given batches; NDJSON records on stdout or --out.
+    Embed(cli::embed::Args),
     /// Tokenize a batch exactly as scGPT does and write one JSON line per cell.
     Tokenize(cli::tokenize::Args),
     /// Convert any readable batch to the native .csb (or .csb.zst) format.
@@ -30,6 +32,7 @@ enum Command {
 fn main() -> ExitCode {
     let args = Cli::parse();
     let result = match args.command {
+        Command::Embed(a) => cli::embed::run(a),
         Command::Tokenize(a) => cli::tokenize::run(a),
         Command::Convert(a) => cli::convert::run(a),
         Command::Inspect(a) => cli::inspect::run(a),

@@ -467,3 +467,43 @@ fn cli_exit_code_two_with_the_file_named() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(common::stderr(&missing).contains("/nonexistent/batch.csb"));
 }
+
+/// A normalised AnnData X (non-integer values) is refused with the dataset and the cell named.
+#[cfg(feature = "hdf5")]
+#[test]
+fn normalised_h5ad_is_refused() {
+    use hdf5::types::VarLenUnicode;
+    let c = Case::new();
+    let path = c.dir.path().join("normalised.h5ad");
+    {
+        let f = hdf5::File::create(&path).unwrap();
+        let names =
+            |v: &[&str]| -> Vec<VarLenUnicode> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        let obs = f.create_group("obs").unwrap();
+        obs.new_dataset_builder()
+            .with_data(&names(&["c1", "c2"]))
+            .create("_index")
+            .unwrap();
+        let var = f.create_group("var").unwrap();
+        var.new_dataset_builder()
+            .with_data(&names(&["CD3E", "MS4A1", "NKG7"]))
+            .create("_index")
+            .unwrap();
+        let x = ndarray_free_matrix();
+        f.new_dataset::<f32>()
+            .shape([2, 3])
+            .create("X")
+            .unwrap()
+            .write_raw(&x)
+            .unwrap();
+    }
+    expect_err(
+        &path,
+        &["X[1, 2]", "not an integer", "layers/counts or raw/X"],
+    );
+}
+
+#[cfg(feature = "hdf5")]
+fn ndarray_free_matrix() -> Vec<f32> {
+    vec![1.0, 0.0, 2.0, 0.0, 3.0, 0.693]
+}

@@ -14,7 +14,7 @@ pub struct BatchError {
 #[derive(Debug, thiserror::Error)]
 pub enum BatchErrorKind {
     #[error("cannot read: {0}")]
-    Io(#[source] std::io::Error),
+    Io(std::io::Error),
     #[error("not a readable batch: {0}")]
     UnknownFormat(String),
     /// Damaged bytes: truncation, checksum mismatch, broken compression.

@@ -12,15 +12,12 @@ pub const NOT_IN_VOCAB: u32 = u32::MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VocabError {
-    #[error("{}: cannot read vocabulary: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{}: not a vocabulary (expected a JSON object of token → integer id): {source}", path.display())]
+    #[error("{}: cannot read vocabulary: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{}: not a vocabulary (expected a JSON object of token → integer id): {err}", path.display())]
     Json {
         path: PathBuf,
-        source: serde_json::Error,
+        err: serde_json::Error,
     },
     #[error("{}: token {token:?} has id {id}, which is already taken by {other:?}", path.display())]
     DuplicateId {
@@ -43,14 +40,14 @@ impl Vocab {
     /// Reads scGPT's `vocab.json` and appends the missing specials `<pad>`, `<cls>`, `<eoc>`
     /// in that order, each with the next id (`len(vocab)`), as `embed_data` does.
     pub fn from_json_file(path: &Path) -> Result<Vocab, VocabError> {
-        let text = std::fs::read(path).map_err(|source| VocabError::Io {
+        let text = std::fs::read(path).map_err(|err| VocabError::Io {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         let ids: HashMap<String, u32> =
-            serde_json::from_slice(&text).map_err(|source| VocabError::Json {
+            serde_json::from_slice(&text).map_err(|err| VocabError::Json {
                 path: path.to_path_buf(),
-                source,
+                err,
             })?;
         Vocab::from_map(path, ids)
     }

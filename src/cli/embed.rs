@@ -1,0 +1,88 @@
+use std::fs::File;
+use std::io::{BufWriter, IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use cellstream::batch::{read_batch, ReadOptions};
+use cellstream::model::ModelPackage;
+use cellstream::pipeline::{EmbedConfig, Embedder};
+use cellstream::sink::ndjson;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Batches to embed, in order (any readable format).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Model package directory (default: the shipped models/pbmc-compact).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Output NDJSON file ("-" for stdout).
+    #[arg(long, default_value = "-")]
+    out: PathBuf,
+    /// Inference threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Run seed (tie draws and subsampling are keyed by it and the barcode).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// The shipped package: `models/pbmc-compact` under the working directory, else beside the
+/// sources this binary was built from.
+pub fn default_model_dir() -> PathBuf {
+    let local = PathBuf::from("models/pbmc-compact");
+    if local.is_dir() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/pbmc-compact")
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
+    let package = ModelPackage::load(&model_dir)?;
+    let cfg = EmbedConfig {
+        threads: args.threads.max(1),
+        seed: args.seed,
+        ..EmbedConfig::default()
+    };
+    let mut embedder = Embedder::new(package, cfg)?;
+
+    let sink: Box<dyn Write> = if args.out.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(
+            File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?,
+        )
+    };
+    let mut w = BufWriter::with_capacity(1 << 20, sink);
+    let progress = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let mut cells = 0usize;
+    for input in &args.inputs {
+        let batch = read_batch(input, &ReadOptions::default())?;
+        let results = embedder.embed(&batch)?;
+        ndjson::write_batch(&mut w, &batch.batch_id(), &batch.barcodes, &results)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+        cells += results.len();
+        if progress {
+            eprint!(
+                "\r{} batches, {cells} cells, {:.0} cells/s   ",
+                args.inputs.iter().position(|p| p == input).unwrap_or(0) + 1,
+                cells as f64 / start.elapsed().as_secs_f64()
+            );
+        }
+    }
+    w.flush()
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    if progress {
+        eprintln!();
+    }
+    eprintln!(
+        "embedded {cells} cells from {} batch(es) in {:.2} s with {}",
+        args.inputs.len(),
+        start.elapsed().as_secs_f64(),
+        model_dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! Packing cells into model batches: by length bucket, so padding stays small, and by a token
+//! budget, so a batch of short cells holds more rows than a batch of long ones.
+
+/// Sequence-length buckets: powers of two from 16 up to `max_len`, and `max_len` itself.
+pub fn buckets(max_len: usize) -> Vec<usize> {
+    let mut b: Vec<usize> = std::iter::successors(Some(16usize), |&s| Some(s * 2))
+        .take_while(|&s| s < max_len)
+        .collect();
+    b.push(max_len);
+    b
+}
+
+/// Cells that run together: `n` rows (a power of two, or the budget's row count) of length `s`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    pub s: usize,
+    pub n: usize,
+    /// Indices of the cells, in row order; rows past `cells.len()` are filler.
+    pub cells: Vec<usize>,
+}
+
+/// Groups cells (given their token counts) into chunks of at most `token_budget` tokens.
+/// Row counts are rounded up to a power of two so that few distinct plans get compiled.
+pub fn plan_chunks(lengths: &[usize], buckets: &[usize], token_budget: usize) -> Vec<Chunk> {
+    let mut by_bucket: Vec<Vec<usize>> = vec![Vec::new(); buckets.len()];
+    for (cell, &len) in lengths.iter().enumerate() {
+        let b = buckets.partition_point(|&s| s < len).min(buckets.len() - 1);
+        by_bucket[b].push(cell);
+    }
+    let mut chunks = Vec::new();
+    for (b, cells) in by_bucket.into_iter().enumerate() {
+        let s = buckets[b];
+        let max_rows = (token_budget / s).max(1);
+        for group in cells.chunks(max_rows) {
+            let n = group.len().next_power_of_two().min(max_rows);
+            chunks.push(Chunk {
+                s,
+                n,
+                cells: group.to_vec(),
+            });
+        }
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_end_at_max_len() {
+        assert_eq!(buckets(256), vec![16, 32, 64, 128, 256]);
+        assert_eq!(buckets(200), vec![16, 32, 64, 128, 200]);
+        assert_eq!(buckets(16), vec![16]);
+    }
+
+    #[test]
+    fn chunks_respect_bucket_and_budget() {
+        let lengths = [3, 20, 17, 256, 100, 5, 5, 5];
+        let chunks = plan_chunks(&lengths, &buckets(256), 64);
+        // Every cell exactly once, in a bucket that holds it.
+        let mut seen: Vec<usize> = chunks.iter().flat_map(|c| c.cells.clone()).collect();
+        seen.sort();
+        assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>());
+        for c in &chunks {
+            assert!(c.cells.iter().all(|&i| lengths[i] <= c.s));
+            assert!(c.n >= c.cells.len());
+            assert!(c.n * c.s <= 64 || c.n == 1);
+        }
+        let first = &chunks[0];
+        assert_eq!(
+            (first.s, first.cells.clone(), first.n),
+            (16, vec![0, 5, 6, 7], 4)
+        );
+    }
+}

@@ -1,0 +1,8 @@
+//! The model stage: the package on disk, batching cells by length, and running them in tract.
+
+pub mod batching;
+pub mod package;
+pub mod runner;
+
+pub use package::{Manifest, ModelError, ModelPackage};
+pub use runner::{Batch, ModelRuntime, Outputs, Worker};

@@ -1,0 +1,185 @@
+//! The model package (DESIGN.md §4): `model.onnx`, `vocab.json`, `manifest.toml`, `labels.txt`,
+//! validated before anything runs.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::tokenize::{Vocab, VocabError};
+
+/// What the runtime needs to know about a model, as `manifest.toml` states it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub name: String,
+    /// Only "scgpt" is understood.
+    pub architecture: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    pub embedding_dim: usize,
+    pub n_bins: u16,
+    /// Longest token sequence the model takes, `<cls>` included.
+    pub max_len: usize,
+    pub pad_token: String,
+    pub cls_token: String,
+    pub pad_value: f32,
+    /// L2-normalise the `<cls>` embedding, as scGPT's `embed_data` does.
+    pub normalize_embedding: bool,
+    /// Softmax confidence under which a cell is reported `assigned: false`.
+    #[serde(default)]
+    pub confidence_threshold: Option<f32>,
+    pub onnx_sha256: String,
+    pub inputs: InputNames,
+    pub outputs: OutputNames,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputNames {
+    /// i64 [N, S]
+    pub gene_ids: String,
+    /// f32 [N, S]
+    pub values: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputNames {
+    /// f32 [N, D]
+    pub embedding: String,
+    /// f32 [N, C], when the model has a classifier head.
+    #[serde(default)]
+    pub logits: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{}: cannot read: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{}: invalid manifest: {what}", path.display())]
+    Manifest { path: PathBuf, what: String },
+    #[error(transparent)]
+    Vocab(#[from] VocabError),
+    #[error("{}: sha256 is {actual}, the manifest's onnx_sha256 says {expected} (a wrong or damaged model file)", path.display())]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{}: {what}", path.display())]
+    Graph { path: PathBuf, what: String },
+}
+
+/// A validated model package, its ONNX bytes in memory.
+pub struct ModelPackage {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub vocab: Vocab,
+    /// Class names in logits order (`labels.txt`), when the model classifies.
+    pub labels: Option<Vec<String>>,
+    pub onnx: Vec<u8>,
+}
+
+impl ModelPackage {
+    /// Reads and checks every file of the package in `dir`.
+    pub fn load(dir: &Path) -> Result<ModelPackage, ModelError> {
+        let manifest_path = dir.join("manifest.toml");
+        let text = read_to_string(&manifest_path)?;
+        let manifest: Manifest = toml::from_str(&text).map_err(|e| ModelError::Manifest {
+            path: manifest_path.clone(),
+            what: e.to_string(),
+        })?;
+        let bad = |what: String| ModelError::Manifest {
+            path: manifest_path.clone(),
+            what,
+        };
+        if manifest.architecture != "scgpt" {
+            return Err(bad(format!(
+                "architecture {:?} is not supported (expected \"scgpt\")",
+                manifest.architecture
+            )));
+        }
+        if manifest.max_len < 2 || manifest.n_bins < 3 || manifest.embedding_dim == 0 {
+            return Err(bad(format!(
+                "max_len {} (≥ 2), n_bins {} (≥ 3), embedding_dim {} (≥ 1) out of range",
+                manifest.max_len, manifest.n_bins, manifest.embedding_dim
+            )));
+        }
+
+        let vocab_path = dir.join("vocab.json");
+        let vocab = Vocab::from_json_file(&vocab_path)?;
+        for (what, token, id) in [
+            ("pad_token", &manifest.pad_token, vocab.pad_id),
+            ("cls_token", &manifest.cls_token, vocab.cls_id),
+        ] {
+            if vocab.get(token) != Some(id) {
+                return Err(bad(format!(
+                    "{what} {token:?} is not the vocabulary's {} token",
+                    if what == "pad_token" {
+                        "<pad>"
+                    } else {
+                        "<cls>"
+                    }
+                )));
+            }
+        }
+
+        let onnx_path = dir.join("model.onnx");
+        let onnx = std::fs::read(&onnx_path).map_err(|err| ModelError::Io {
+            path: onnx_path.clone(),
+            err,
+        })?;
+        let actual = hex(&Sha256::digest(&onnx));
+        if !actual.eq_ignore_ascii_case(manifest.onnx_sha256.trim()) {
+            return Err(ModelError::Checksum {
+                path: onnx_path,
+                expected: manifest.onnx_sha256.clone(),
+                actual,
+            });
+        }
+
+        let labels = match &manifest.outputs.logits {
+            None => None,
+            Some(_) => {
+                let path = dir.join("labels.txt");
+                let labels: Vec<String> = read_to_string(&path)?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                if labels.is_empty() {
+                    return Err(ModelError::Manifest {
+                        path,
+                        what: "labels.txt lists no class".into(),
+                    });
+                }
+                Some(labels)
+            }
+        };
+        Ok(ModelPackage {
+            dir: dir.to_path_buf(),
+            manifest,
+            vocab,
+            labels,
+            onnx,
+        })
+    }
+
+    /// Confidence threshold: the manifest's, else 0.
+    pub fn confidence_threshold(&self) -> f32 {
+        self.manifest.confidence_threshold.unwrap_or(0.0)
+    }
+}
+
+fn read_to_string(path: &Path) -> Result<String, ModelError> {
+    std::fs::read_to_string(path).map_err(|err| ModelError::Io {
+        path: path.to_path_buf(),
+        err,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,242 @@
+//! Running the model through tract: one optimized plan per (batch rows, length bucket), shared
+//! by every worker; one tract `State` per plan per worker thread.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context};
+use tract::prelude::*;
+
+use super::package::{ModelError, ModelPackage};
+
+/// Padded model input for `n` rows of length `s`, and the outputs that came back.
+pub struct Batch {
+    pub n: usize,
+    pub s: usize,
+    pub gene_ids: Vec<i64>,
+    pub values: Vec<f32>,
+}
+
+/// Outputs of one batch, row-major.
+pub struct Outputs {
+    /// [n, embedding_dim], as the model returns it (not normalised).
+    pub embedding: Vec<f32>,
+    /// [n, n_classes] when the model classifies.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// The loaded model: its bytes, where its inputs and outputs are, and the plan cache.
+pub struct ModelRuntime {
+    onnx: Vec<u8>,
+    path: std::path::PathBuf,
+    /// Position of `gene_ids` and `values` among the graph's inputs.
+    input_pos: [usize; 2],
+    embedding_pos: usize,
+    logits_pos: Option<usize>,
+    pub pad_id: i64,
+    pub cls_id: i64,
+    pub pad_value: f32,
+    pub max_len: usize,
+    pub embedding_dim: usize,
+    pub n_classes: usize,
+    plans: Mutex<HashMap<(usize, usize), Runnable>>,
+}
+
+impl ModelRuntime {
+    /// Parses the graph once to check the names the manifest gives, then runs a probe
+    /// inference (one `<cls>`-only row) to check the output shapes.
+    pub fn new(pkg: &ModelPackage) -> Result<Arc<ModelRuntime>, ModelError> {
+        let path = pkg.dir.join("model.onnx");
+        let graph_err = |what: String| ModelError::Graph {
+            path: path.clone(),
+            what,
+        };
+        let model =
+            load(&pkg.onnx).map_err(|e| graph_err(format!("tract cannot load it: {e:#}")))?;
+        let names = |count: usize, name: &dyn Fn(usize) -> anyhow::Result<String>| -> Vec<String> {
+            (0..count).filter_map(|i| name(i).ok()).collect()
+        };
+        let inputs = names(model.input_count().unwrap_or(0), &|i| model.input_name(i));
+        let outputs = names(model.output_count().unwrap_or(0), &|i| model.output_name(i));
+        let find = |list: &[String], want: &str, what: &str| {
+            list.iter().position(|n| n == want).ok_or_else(|| {
+                graph_err(format!(
+                    "the manifest's {what} {want:?} is not in the graph (it has {list:?})"
+                ))
+            })
+        };
+        let m = &pkg.manifest;
+        let input_pos = [
+            find(&inputs, &m.inputs.gene_ids, "input")?,
+            find(&inputs, &m.inputs.values, "input")?,
+        ];
+        let embedding_pos = find(&outputs, &m.outputs.embedding, "output")?;
+        let logits_pos = m
+            .outputs
+            .logits
+            .as_deref()
+            .map(|l| find(&outputs, l, "output"))
+            .transpose()?;
+        let rt = Arc::new(ModelRuntime {
+            onnx: pkg.onnx.clone(),
+            path: path.clone(),
+            input_pos,
+            embedding_pos,
+            logits_pos,
+            pad_id: pkg.vocab.pad_id as i64,
+            cls_id: pkg.vocab.cls_id as i64,
+            pad_value: m.pad_value,
+            max_len: m.max_len,
+            embedding_dim: m.embedding_dim,
+            n_classes: pkg.labels.as_ref().map_or(0, Vec::len),
+            plans: Mutex::new(HashMap::new()),
+        });
+        let probe = rt
+            .probe()
+            .map_err(|e| graph_err(format!("probe inference failed: {e:#}")))?;
+        if probe.embedding.len() != rt.embedding_dim {
+            return Err(graph_err(format!(
+                "{} returns {} values per cell, the manifest's embedding_dim is {}",
+                m.outputs.embedding,
+                probe.embedding.len(),
+                rt.embedding_dim
+            )));
+        }
+        if let Some(logits) = &probe.logits {
+            if logits.len() != rt.n_classes {
+                return Err(graph_err(format!(
+                    "logits have {} classes, labels.txt lists {}",
+                    logits.len(),
+                    rt.n_classes
+                )));
+            }
+        }
+        Ok(rt)
+    }
+
+    /// One `<cls>`-only row through the smallest plan: proves the model runs.
+    pub fn probe(&self) -> anyhow::Result<Outputs> {
+        let mut batch = Batch::new(1, 1);
+        batch.gene_ids[0] = self.cls_id;
+        batch.values[0] = self.pad_value;
+        let runnable = self.plan(1, 1)?;
+        run(&runnable.spawn_state()?, self, &batch)
+    }
+
+    /// The optimized plan for `n` rows of length `s`, compiled on first use.
+    pub fn plan(&self, n: usize, s: usize) -> anyhow::Result<Runnable> {
+        if let Some(p) = self.plans.lock().unwrap().get(&(n, s)) {
+            return Ok(p.clone());
+        }
+        let mut model = load(&self.onnx)?;
+        let [ids, vals] = self.input_pos;
+        model.set_input_fact(ids, format!("{n},{s},i64").as_str())?;
+        model.set_input_fact(vals, format!("{n},{s},f32").as_str())?;
+        let runnable = model
+            .into_model()
+            .and_then(|m| m.into_runnable())
+            .with_context(|| format!("optimizing {} for {n} × {s}", self.path.display()))?;
+        self.plans.lock().unwrap().insert((n, s), runnable.clone());
+        Ok(runnable)
+    }
+}
+
+fn load(bytes: &[u8]) -> anyhow::Result<InferenceModel> {
+    // Exported graphs carry value_info shapes traced at one length; ignore them so that
+    // the symbolic batch and sequence dimensions can be set per plan.
+    onnx()?.load_buffer_with_options(bytes, OnnxOptions::new().ignore_value_info(true))
+}
+
+impl Batch {
+    pub fn new(n: usize, s: usize) -> Batch {
+        Batch {
+            n,
+            s,
+            gene_ids: vec![0; n * s],
+            values: vec![0.0; n * s],
+        }
+    }
+
+    /// Fills row `row` with `ids`/`values` (at most `s` tokens), padding the rest.
+    pub fn set_row(
+        &mut self,
+        row: usize,
+        ids: &[u32],
+        values: &[f32],
+        pad_id: i64,
+        pad_value: f32,
+    ) {
+        let r = row * self.s..(row + 1) * self.s;
+        let (gid, val) = (&mut self.gene_ids[r.clone()], &mut self.values[r]);
+        let k = ids.len().min(self.s);
+        for (d, &t) in gid.iter_mut().zip(&ids[..k]) {
+            *d = t as i64;
+        }
+        val[..k].copy_from_slice(&values[..k]);
+        gid[k..].fill(pad_id);
+        val[k..].fill(pad_value);
+    }
+}
+
+/// A worker's handle on the model: one tract `State` per plan it has used.
+pub struct Worker {
+    rt: Arc<ModelRuntime>,
+    states: HashMap<(usize, usize), State>,
+}
+
+impl Worker {
+    pub fn new(rt: Arc<ModelRuntime>) -> Worker {
+        Worker {
+            rt,
+            states: HashMap::new(),
+        }
+    }
+
+    pub fn runtime(&self) -> &Arc<ModelRuntime> {
+        &self.rt
+    }
+
+    pub fn run(&mut self, batch: &Batch) -> anyhow::Result<Outputs> {
+        let key = (batch.n, batch.s);
+        if !self.states.contains_key(&key) {
+            let state = self.rt.plan(batch.n, batch.s)?.spawn_state()?;
+            self.states.insert(key, state);
+        }
+        let state = self.states.get_mut(&key).expect("inserted above");
+        run_state(state, &self.rt, batch)
+    }
+}
+
+fn run(state: &State, rt: &ModelRuntime, batch: &Batch) -> anyhow::Result<Outputs> {
+    let mut state = state.clone();
+    run_state(&mut state, rt, batch)
+}
+
+fn run_state(state: &mut State, rt: &ModelRuntime, batch: &Batch) -> anyhow::Result<Outputs> {
+    let shape = [batch.n, batch.s];
+    let ids = Tensor::from_slice(&shape, &batch.gene_ids)?;
+    let vals = Tensor::from_slice(&shape, &batch.values)?;
+    let mut inputs = vec![ids.clone(), vals.clone()];
+    inputs[rt.input_pos[0]] = ids;
+    inputs[rt.input_pos[1]] = vals;
+    let outputs = state.run(inputs)?;
+    let take = |pos: usize, width: usize, what: &str| -> anyhow::Result<Vec<f32>> {
+        let t = outputs
+            .get(pos)
+            .ok_or_else(|| anyhow!("no output {pos} ({what})"))?;
+        let (shape, data) = t.as_shape_and_slice::<f32>()?;
+        if shape != [batch.n, width] {
+            bail!(
+                "{what} has shape {shape:?}, expected [{}, {width}]",
+                batch.n
+            );
+        }
+        Ok(data.to_vec())
+    };
+    let embedding = take(rt.embedding_pos, rt.embedding_dim, "embedding")?;
+    let logits = rt
+        .logits_pos
+        .map(|p| take(p, rt.n_classes, "logits"))
+        .transpose()?;
+    Ok(Outputs { embedding, logits })
+}

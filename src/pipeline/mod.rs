@@ -1,0 +1,242 @@
+//! Wiring the stages: `CountBatch` → `TokenBatch` → model batches → `CellResult`s.
+
+pub mod pool;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use crossbeam_channel::unbounded;
+
+use crate::batch::CountBatch;
+use crate::model::batching::{buckets, plan_chunks};
+use crate::model::{Batch, ModelPackage, ModelRuntime};
+use crate::qc::{cell_qc, mito_mask, CellQc};
+use crate::tokenize::{GeneMap, TokenBatch, Tokenizer, TokenizerConfig};
+use pool::{InferencePool, Job};
+
+/// Label of a cell whose confidence is under the threshold (or that has no known gene).
+pub const UNASSIGNED: &str = "unassigned";
+
+/// What cellstream reports for one cell.
+#[derive(Debug, Clone)]
+pub struct CellResult {
+    pub label: String,
+    pub confidence: f32,
+    pub assigned: bool,
+    /// The `<cls>` embedding (L2-normalised when the manifest says so); `None` for a cell
+    /// with no gene in the vocabulary, whose embedding would carry no information.
+    pub embedding: Option<Vec<f32>>,
+    pub qc: CellQc,
+}
+
+/// Settings of the embed stage.
+#[derive(Debug, Clone)]
+pub struct EmbedConfig {
+    pub threads: usize,
+    /// Tokens per model batch (rows × padded length).
+    pub token_budget: usize,
+    pub seed: u64,
+}
+
+impl Default for EmbedConfig {
+    fn default() -> Self {
+        EmbedConfig {
+            threads: 1,
+            token_budget: 8192,
+            seed: 0,
+        }
+    }
+}
+
+/// Tokenizer, model and workers: turns count batches into results.
+pub struct Embedder {
+    pub package: ModelPackage,
+    rt: Arc<ModelRuntime>,
+    pool: InferencePool,
+    tokenizer: Tokenizer,
+    tokens: TokenBatch,
+    buckets: Vec<usize>,
+    cfg: EmbedConfig,
+}
+
+/// Why a batch cannot be embedded at all (as opposed to single cells that get no label).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: none of its {n_genes} genes is in the model's vocabulary ({vocab}); check that the input has gene symbols of the model's species", path.display())]
+pub struct NoGeneInVocab {
+    pub path: std::path::PathBuf,
+    pub n_genes: usize,
+    pub vocab: String,
+}
+
+impl Embedder {
+    pub fn new(package: ModelPackage, cfg: EmbedConfig) -> anyhow::Result<Embedder> {
+        let rt = ModelRuntime::new(&package)?;
+        let m = &package.manifest;
+        let tokenizer = Tokenizer::new(
+            &package.vocab,
+            TokenizerConfig {
+                n_bins: m.n_bins,
+                max_len: m.max_len,
+                pad_value: m.pad_value,
+                seed: cfg.seed,
+                ..TokenizerConfig::default()
+            },
+        );
+        Ok(Embedder {
+            pool: InferencePool::new(rt.clone(), cfg.threads),
+            buckets: buckets(m.max_len),
+            rt,
+            tokenizer,
+            tokens: TokenBatch::default(),
+            package,
+            cfg,
+        })
+    }
+
+    pub fn runtime(&self) -> &Arc<ModelRuntime> {
+        &self.rt
+    }
+
+    /// The vocabulary mapping for a batch, failing when it matches no gene at all.
+    pub fn gene_map(&self, batch: &CountBatch) -> Result<GeneMap, NoGeneInVocab> {
+        let map = self.package.vocab.map_genes(&batch.gene_names);
+        if map.n_matched == 0 {
+            return Err(NoGeneInVocab {
+                path: batch.source.clone(),
+                n_genes: batch.n_genes(),
+                vocab: self.package.dir.join("vocab.json").display().to_string(),
+            });
+        }
+        Ok(map)
+    }
+
+    /// Results for every cell of `batch`, in input order.
+    pub fn embed(&mut self, batch: &CountBatch) -> anyhow::Result<Vec<CellResult>> {
+        let genes = self.gene_map(batch)?;
+        self.tokenizer
+            .tokenize_into(batch, &genes, &mut self.tokens);
+        let outputs = self.infer()?;
+        let mito = mito_mask(&batch.gene_names);
+        let labels = self.package.labels.as_deref();
+        let threshold = self.package.confidence_threshold();
+        let normalize = self.package.manifest.normalize_embedding;
+        let results = (0..batch.n_cells())
+            .map(|i| {
+                let coverage = &self.tokens.expressed[i];
+                let qc = cell_qc(batch, i, &mito, coverage);
+                let (emb, logits) = &outputs[i];
+                if coverage.n_in_vocab == 0 {
+                    return CellResult {
+                        label: UNASSIGNED.into(),
+                        confidence: 0.0,
+                        assigned: false,
+                        embedding: None,
+                        qc,
+                    };
+                }
+                let mut embedding = emb.clone();
+                if normalize {
+                    l2_normalize(&mut embedding);
+                }
+                let (label, confidence) = match (labels, logits) {
+                    (Some(labels), Some(logits)) => {
+                        let (best, p) = softmax_max(logits);
+                        (labels[best].clone(), p)
+                    }
+                    _ => (UNASSIGNED.to_string(), 0.0),
+                };
+                let assigned = labels.is_some() && confidence >= threshold;
+                CellResult {
+                    label: if assigned { label } else { UNASSIGNED.into() },
+                    confidence,
+                    assigned,
+                    embedding: Some(embedding),
+                    qc,
+                }
+            })
+            .collect();
+        Ok(results)
+    }
+
+    /// Runs every tokenized cell through the model; per cell (embedding, logits).
+    fn infer(&self) -> anyhow::Result<Vec<(Vec<f32>, Option<Vec<f32>>)>> {
+        let t = &self.tokens;
+        let lengths: Vec<usize> = (0..t.n_cells()).map(|i| t.cell(i).0.len()).collect();
+        let chunks = plan_chunks(&lengths, &self.buckets, self.cfg.token_budget);
+        let (reply, results) = unbounded();
+        let rt = &self.rt;
+        // Packing runs here while the workers compute; `submit` blocks when they fall behind.
+        for (id, chunk) in chunks.iter().enumerate() {
+            let mut batch = Batch::new(chunk.n, chunk.s);
+            for row in 0..chunk.n {
+                match chunk.cells.get(row) {
+                    Some(&cell) => {
+                        let (ids, values) = t.cell(cell);
+                        batch.set_row(row, ids, values, rt.pad_id, rt.pad_value);
+                    }
+                    // Filler rows: `<cls>` alone (an all-padding row would mask every key).
+                    None => batch.set_row(
+                        row,
+                        &[rt.cls_id as u32],
+                        &[rt.pad_value],
+                        rt.pad_id,
+                        rt.pad_value,
+                    ),
+                }
+            }
+            self.pool.submit(Job {
+                id,
+                batch,
+                reply: reply.clone(),
+            });
+        }
+        drop(reply);
+        let mut per_cell: Vec<(Vec<f32>, Option<Vec<f32>>)> = vec![(Vec::new(), None); t.n_cells()];
+        let (d, c) = (rt.embedding_dim, rt.n_classes);
+        for (id, out) in results {
+            let out = out.with_context(|| format!("model batch {id}"))?;
+            for (row, &cell) in chunks[id].cells.iter().enumerate() {
+                per_cell[cell] = (
+                    out.embedding[row * d..(row + 1) * d].to_vec(),
+                    out.logits
+                        .as_ref()
+                        .map(|l| l[row * c..(row + 1) * c].to_vec()),
+                );
+            }
+        }
+        Ok(per_cell)
+    }
+}
+
+fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+/// (argmax, its softmax probability), computed stably.
+fn softmax_max(logits: &[f32]) -> (usize, f32) {
+    let (best, &max) = logits
+        .iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .expect("at least one class");
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    (best, 1.0 / sum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_max_is_the_top_probability() {
+        let (i, p) = softmax_max(&[1.0, 3.0, 2.0]);
+        assert_eq!(i, 1);
+        let e = [1f32, 3.0, 2.0].map(f32::exp);
+        assert!((p - e[1] / e.iter().sum::<f32>()).abs() < 1e-6);
+        let (_, p) = softmax_max(&[1000.0, 0.0]);
+        assert!((p - 1.0).abs() < 1e-6, "stable for large logits");
+    }
+}

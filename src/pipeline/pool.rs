@@ -1,0 +1,68 @@
+//! Inference workers on dedicated threads, fed by a bounded crossbeam channel: a full channel
+//! blocks the sender, so backpressure reaches whoever produces batches.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::model::{Batch, ModelRuntime, Outputs, Worker};
+
+/// One batch to run, and where to send its outputs (tagged with `id`).
+pub struct Job {
+    pub id: usize,
+    pub batch: Batch,
+    pub reply: Sender<(usize, anyhow::Result<Outputs>)>,
+}
+
+/// `threads` workers, each with its own tract states over the shared plans.
+pub struct InferencePool {
+    jobs: Option<Sender<Job>>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl InferencePool {
+    pub fn new(rt: Arc<ModelRuntime>, threads: usize) -> InferencePool {
+        let threads = threads.max(1);
+        let (tx, rx) = bounded::<Job>(threads * 2);
+        let handles = (0..threads)
+            .map(|i| {
+                let rx: Receiver<Job> = rx.clone();
+                let rt = rt.clone();
+                std::thread::Builder::new()
+                    .name(format!("infer-{i}"))
+                    .spawn(move || {
+                        let mut worker = Worker::new(rt);
+                        for job in rx {
+                            let out = worker.run(&job.batch);
+                            // The requester may have given up (error elsewhere): nothing to do.
+                            let _ = job.reply.send((job.id, out));
+                        }
+                    })
+                    .expect("spawning an inference thread")
+            })
+            .collect();
+        InferencePool {
+            jobs: Some(tx),
+            handles,
+        }
+    }
+
+    /// Queues a job; blocks while the queue is full.
+    pub fn submit(&self, job: Job) {
+        self.jobs
+            .as_ref()
+            .expect("pool is open")
+            .send(job)
+            .expect("inference workers alive");
+    }
+}
+
+impl Drop for InferencePool {
+    fn drop(&mut self) {
+        self.jobs.take();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
