@@ -1,6 +1,7 @@
 //! The model stage: the package on disk, batching cells by length, and running them in tract.
 
 pub mod batching;
+mod onnx_names;
 pub mod package;
 pub mod runner;
 

@@ -1,5 +1,5 @@
-//! Running the model through tract: one optimized plan per (batch rows, length bucket), shared
-//! by every worker; one tract `State` per plan per worker thread.
+//! Running the model through tract: one optimized plan per length bucket (the number of rows
+//! stays symbolic), shared by every worker; one tract `State` per plan per worker thread.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,11 +39,12 @@ pub struct ModelRuntime {
     pub max_len: usize,
     pub embedding_dim: usize,
     pub n_classes: usize,
-    plans: Mutex<HashMap<(usize, usize), Runnable>>,
+    plans: Mutex<HashMap<usize, Runnable>>,
 }
 
 impl ModelRuntime {
-    /// Parses the graph once to check the names the manifest gives, then runs a probe
+    /// Loads the graph, maps the manifest's input and output names onto its positions, then
+    /// runs a probe
     /// inference (one `<cls>`-only row) to check the output shapes.
     pub fn new(pkg: &ModelPackage) -> Result<Arc<ModelRuntime>, ModelError> {
         let path = pkg.dir.join("model.onnx");
@@ -53,11 +54,14 @@ impl ModelRuntime {
         };
         let model =
             load(&pkg.onnx).map_err(|e| graph_err(format!("tract cannot load it: {e:#}")))?;
-        let names = |count: usize, name: &dyn Fn(usize) -> anyhow::Result<String>| -> Vec<String> {
-            (0..count).filter_map(|i| name(i).ok()).collect()
-        };
-        let inputs = names(model.input_count().unwrap_or(0), &|i| model.input_name(i));
-        let outputs = names(model.output_count().unwrap_or(0), &|i| model.output_name(i));
+        let (inputs, outputs) = super::onnx_names::io_names(&pkg.onnx)
+            .map_err(|e| graph_err(format!("cannot read the graph's inputs and outputs: {e}")))?;
+        if model.input_count().ok() != Some(inputs.len()) {
+            return Err(graph_err(format!(
+                "tract sees {:?} inputs, the graph lists {inputs:?}",
+                model.input_count().ok()
+            )));
+        }
         let find = |list: &[String], want: &str, what: &str| {
             list.iter().position(|n| n == want).ok_or_else(|| {
                 graph_err(format!(
@@ -119,24 +123,25 @@ impl ModelRuntime {
         let mut batch = Batch::new(1, 1);
         batch.gene_ids[0] = self.cls_id;
         batch.values[0] = self.pad_value;
-        let runnable = self.plan(1, 1)?;
+        let runnable = self.plan(1)?;
         run(&runnable.spawn_state()?, self, &batch)
     }
 
-    /// The optimized plan for `n` rows of length `s`, compiled on first use.
-    pub fn plan(&self, n: usize, s: usize) -> anyhow::Result<Runnable> {
-        if let Some(p) = self.plans.lock().unwrap().get(&(n, s)) {
+    /// The optimized plan for length `s` (rows stay symbolic), compiled on first use and
+    /// shared by every worker.
+    pub fn plan(&self, s: usize) -> anyhow::Result<Runnable> {
+        if let Some(p) = self.plans.lock().unwrap().get(&s) {
             return Ok(p.clone());
         }
         let mut model = load(&self.onnx)?;
         let [ids, vals] = self.input_pos;
-        model.set_input_fact(ids, format!("{n},{s},i64").as_str())?;
-        model.set_input_fact(vals, format!("{n},{s},f32").as_str())?;
+        model.set_input_fact(ids, format!("N,{s},i64").as_str())?;
+        model.set_input_fact(vals, format!("N,{s},f32").as_str())?;
         let runnable = model
             .into_model()
             .and_then(|m| m.into_runnable())
-            .with_context(|| format!("optimizing {} for {n} × {s}", self.path.display()))?;
-        self.plans.lock().unwrap().insert((n, s), runnable.clone());
+            .with_context(|| format!("optimizing {} for length {s}", self.path.display()))?;
+        self.plans.lock().unwrap().insert(s, runnable.clone());
         Ok(runnable)
     }
 }
@@ -181,7 +186,7 @@ impl Batch {
 /// A worker's handle on the model: one tract `State` per plan it has used.
 pub struct Worker {
     rt: Arc<ModelRuntime>,
-    states: HashMap<(usize, usize), State>,
+    states: HashMap<usize, State>,
 }
 
 impl Worker {
@@ -197,9 +202,9 @@ impl Worker {
     }
 
     pub fn run(&mut self, batch: &Batch) -> anyhow::Result<Outputs> {
-        let key = (batch.n, batch.s);
+        let key = batch.s;
         if !self.states.contains_key(&key) {
-            let state = self.rt.plan(batch.n, batch.s)?.spawn_state()?;
+            let state = self.rt.plan(batch.s)?.spawn_state()?;
             self.states.insert(key, state);
         }
         let state = self.states.get_mut(&key).expect("inserted above");

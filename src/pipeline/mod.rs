@@ -29,6 +29,13 @@ pub struct CellResult {
     pub qc: CellQc,
 }
 
+/// The model's raw outputs for one cell.
+#[derive(Debug, Clone, Default)]
+struct CellOutput {
+    embedding: Vec<f32>,
+    logits: Option<Vec<f32>>,
+}
+
 /// Settings of the embed stage.
 #[derive(Debug, Clone)]
 pub struct EmbedConfig {
@@ -124,7 +131,7 @@ impl Embedder {
             .map(|i| {
                 let coverage = &self.tokens.expressed[i];
                 let qc = cell_qc(batch, i, &mito, coverage);
-                let (emb, logits) = &outputs[i];
+                let CellOutput { embedding: emb, logits } = &outputs[i];
                 if coverage.n_in_vocab == 0 {
                     return CellResult {
                         label: UNASSIGNED.into(),
@@ -158,8 +165,8 @@ impl Embedder {
         Ok(results)
     }
 
-    /// Runs every tokenized cell through the model; per cell (embedding, logits).
-    fn infer(&self) -> anyhow::Result<Vec<(Vec<f32>, Option<Vec<f32>>)>> {
+    /// Runs every tokenized cell through the model.
+    fn infer(&self) -> anyhow::Result<Vec<CellOutput>> {
         let t = &self.tokens;
         let lengths: Vec<usize> = (0..t.n_cells()).map(|i| t.cell(i).0.len()).collect();
         let chunks = plan_chunks(&lengths, &self.buckets, self.cfg.token_budget);
@@ -191,17 +198,15 @@ impl Embedder {
             });
         }
         drop(reply);
-        let mut per_cell: Vec<(Vec<f32>, Option<Vec<f32>>)> = vec![(Vec::new(), None); t.n_cells()];
+        let mut per_cell = vec![CellOutput::default(); t.n_cells()];
         let (d, c) = (rt.embedding_dim, rt.n_classes);
         for (id, out) in results {
             let out = out.with_context(|| format!("model batch {id}"))?;
             for (row, &cell) in chunks[id].cells.iter().enumerate() {
-                per_cell[cell] = (
-                    out.embedding[row * d..(row + 1) * d].to_vec(),
-                    out.logits
-                        .as_ref()
-                        .map(|l| l[row * c..(row + 1) * c].to_vec()),
-                );
+                per_cell[cell] = CellOutput {
+                    embedding: out.embedding[row * d..(row + 1) * d].to_vec(),
+                    logits: out.logits.as_ref().map(|l| l[row * c..(row + 1) * c].to_vec()),
+                };
             }
         }
         Ok(per_cell)
