@@ -131,7 +131,10 @@ impl Embedder {
             .map(|i| {
                 let coverage = &self.tokens.expressed[i];
                 let qc = cell_qc(batch, i, &mito, coverage);
-                let CellOutput { embedding: emb, logits } = &outputs[i];
+                let CellOutput {
+                    embedding: emb,
+                    logits,
+                } = &outputs[i];
                 if coverage.n_in_vocab == 0 {
                     return CellResult {
                         label: UNASSIGNED.into(),
@@ -205,7 +208,10 @@ impl Embedder {
             for (row, &cell) in chunks[id].cells.iter().enumerate() {
                 per_cell[cell] = CellOutput {
                     embedding: out.embedding[row * d..(row + 1) * d].to_vec(),
-                    logits: out.logits.as_ref().map(|l| l[row * c..(row + 1) * c].to_vec()),
+                    logits: out
+                        .logits
+                        .as_ref()
+                        .map(|l| l[row * c..(row + 1) * c].to_vec()),
                 };
             }
         }

@@ -1,0 +1,137 @@
+//! Model forward in tract, per length bucket, at 1 and 2 threads; and end-to-end `embed`.
+//!
+//! `cargo bench --bench model` tokenizes pbmc3k with the shipped model's vocabulary, packs the
+//! same padded batches for every bucket, writes them to `target/model-bench/` (so the
+//! onnxruntime peer, `bench-data/ort_forward_peer.py`, runs the very same tensors), and prints
+//! `RESULT name cells=N median_s=S cells_per_s=X min_s=… max_s=…` lines.
+//! `CELLSTREAM_MODEL=DIR` benchmarks another package.
+
+use std::hint::black_box;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cellstream::batch::{read_batch, ReadOptions};
+use cellstream::model::batching::buckets;
+use cellstream::model::{Batch, ModelPackage, ModelRuntime, Worker};
+use cellstream::pipeline::{EmbedConfig, Embedder};
+use cellstream::tokenize::{Tokenizer, TokenizerConfig};
+
+/// Rows per batch and batches per bucket: 64 cells per bucket.
+const ROWS: usize = 16;
+const BATCHES: usize = 4;
+
+fn report(name: &str, cells: usize, mut times: Vec<f64>) {
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    println!(
+        "RESULT {name} cells={cells} median_s={median:.6} cells_per_s={:.1} min_s={:.6} max_s={:.6}",
+        cells as f64 / median,
+        times[0],
+        times[times.len() - 1]
+    );
+}
+
+fn time(repeat: usize, mut f: impl FnMut()) -> Vec<f64> {
+    f();
+    (0..repeat)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
+}
+
+fn write_batches(dir: &Path, s: usize, batches: &[Batch]) {
+    let path = dir.join(format!("S{s}-N{ROWS}-B{}.bin", batches.len()));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for b in batches {
+        f.write_all(bytemuck::cast_slice(&b.gene_ids)).unwrap();
+    }
+    for b in batches {
+        f.write_all(bytemuck::cast_slice(&b.values)).unwrap();
+    }
+}
+
+fn main() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model_dir = std::env::var_os("CELLSTREAM_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("models/pbmc-compact"));
+    let pkg = ModelPackage::load(&model_dir).unwrap();
+    let rt = ModelRuntime::new(&pkg).unwrap();
+    let input = repo.join("bench-data/pbmc3k");
+    let batch = read_batch(&input, &ReadOptions::default()).unwrap();
+    let genes = pkg.vocab.map_genes(&batch.gene_names);
+    let cfg = TokenizerConfig {
+        n_bins: pkg.manifest.n_bins,
+        max_len: pkg.manifest.max_len,
+        pad_value: pkg.manifest.pad_value,
+        ..TokenizerConfig::default()
+    };
+    let tokens = Tokenizer::new(&pkg.vocab, cfg).tokenize(&batch, &genes);
+    let out_dir = repo.join("target/model-bench");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let _ = std::fs::remove_dir_all(&out_dir);
+    std::fs::create_dir_all(&out_dir).unwrap();
+
+    // The same 64 cells for every bucket, cut to S tokens (<cls> and their first S-1 genes)
+    // and padded to S where shorter: the forward cost depends on S alone.
+    let cells_used: Vec<usize> = (0..ROWS * BATCHES).collect();
+    for s in buckets(rt.max_len) {
+        let batches: Vec<Batch> = cells_used
+            .chunks(ROWS)
+            .map(|rows| {
+                let mut b = Batch::new(ROWS, s);
+                for (r, &i) in rows.iter().enumerate() {
+                    let (ids, values) = tokens.cell(i);
+                    let k = ids.len().min(s);
+                    b.set_row(r, &ids[..k], &values[..k], rt.pad_id, rt.pad_value);
+                }
+                b
+            })
+            .collect();
+        write_batches(&out_dir, s, &batches);
+        let cells = ROWS * BATCHES;
+        let mut worker = Worker::new(rt.clone());
+        let t1 = time(5, || {
+            for b in &batches {
+                black_box(worker.run(b).unwrap());
+            }
+        });
+        report(&format!("forward/tract/S{s}/t1"), cells, t1);
+        // Two threads: two workers (one tract State each) on half the batches each.
+        let mut workers = [Worker::new(rt.clone()), Worker::new(rt.clone())];
+        let t2 = time(5, || {
+            std::thread::scope(|sc| {
+                for (w, half) in workers.iter_mut().zip(batches.chunks(BATCHES / 2)) {
+                    sc.spawn(move || {
+                        for b in half {
+                            black_box(w.run(b).unwrap());
+                        }
+                    });
+                }
+            });
+        });
+        report(&format!("forward/tract/S{s}/t2"), cells, t2);
+    }
+
+    // End to end: read + tokenize + infer + results, all of pbmc3k.
+    for threads in [1, 2] {
+        let pkg = ModelPackage::load(&model_dir).unwrap();
+        let mut embedder = Embedder::new(
+            pkg,
+            EmbedConfig {
+                threads,
+                ..EmbedConfig::default()
+            },
+        )
+        .unwrap();
+        let times = time(1, || {
+            let b = read_batch(&input, &ReadOptions::default()).unwrap();
+            black_box(embedder.embed(&b).unwrap());
+        });
+        report(&format!("embed/pbmc3k/t{threads}"), batch.n_cells(), times);
+    }
+}
