@@ -25,7 +25,7 @@ enum Command {
     Tokenize(cli::tokenize::Args),
     /// Convert any readable batch to the native .csb (or .csb.zst) format.
     Convert(cli::convert::Args),
-    /// Show what a batch contains (shape, nnz, gene-id kind, vocabulary coverage), validated.
+    /// Show what a batch or a model package contains, validated.
     Inspect(cli::inspect::Args),
 }
 

@@ -59,19 +59,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let progress = std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut cells = 0usize;
-    for input in &args.inputs {
+    for (k, input) in args.inputs.iter().enumerate() {
         let batch = read_batch(input, &ReadOptions::default())?;
-        let results = embedder.embed(&batch)?;
+        let mut done = 0usize;
+        let mut show = |n: usize| {
+            done += n;
+            if progress {
+                eprint!(
+                    "\r{}: {done}/{} cells (batch {}/{}), {:.0} cells/s   ",
+                    batch.batch_id(),
+                    batch.n_cells(),
+                    k + 1,
+                    args.inputs.len(),
+                    (cells + done) as f64 / start.elapsed().as_secs_f64()
+                );
+            }
+        };
+        let results = embedder.embed_with_progress(&batch, &mut show)?;
         ndjson::write_batch(&mut w, &batch.batch_id(), &batch.barcodes, &results)
             .with_context(|| format!("writing {}", args.out.display()))?;
         cells += results.len();
-        if progress {
-            eprint!(
-                "\r{} batches, {cells} cells, {:.0} cells/s   ",
-                args.inputs.iter().position(|p| p == input).unwrap_or(0) + 1,
-                cells as f64 / start.elapsed().as_secs_f64()
-            );
-        }
     }
     w.flush()
         .with_context(|| format!("writing {}", args.out.display()))?;

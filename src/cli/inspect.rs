@@ -1,12 +1,13 @@
 use std::path::PathBuf;
 
 use cellstream::batch::{read_batch, CountBatch, ReadOptions};
+use cellstream::model::{ModelPackage, ModelRuntime};
 use cellstream::tokenize::Vocab;
 use serde_json::json;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The batch to inspect.
+    /// The batch to inspect, or a model package directory.
     input: PathBuf,
     /// A vocabulary (vocab.json) to report gene coverage against.
     #[arg(long)]
@@ -86,7 +87,62 @@ fn summary(batch: &CountBatch, vocab: Option<&Vocab>) -> serde_json::Value {
     v
 }
 
+/// A model package: validated (manifest, sha256, vocabulary, labels) and probed in tract.
+fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let pkg = ModelPackage::load(dir)?;
+    let rt = ModelRuntime::new(&pkg)?;
+    let m = &pkg.manifest;
+    let v = json!({
+        "model": dir.display().to_string(),
+        "name": m.name,
+        "version": m.version,
+        "architecture": m.architecture,
+        "embedding_dim": m.embedding_dim,
+        "max_len": m.max_len,
+        "n_bins": m.n_bins,
+        "vocab_tokens": pkg.vocab.len(),
+        "labels": pkg.labels,
+        "confidence_threshold": m.confidence_threshold,
+        "onnx_bytes": pkg.onnx.len(),
+        "onnx_sha256": m.onnx_sha256,
+        "probe": "ok",
+        "classes": rt.n_classes,
+    });
+    if json {
+        println!("{v}");
+    } else {
+        println!(
+            "model:        {} ({}, version {})",
+            dir.display(),
+            m.name,
+            m.version.as_deref().unwrap_or("-")
+        );
+        println!(
+            "architecture: {}, embedding {}, max_len {}, {} bins",
+            m.architecture, m.embedding_dim, m.max_len, m.n_bins
+        );
+        println!("vocabulary:   {} tokens", pkg.vocab.len());
+        match &pkg.labels {
+            Some(l) => println!(
+                "labels:       {} ({}), confidence threshold {}",
+                l.len(),
+                l.join(", "),
+                pkg.confidence_threshold()
+            ),
+            None => println!("labels:       none (embeddings only)"),
+        }
+        println!(
+            "onnx:         {} bytes, sha256 verified; probe inference ok",
+            pkg.onnx.len()
+        );
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.input.join("manifest.toml").is_file() {
+        return inspect_model(&args.input, args.json);
+    }
     let vocab = args
         .vocab
         .as_deref()

@@ -119,10 +119,19 @@ impl Embedder {
 
     /// Results for every cell of `batch`, in input order.
     pub fn embed(&mut self, batch: &CountBatch) -> anyhow::Result<Vec<CellResult>> {
+        self.embed_with_progress(batch, &mut |_| {})
+    }
+
+    /// [`Embedder::embed`], calling `progress(cells)` as each model batch completes.
+    pub fn embed_with_progress(
+        &mut self,
+        batch: &CountBatch,
+        progress: &mut dyn FnMut(usize),
+    ) -> anyhow::Result<Vec<CellResult>> {
         let genes = self.gene_map(batch)?;
         self.tokenizer
             .tokenize_into(batch, &genes, &mut self.tokens);
-        let outputs = self.infer()?;
+        let outputs = self.infer(progress)?;
         let mito = mito_mask(&batch.gene_names);
         let labels = self.package.labels.as_deref();
         let threshold = self.package.confidence_threshold();
@@ -169,7 +178,7 @@ impl Embedder {
     }
 
     /// Runs every tokenized cell through the model.
-    fn infer(&self) -> anyhow::Result<Vec<CellOutput>> {
+    fn infer(&self, progress: &mut dyn FnMut(usize)) -> anyhow::Result<Vec<CellOutput>> {
         let t = &self.tokens;
         let lengths: Vec<usize> = (0..t.n_cells()).map(|i| t.cell(i).0.len()).collect();
         let chunks = plan_chunks(&lengths, &self.buckets, self.cfg.token_budget);
@@ -205,6 +214,7 @@ impl Embedder {
         let (d, c) = (rt.embedding_dim, rt.n_classes);
         for (id, out) in results {
             let out = out.with_context(|| format!("model batch {id}"))?;
+            progress(chunks[id].cells.len());
             for (row, &cell) in chunks[id].cells.iter().enumerate() {
                 per_cell[cell] = CellOutput {
                     embedding: out.embedding[row * d..(row + 1) * d].to_vec(),
