@@ -1,0 +1,441 @@
+#!/usr/bin/env python3
+"""Train and export the shipped `models/pbmc-compact` model (CPU, one thread, fixed seed).
+
+One command, from the repository root (set-up: models/train/README.md):
+
+    OMP_NUM_THREADS=1 .venv-train/bin/python models/train/train.py
+
+It (1) splits pbmc3k (stratified 20% held out, written to models/train/heldout_barcodes.txt),
+(2) chooses the gene vocabulary from the TRAINING cells only, (3) trains the compact
+scGPT-architecture encoder + classifier with read-depth / panel / dropout augmentation on
+scGPT-tokenized cells, (4) exports model.onnx (opset 18, symbolic N and S) and checks it with
+onnxruntime against torch, (5) picks the confidence threshold on the held-out cells and
+writes vocab.json, labels.txt, manifest.toml into models/pbmc-compact/.
+Scores: models/train/evaluate.py. Reference outputs for the Rust tests: make_reference.py.
+"""
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (CLS, COARSE, DATA_3K, EOC, N_BINS, PACKAGE, PAD, PAD_VALUE, TRAIN_DIR,
+                    Dataset10x, build_model, cell_rng, label_index, length_batches, pad_batch,
+                    sha256_file, thin_counts, tokenize_cell, tokenize_dataset)
+
+import torch  # noqa: E402  (after the thread settings)
+import torch.nn.functional as F  # noqa: E402
+
+EVAL_SEED = 0  # tokenization seed for held-out evaluation / threshold (the runtime's default)
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ----------------------------------------------------------------------------------- split
+def split_heldout(labels, seed, frac=0.2):
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    tr, te = train_test_split(idx, test_size=frac, stratify=labels, random_state=seed)
+    return np.sort(tr), np.sort(te)
+
+
+# ------------------------------------------------------------------------------ vocabulary
+def choose_vocab(X, symbols, y, n_hvg, min_detect, n_markers):
+    """Gene selection on the training cells only. Returns (gene indices in file order, table).
+
+    - highly variable: top `n_hvg` by variance of analytic Pearson residuals (theta=100,
+      Lause et al. 2021) among genes detected in >= 3 training cells;
+    - well expressed: detected in >= `min_detect` of the training cells (these are the genes
+      that any panel or shallow run still measures, and they carry the rank context);
+    - markers: per coarse class, the top `n_markers` genes by mean log-normalised expression
+      difference (class vs rest) — the label-informative genes, rare classes included.
+    """
+    det_n = (X > 0).sum(0).A1
+    det = det_n / X.shape[0]
+    cand = np.where(det_n >= 3)[0]
+    Xc = X[:, cand].toarray().astype(np.float64)
+    n = Xc.sum(1, keepdims=True)
+    p = Xc.sum(0, keepdims=True) / Xc.sum()
+    mu = n * p
+    r = (Xc - mu) / np.sqrt(mu + mu**2 / 100.0)
+    c = math.sqrt(Xc.shape[0])
+    rv = np.clip(r, -c, c).var(0)
+    hvg_rank = np.full(X.shape[1], np.iinfo(np.int64).max)
+    order = np.argsort(-rv, kind="stable")
+    hvg_rank[cand[order]] = np.arange(len(order))
+    hvg = set(cand[order[:n_hvg]].tolist())
+    well = set(np.where(det >= min_detect)[0].tolist())
+    L = np.log1p(Xc / n * 1e4)
+    marker_of = {}
+    for k, name in enumerate(COARSE):
+        a = y == k
+        lfc = L[a].mean(0) - L[~a].mean(0)
+        for g in cand[np.argsort(-lfc, kind="stable")[:n_markers]]:
+            marker_of.setdefault(int(g), []).append(name)
+    genes = np.array(sorted(hvg | well | set(marker_of)), dtype=np.int64)
+    table = []
+    for g in genes:
+        why = [w for w, s in (("hvg", hvg), ("expressed", well)) if g in s]
+        if g in marker_of:
+            why.append("marker:" + "|".join(marker_of[g]))
+        table.append((symbols[g], int(hvg_rank[g]) if hvg_rank[g] < 10**9 else -1,
+                      float(det[g]), ",".join(why)))
+    return genes, table, hvg_rank
+
+
+# ---------------------------------------------------------------------------- augmentation
+class Augmenter:
+    """Per training cell: read-depth thinning, panel restriction, gene dropout; then tokenize.
+
+    The panel restriction imitates a dataset that measures only part of the vocabulary (a
+    targeted panel, or a "reduced" dataset that kept its highly variable genes): either a
+    uniform random subset of the vocabulary, or a noisy top-K by training-set variability.
+    Binning then runs on what is left, exactly as the runtime bins such a cell.
+    """
+
+    def __init__(self, vocab_size, hvg_weight, args):
+        self.G = vocab_size
+        self.logw = np.log(hvg_weight)
+        self.a = args
+
+    def __call__(self, vids, counts, rng, max_len, cls_id):
+        a = self.a
+        counts = counts.copy()
+        if rng.random() < a.p_thin:
+            counts = rng.binomial(counts, rng.uniform(a.thin_min, 1.0))
+        if rng.random() < a.p_panel:
+            f = rng.uniform(a.panel_min, a.panel_max)
+            k = max(1, int(round(f * self.G)))
+            if rng.random() < 0.5:
+                keep = rng.permutation(self.G)[:k]
+            else:  # Gumbel top-k on log weights: a noisy "highly variable genes" panel
+                keep = np.argpartition(-(self.logw + rng.gumbel(size=self.G)), k - 1)[:k]
+            in_panel = np.zeros(self.G + 3, dtype=bool)
+            in_panel[keep] = True
+            counts = np.where(in_panel[np.maximum(vids, 0)], counts, 0)
+        if rng.random() < a.p_drop:
+            counts = np.where(rng.random(len(counts)) < rng.uniform(0, a.drop_max), 0, counts)
+        return tokenize_cell(vids, counts, rng, max_len, cls_id)
+
+
+# --------------------------------------------------------------------------------- helpers
+@torch.no_grad()
+def predict_torch(model, tokens, pad_id, batch_size=64):
+    model.eval()
+    emb = np.zeros((len(tokens), model.encoder.embedding.embedding_dim), np.float32)
+    logits = None
+    for b in length_batches(tokens, batch_size):
+        ids, vals = pad_batch([tokens[i] for i in b], pad_id)
+        e, l = model(torch.from_numpy(ids), torch.from_numpy(vals))
+        if logits is None:
+            logits = np.zeros((len(tokens), l.shape[1]), np.float32)
+        emb[b], logits[b] = e.numpy(), l.numpy()
+    return emb, logits
+
+
+def predict_ort(sess, tokens, pad_id, batch_size=64):
+    emb, logits = [None] * len(tokens), [None] * len(tokens)
+    for b in length_batches(tokens, batch_size):
+        ids, vals = pad_batch([tokens[i] for i in b], pad_id)
+        e, l = sess.run(["cell_embedding", "logits"], {"gene_ids": ids, "values": vals})
+        for j, i in enumerate(b):
+            emb[i], logits[i] = e[j], l[j]
+    return np.stack(emb), np.stack(logits)
+
+
+def accuracy(logits, y):
+    return float((logits.argmax(1) == y).mean())
+
+
+def softmax(z):
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------- export
+def export_onnx(model, path, pad_id, opset):
+    model.eval()
+    ids = torch.full((2, 9), pad_id, dtype=torch.int64)
+    ids[:, 0] = pad_id + 1
+    ids[0, 1:6] = torch.arange(5)
+    ids[1, 1:9] = torch.arange(8)
+    vals = torch.where(ids == pad_id, PAD_VALUE, torch.rand(2, 9) * 50)
+    vals[:, 0] = PAD_VALUE
+    N, S = torch.export.Dim("N"), torch.export.Dim("S")
+    prog = torch.onnx.export(
+        model, (ids, vals), dynamo=True, opset_version=opset,
+        input_names=["gene_ids", "values"], output_names=["cell_embedding", "logits"],
+        dynamic_shapes={"gene_ids": {0: N, 1: S}, "values": {0: N, 1: S}},
+        optimize=True, verify=False)
+    prog.save(str(path), external_data=False)
+    import onnx
+
+    m = onnx.load(str(path))
+    # name the symbolic dimensions N and S (the exporter calls them after the Dims or s0/s1)
+    names = {}
+    for vi in m.graph.input:
+        d = vi.type.tensor_type.shape.dim
+        names.setdefault(d[0].dim_param, "N")
+        names.setdefault(d[1].dim_param, "S")
+    for vi in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in names:
+                d.dim_param = names[d.dim_param]
+    m.producer_name = "cellstream models/train/train.py"
+    onnx.checker.check_model(m, full_check=True)
+    onnx.save(m, str(path))
+    return m
+
+
+def check_onnx(model, path, tokens, pad_id):
+    """torch vs onnxruntime: two S and two N, then all given tokens. Returns max abs diffs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    for vi in sess.get_inputs() + sess.get_outputs():
+        log(f"  onnx {vi.name}: {vi.type} {vi.shape}")
+    model.eval()
+    rng = np.random.default_rng(1)
+    for n, s in ((1, 7), (5, 256), (3, 100), (8, 33)):
+        pick = [tokens[i] for i in rng.choice(len(tokens), n, replace=False)]
+        pick = [(g[:s], v[:s]) for g, v in pick]
+        ids, vals = pad_batch(pick, pad_id, length=s)
+        e, l = sess.run(["cell_embedding", "logits"], {"gene_ids": ids, "values": vals})
+        with torch.no_grad():
+            te, tl = model(torch.from_numpy(ids), torch.from_numpy(vals))
+        de, dl = np.abs(e - te.numpy()).max(), np.abs(l - tl.numpy()).max()
+        log(f"  ort vs torch at N={n} S={s}: max|d emb|={de:.2e} max|d logits|={dl:.2e}")
+        assert e.shape == (n, te.shape[1]) and de < 1e-3 and dl < 1e-3
+    te, tl = predict_torch(model, tokens, pad_id)
+    oe, ol = predict_ort(sess, tokens, pad_id)
+    return sess, float(np.abs(te - oe).max()), float(np.abs(tl - ol).max()), oe, ol
+
+
+def choose_threshold(probs_list, y_list, target):
+    """Smallest t (0.05 steps) at which the assigned cells (max prob >= t) have precision
+    >= target, pooled over the given evaluation conditions."""
+    p = np.concatenate([pr.max(1) for pr in probs_list])
+    ok = np.concatenate([pr.argmax(1) == y for pr, y in zip(probs_list, y_list)])
+    for t in np.round(np.arange(0.0, 1.0, 0.05), 2):
+        a = p >= t
+        if a.sum() and ok[a].mean() >= target:
+            return float(t), float(ok[a].mean()), float(a.mean())
+    t = 0.95  # target not reachable on the grid: use the highest grid value
+    a = p >= t
+    return t, float(ok[a].mean()) if a.any() else float("nan"), float(a.mean())
+
+
+# ------------------------------------------------------------------------------------ main
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=PACKAGE)
+    ap.add_argument("--aux-dir", type=Path, default=TRAIN_DIR,
+                    help="where heldout_barcodes.txt, vocab_genes.tsv, checkpoint.pt, "
+                         "train_summary.json go")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--nlayers", type=int, default=4)
+    ap.add_argument("--nhead", type=int, default=4)
+    ap.add_argument("--d-hid", type=int, default=256)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--n-hvg", type=int, default=2000)
+    ap.add_argument("--min-detect", type=float, default=0.10)
+    ap.add_argument("--n-markers", type=int, default=50)
+    ap.add_argument("--p-thin", type=float, default=0.7)
+    ap.add_argument("--thin-min", type=float, default=0.1)
+    ap.add_argument("--p-panel", type=float, default=0.6)
+    ap.add_argument("--panel-min", type=float, default=0.1)
+    ap.add_argument("--panel-max", type=float, default=0.8)
+    ap.add_argument("--p-drop", type=float, default=0.3)
+    ap.add_argument("--drop-max", type=float, default=0.3)
+    ap.add_argument("--opset", type=int, default=18)
+    ap.add_argument("--precision-target", type=float, default=0.95)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--max-train-cells", type=int, default=0, help="debug: subsample training")
+    args = ap.parse_args()
+
+    t_start = time.time()
+    aux = args.aux_dir
+    aux.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log(f"torch {torch.__version__} on {device}, threads {torch.get_num_threads()}; args {vars(args)}")
+
+    d = Dataset10x(DATA_3K)
+    y_all = label_index(d.coarse())
+    assert (y_all >= 0).all()
+    tr, te = split_heldout(y_all, args.seed)
+    (aux / "heldout_barcodes.txt").write_text("".join(d.barcodes[i] + "\n" for i in te))
+    log(f"pbmc3k: {len(tr)} training cells, {len(te)} held out")
+
+    genes, table, hvg_rank = choose_vocab(d.X[tr], d.symbols, y_all[tr], args.n_hvg,
+                                          args.min_detect, args.n_markers)
+    G = len(genes)
+    vocab = {d.symbols[g]: i for i, g in enumerate(genes)}
+    pad_id, cls_id = G, G + 1
+    vocab.update({PAD: G, CLS: G + 1, EOC: G + 2})
+    with open(aux / "vocab_genes.tsv", "w") as f:
+        f.write("symbol\thvg_rank\tdetected_frac_train\tselected_as\n")
+        for s, r, dt, why in table:
+            f.write(f"{s}\t{r}\t{dt:.4f}\t{why}\n")
+    log(f"vocabulary: {G} genes (+3 specials); <pad>={pad_id} <cls>={cls_id}")
+
+    g2v = np.full(len(d.symbols), -1, dtype=np.int64)
+    g2v[genes] = np.arange(G)
+    # panel weights for the "HVG-like panel" augmentation: by training-set variability rank
+    hr = hvg_rank[genes].astype(np.float64)
+    hr[hr > 10**9] = hr[hr < 10**9].max()
+    hvg_weight = 1.0 / (1.0 + hr / 300.0)
+    aug = Augmenter(G, hvg_weight, args)
+
+    Xtr = d.X[tr]
+    ytr = y_all[tr]
+    if args.max_train_cells:
+        sub = np.random.default_rng(args.seed).permutation(len(tr))[: args.max_train_cells]
+        Xtr, ytr = Xtr[np.sort(sub)], ytr[np.sort(sub)]
+    rows = [(g2v[Xtr.indices[Xtr.indptr[i]:Xtr.indptr[i + 1]]],
+             Xtr.data[Xtr.indptr[i]:Xtr.indptr[i + 1]]) for i in range(Xtr.shape[0])]
+
+    # held-out evaluation sets (log only; nothing is selected on them except the threshold)
+    Xte, yte, bte = d.X[te], y_all[te], [d.barcodes[i] for i in te]
+    te_clean = tokenize_dataset(Xte, g2v, bte, EVAL_SEED, args.max_len, cls_id)
+    te_10 = tokenize_dataset(thin_counts(Xte, 0.10, 10), g2v, bte, EVAL_SEED, args.max_len, cls_id)
+
+    counts = np.bincount(ytr, minlength=len(COARSE)).astype(np.float64)
+    cw = torch.tensor((counts.sum() / np.maximum(counts, 1)) ** 0.5, dtype=torch.float32)
+    cw = cw / (cw * torch.tensor(counts / counts.sum(), dtype=torch.float32)).sum()
+    log("class counts (train):", dict(zip(COARSE, counts.astype(int).tolist())),
+        "weights:", [round(float(w), 2) for w in cw])
+
+    model = build_model(G + 3, pad_id, len(COARSE), args.d_model, args.nhead, args.d_hid,
+                        args.nlayers, args.dropout).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params} parameters")
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    steps_per_epoch = math.ceil(len(rows) / args.batch_size)
+    total = steps_per_epoch * args.epochs
+    warm = min(steps_per_epoch, total // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+    rng = np.random.default_rng(args.seed + 1)
+
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        t0 = time.time()
+        toks = [aug(v, c, rng, args.max_len, cls_id) for v, c in rows]
+        # length-bucketed batches (little padding), visited in random order
+        order = np.argsort([len(t[0]) + rng.random() * 8 for t in toks], kind="stable")
+        batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+        rng.shuffle(batches)
+        tot_loss, tot_ok, n_seen, n_tok = 0.0, 0, 0, 0
+        for b in batches:
+            ids, vals = pad_batch([toks[i] for i in b], pad_id)
+            yb = torch.from_numpy(ytr[b]).to(device)
+            _, logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(vals).to(device))
+            loss = F.cross_entropy(logits, yb, weight=cw.to(device),
+                                   label_smoothing=args.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            tot_loss += loss.item() * len(b)
+            tot_ok += int((logits.argmax(1) == yb).sum())
+            n_seen += len(b)
+            n_tok += ids.size
+        msg = (f"epoch {epoch}/{args.epochs}: loss {tot_loss / n_seen:.4f} train-acc(aug) "
+               f"{tot_ok / n_seen:.3f} lr {sched.get_last_lr()[0]:.2e} "
+               f"{time.time() - t0:.1f}s ({n_tok / (time.time() - t0):.0f} tok/s)")
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            model.cpu()
+            _, lc = predict_torch(model, te_clean, pad_id)
+            _, l10 = predict_torch(model, te_10, pad_id)
+            model.to(device)
+            msg += f" | held-out acc {accuracy(lc, yte):.3f}, at 10% depth {accuracy(l10, yte):.3f}"
+        log(msg)
+    train_s = time.time() - t_start
+    model.cpu().eval()
+
+    # -------------------------------------------------------------------------- package
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    hparams = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    torch.save({"state_dict": model.state_dict(), "args": hparams, "vocab": vocab}, aux / "checkpoint.pt")
+    onnx_path = out / "model.onnx"
+    export_onnx(model, onnx_path, pad_id, args.opset)
+    log(f"exported {onnx_path} ({onnx_path.stat().st_size} bytes)")
+    sess, de, dl, oe, ol = check_onnx(model, onnx_path, te_clean, pad_id)
+    log(f"held-out {len(te)} cells, torch vs onnxruntime: max|d emb|={de:.3e} max|d logits|={dl:.3e}")
+
+    # confidence threshold on held-out pbmc3k at full, 25% and 10% read depth
+    te_25 = tokenize_dataset(thin_counts(Xte, 0.25, 25), g2v, bte, EVAL_SEED, args.max_len, cls_id)
+    probs = [softmax(predict_ort(sess, t, pad_id)[1]) for t in (te_clean, te_25, te_10)]
+    thr, prec, cov = choose_threshold(probs, [yte] * 3, args.precision_target)
+    log(f"confidence threshold {thr} (held-out, depths 100/25/10% pooled): precision {prec:.3f}, "
+        f"assigned {cov:.3f}")
+
+    (out / "vocab.json").write_text(json.dumps(vocab, indent=0) + "\n")
+    (out / "labels.txt").write_text("".join(c + "\n" for c in COARSE))
+    (out / "manifest.toml").write_text(f"""name = "pbmc-compact"
+architecture = "scgpt"
+version = "1"
+embedding_dim = {args.d_model}
+n_bins = {N_BINS}
+max_len = {args.max_len}
+pad_token = "{PAD}"
+cls_token = "{CLS}"
+pad_value = {PAD_VALUE}
+normalize_embedding = true
+confidence_threshold = {thr}   # chosen on held-out data, see README
+onnx_sha256 = "{sha256_file(onnx_path)}"
+[inputs]
+gene_ids = "gene_ids"
+values = "values"
+[outputs]
+embedding = "cell_embedding"
+logits = "logits"
+""")
+    summary = {
+        "seed": args.seed, "args": hparams, "n_params": n_params,
+        "vocab_size": G, "onnx_bytes": onnx_path.stat().st_size,
+        "onnx_sha256": sha256_file(onnx_path), "train_seconds": round(train_s, 1),
+        "heldout_acc_clean_ort": accuracy(ol, yte),
+        "torch_vs_ort_max_abs_diff": {"embedding": de, "logits": dl},
+        "confidence_threshold": {"value": thr, "precision": prec, "assigned_fraction": cov,
+                                 "target_precision": args.precision_target},
+        "torch": torch.__version__, "device": str(device),
+    }
+    (aux / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log(f"done in {time.time() - t_start:.0f}s (training {train_s:.0f}s); summary in "
+        f"{aux / 'train_summary.json'}")
+
+
+if __name__ == "__main__":
+    main()

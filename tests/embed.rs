@@ -1,0 +1,270 @@
+//! The shipped model through tract reproduces onnxruntime, and `cellstream embed` keeps its
+//! output contract (DESIGN.md §5).
+
+mod common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+use cellstream::model::{Batch, ModelPackage, ModelRuntime, Worker};
+use common::{cellstream, stderr};
+use serde::Deserialize;
+
+fn model_dir() -> PathBuf {
+    common::repo().join("models/pbmc-compact")
+}
+
+#[derive(Deserialize)]
+struct RefCell {
+    cell: String,
+    gene_ids: Vec<u32>,
+    values: Vec<f32>,
+    embedding: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+/// onnxruntime's outputs for real held-out cells (models/train/make_reference.py).
+fn reference() -> Vec<RefCell> {
+    let file = std::fs::File::open(common::fixture("model_reference.jsonl.gz")).unwrap();
+    std::io::BufReader::new(flate2::read::GzDecoder::new(file))
+        .lines()
+        .map(|l| l.unwrap())
+        .filter(|l| !l.contains("\"type\": \"header\"") && !l.contains("\"type\":\"header\""))
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .collect()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0
+}
+
+/// Runs `cells` as one padded batch of length `s` and checks every row against onnxruntime.
+fn check_batch(worker: &mut Worker, cells: &[&RefCell], s: usize) -> f32 {
+    let rt = worker.runtime().clone();
+    let mut batch = Batch::new(cells.len(), s);
+    for (row, c) in cells.iter().enumerate() {
+        batch.set_row(row, &c.gene_ids, &c.values, rt.pad_id, rt.pad_value);
+    }
+    let out = worker.run(&batch).unwrap();
+    let (d, k) = (rt.embedding_dim, rt.n_classes);
+    let logits = out.logits.unwrap();
+    let mut worst = 0f32;
+    for (row, c) in cells.iter().enumerate() {
+        let emb = &out.embedding[row * d..(row + 1) * d];
+        for (a, b) in emb.iter().zip(&c.embedding) {
+            worst = worst.max((a - b).abs());
+        }
+        let lg = &logits[row * k..(row + 1) * k];
+        assert_eq!(argmax(lg), argmax(&c.logits), "label of {}", c.cell);
+    }
+    assert!(worst <= 1e-4, "max abs embedding diff {worst} > 1e-4");
+    worst
+}
+
+#[test]
+fn tract_reproduces_onnxruntime_on_real_cells() {
+    let pkg = ModelPackage::load(&model_dir()).unwrap();
+    let rt = ModelRuntime::new(&pkg).unwrap();
+    let cells = reference();
+    assert!(cells.len() >= 200, "{} reference cells", cells.len());
+    let mut worker = Worker::new(rt.clone());
+    // Each cell alone at its own length, then in batches of 16 at max_len.
+    for c in &cells {
+        check_batch(&mut worker, &[c], c.gene_ids.len());
+    }
+    let all: Vec<&RefCell> = cells.iter().collect();
+    let mut worst = 0f32;
+    for group in all.chunks(16) {
+        worst = worst.max(check_batch(&mut worker, group, rt.max_len));
+    }
+    eprintln!(
+        "{} cells: max abs embedding diff vs onnxruntime {worst:e}",
+        cells.len()
+    );
+}
+
+#[test]
+fn a_batch_mixing_very_short_and_max_len_cells() {
+    let pkg = ModelPackage::load(&model_dir()).unwrap();
+    let rt = ModelRuntime::new(&pkg).unwrap();
+    let cells = reference();
+    let mut by_len: Vec<&RefCell> = cells.iter().collect();
+    by_len.sort_by_key(|c| c.gene_ids.len());
+    let mixed: Vec<&RefCell> = by_len
+        .iter()
+        .take(4)
+        .chain(by_len.iter().rev().take(4))
+        .copied()
+        .collect();
+    assert!(mixed[0].gene_ids.len() <= 3 && mixed[7].gene_ids.len() == rt.max_len);
+    check_batch(&mut Worker::new(rt.clone()), &mixed, rt.max_len);
+}
+
+fn embed(args: &[&str]) -> (std::process::Output, Vec<serde_json::Value>) {
+    let out = cellstream(args);
+    let records = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (out, records)
+}
+
+#[test]
+fn embed_writes_one_record_per_cell_in_order() {
+    let input = common::repo().join("bench-data/pbmc68k_reduced");
+    let (out, records) = embed(&["embed", input.to_str().unwrap(), "--threads", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let batch = common::read(&input);
+    assert_eq!(records.len(), batch.n_cells());
+    let labels = std::fs::read_to_string(model_dir().join("labels.txt")).unwrap();
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["batch"], "pbmc68k_reduced");
+        assert_eq!(r["cell"], batch.barcodes[i].as_str());
+        assert_eq!(r["index"], i);
+        let emb: Vec<f64> = r["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let norm = emb.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!(
+            (norm - 1.0).abs() < 1e-4,
+            "embedding not L2-normalised: {norm}"
+        );
+        let label = r["label"].as_str().unwrap();
+        let assigned = r["assigned"].as_bool().unwrap();
+        assert!(
+            assigned == labels.lines().any(|l| l == label),
+            "{label} / {assigned}"
+        );
+        let conf = r["confidence"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&conf));
+        for k in ["total_counts", "n_genes", "pct_mito", "vocab_matched"] {
+            assert!(r["qc"][k].is_number(), "qc.{k}");
+        }
+    }
+    // Same seed, same output; threads do not change results.
+    let (_, again) = embed(&["embed", input.to_str().unwrap(), "--threads", "1"]);
+    assert_eq!(records, again);
+}
+
+/// A copy of the shipped package to break in one place.
+fn broken_package(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["model.onnx", "vocab.json", "manifest.toml", "labels.txt"] {
+        std::fs::copy(model_dir().join(f), dir.path().join(f)).unwrap();
+    }
+    edit(dir.path());
+    dir
+}
+
+fn edit_manifest(dir: &Path, from: &str, to: &str) {
+    let p = dir.join("manifest.toml");
+    let text = std::fs::read_to_string(&p).unwrap();
+    assert!(text.contains(from), "manifest has no {from:?}");
+    std::fs::write(p, text.replacen(from, to, 1)).unwrap();
+}
+
+#[test]
+fn a_wrong_sha256_or_missing_output_is_refused_with_exit_2() {
+    let input = common::repo().join("tests/fixtures/formats/seurat_testdata");
+    let bad_sha = broken_package(|d| {
+        let mut onnx = std::fs::read(d.join("model.onnx")).unwrap();
+        let n = onnx.len();
+        onnx[n - 1] ^= 1;
+        std::fs::write(d.join("model.onnx"), onnx).unwrap();
+    });
+    let out = cellstream(&[
+        "embed",
+        input.to_str().unwrap(),
+        "--model",
+        bad_sha.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("model.onnx") && stderr(&out).contains("sha256"),
+        "{}",
+        stderr(&out)
+    );
+
+    let bad_output = broken_package(|d| edit_manifest(d, "\"cell_embedding\"", "\"cls_output\""));
+    let out = cellstream(&[
+        "embed",
+        input.to_str().unwrap(),
+        "--model",
+        bad_output.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("\"cls_output\" is not in the graph"),
+        "{}",
+        stderr(&out)
+    );
+
+    let missing = cellstream(&[
+        "embed",
+        input.to_str().unwrap(),
+        "--model",
+        "/nonexistent/model",
+    ]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(stderr(&missing).contains("/nonexistent/model/manifest.toml"));
+}
+
+#[test]
+fn a_vocabulary_matching_no_gene_is_exit_2_and_an_empty_cell_is_unassigned() {
+    let dir = tempfile::tempdir().unwrap();
+    let alien = dir.path().join("alien");
+    std::fs::create_dir(&alien).unwrap();
+    std::fs::write(
+        alien.join("matrix.mtx"),
+        "%%MatrixMarket matrix coordinate integer general\n2 1 1\n1 1 4\n",
+    )
+    .unwrap();
+    std::fs::write(alien.join("features.tsv"), "x1\tNOTAGENE1\nx2\tNOTAGENE2\n").unwrap();
+    std::fs::write(alien.join("barcodes.tsv"), "c1\n").unwrap();
+    let out = cellstream(&["embed", alien.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("none of its 2 genes is in the model's vocabulary"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Cell 1 has a known gene, cell 2 only an unknown one.
+    let mixed = dir.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    let vocab: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model_dir().join("vocab.json")).unwrap()).unwrap();
+    let known = vocab
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| !k.starts_with('<'))
+        .unwrap()
+        .clone();
+    std::fs::write(
+        mixed.join("matrix.mtx"),
+        "%%MatrixMarket matrix coordinate integer general\n2 2 2\n1 1 4\n2 2 3\n",
+    )
+    .unwrap();
+    std::fs::write(
+        mixed.join("features.tsv"),
+        format!("x1\t{known}\nx2\tNOTAGENE2\n"),
+    )
+    .unwrap();
+    std::fs::write(mixed.join("barcodes.tsv"), "c1\nc2\n").unwrap();
+    let (out, records) = embed(&["embed", mixed.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[1]["assigned"], false);
+    assert_eq!(records[1]["label"], "unassigned");
+    assert!(records[1]["embedding"].is_null());
+    assert_eq!(records[1]["qc"]["total_counts"], 3);
+    assert_eq!(records[1]["qc"]["vocab_matched"], 0.0);
+}
