@@ -1,5 +1,4 @@
-use std::fs::File;
-use std::io::{BufWriter, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -48,14 +47,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut embedder = Embedder::new(package, cfg)?;
 
-    let sink: Box<dyn Write> = if args.out.as_os_str() == "-" {
-        Box::new(std::io::stdout().lock())
-    } else {
-        Box::new(
-            File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?,
-        )
-    };
-    let mut w = BufWriter::with_capacity(1 << 20, sink);
+    let mut w = super::open_output(&args.out)?;
     let progress = std::io::stderr().is_terminal();
     let start = Instant::now();
     let mut cells = 0usize;

@@ -5,10 +5,25 @@ pub mod embed;
 pub mod inspect;
 pub mod tokenize;
 
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use anyhow::Context;
 use cellstream::batch::BatchError;
 use cellstream::model::ModelError;
 use cellstream::pipeline::NoGeneInVocab;
 use cellstream::tokenize::VocabError;
+
+/// A buffered writer on `path`, or on stdout when `path` is "-".
+pub fn open_output(path: &Path) -> anyhow::Result<BufWriter<Box<dyn Write>>> {
+    let sink: Box<dyn Write> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(File::create(path).with_context(|| format!("creating {}", path.display()))?)
+    };
+    Ok(BufWriter::with_capacity(1 << 20, sink))
+}
 
 /// A usage mistake caught after argument parsing (exit code 2).
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,4 @@
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -78,14 +77,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let tokens = Tokenizer::new(&vocab, cfg).tokenize(&batch, &genes);
 
-    let sink: Box<dyn Write> = if args.out.as_os_str() == "-" {
-        Box::new(std::io::stdout().lock())
-    } else {
-        Box::new(
-            File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?,
-        )
-    };
-    let mut w = BufWriter::with_capacity(1 << 20, sink);
+    let mut w = super::open_output(&args.out)?;
     write_jsonl(&mut w, &batch.barcodes, &tokens)
         .and_then(|_| w.flush())
         .with_context(|| format!("writing {}", args.out.display()))?;
