@@ -22,7 +22,10 @@ fn converted_scgpt_model_agrees_with_torch_and_onnxruntime() {
     assert!(pkg.labels.is_none(), "an embedding-only model");
     let rt = ModelRuntime::new(&pkg).unwrap();
     let text = std::fs::read_to_string(dir.join("reference.jsonl")).unwrap();
-    let refs: Vec<Reference> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let refs: Vec<Reference> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(refs.len() >= 10);
     let mut worker = Worker::new(rt.clone());
     let longest = refs.iter().map(|r| r.gene_ids.len()).max().unwrap();
@@ -40,5 +43,8 @@ fn converted_scgpt_model_agrees_with_torch_and_onnxruntime() {
             vs_ort = vs_ort.max((x - r.embedding_ort[k]).abs());
         }
     }
-    assert!(vs_ort <= 1e-4 && vs_torch <= 1e-4, "max abs diff: vs onnxruntime {vs_ort}, vs torch {vs_torch}");
+    assert!(
+        vs_ort <= 1e-4 && vs_torch <= 1e-4,
+        "max abs diff: vs onnxruntime {vs_ort}, vs torch {vs_torch}"
+    );
 }

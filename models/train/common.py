@@ -220,3 +220,41 @@ def build_model(ntoken, pad_id, n_cls, d_model=128, nhead=4, d_hid=256, nlayers=
             return emb, self.cls_decoder(emb)
 
     return CompactScGPT()
+
+
+def export_module(model):
+    """The same weights as `build_model`'s CompactScGPT, written for export at opset >= 23:
+    batch-first attention through `F.scaled_dot_product_attention` with an additive float mask
+    [N,1,S,S] (0 / -inf from gene_ids == <pad>), which the exporter emits as one ONNX
+    `Attention` node per layer and tract runs as its fused SDPA. nn.TransformerEncoder at
+    opset 18 becomes ~30 Reshape/Transpose/MatMul nodes per layer instead (tract ran it at
+    0.5-0.6x onnxruntime; see BENCHMARKS.md). Outputs match the module to ~1e-6."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class ExportScGPT(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, gene_ids, values):
+            m = self.m
+            n, s = gene_ids.shape
+            pad = gene_ids == m.pad_id
+            mask = torch.where(pad, float("-inf"), 0.0).to(torch.float32)[:, None, None, :]
+            mask = mask.expand(n, 1, s, s)
+            x = m.encoder(gene_ids) + m.value_encoder(values)
+            for layer in m.transformer_encoder.layers:
+                at = layer.self_attn
+                d, h = at.embed_dim, at.num_heads
+                q, k, v = F.linear(x, at.in_proj_weight, at.in_proj_bias).split(d, dim=-1)
+                heads = lambda t: t.reshape(n, s, h, d // h).transpose(1, 2)
+                o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
+                o = at.out_proj(o.transpose(1, 2).reshape(n, s, d))
+                x = layer.norm1(x + o)
+                x = layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
+            emb = x[:, 0, :]
+            return emb, m.cls_decoder(emb)
+
+    return ExportScGPT(model).eval()

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CLS, COARSE, DATA_3K, EOC, N_BINS, PACKAGE, PAD, PAD_VALUE, TRAIN_DIR,
+from common import (CLS, export_module, COARSE, DATA_3K, EOC, N_BINS, PACKAGE, PAD, PAD_VALUE, TRAIN_DIR,
                     Dataset10x, build_model, cell_rng, label_index, length_batches, pad_batch,
                     sha256_file, thin_counts, tokenize_cell, tokenize_dataset)
 
@@ -168,15 +168,16 @@ def softmax(z):
 # ---------------------------------------------------------------------------------- export
 def export_onnx(model, path, pad_id, opset):
     model.eval()
+    exported = export_module(model) if opset >= 23 else model
     ids = torch.full((2, 9), pad_id, dtype=torch.int64)
     ids[:, 0] = pad_id + 1
     ids[0, 1:6] = torch.arange(5)
     ids[1, 1:9] = torch.arange(8)
     vals = torch.where(ids == pad_id, PAD_VALUE, torch.rand(2, 9) * 50)
     vals[:, 0] = PAD_VALUE
-    N, S = torch.export.Dim("N"), torch.export.Dim("S")
+    N, S = torch.export.Dim("N"), torch.export.Dim("S", min=2)
     prog = torch.onnx.export(
-        model, (ids, vals), dynamo=True, opset_version=opset,
+        exported, (ids, vals), dynamo=True, opset_version=opset,
         input_names=["gene_ids", "values"], output_names=["cell_embedding", "logits"],
         dynamic_shapes={"gene_ids": {0: N, 1: S}, "values": {0: N, 1: S}},
         optimize=True, verify=False)
@@ -270,7 +271,8 @@ def main():
     ap.add_argument("--panel-max", type=float, default=0.8)
     ap.add_argument("--p-drop", type=float, default=0.3)
     ap.add_argument("--drop-max", type=float, default=0.3)
-    ap.add_argument("--opset", type=int, default=18)
+    ap.add_argument("--opset", type=int, default=23,
+                    help="23: one ONNX Attention per layer (tract's fused SDPA); 18: MatMul/Softmax")
     ap.add_argument("--precision-target", type=float, default=0.95)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--max-train-cells", type=int, default=0, help="debug: subsample training")
