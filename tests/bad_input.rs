@@ -475,8 +475,8 @@ fn normalised_h5ad_is_refused() {
     use hdf5::types::VarLenUnicode;
     let c = Case::new();
     let path = c.dir.path().join("normalised.h5ad");
+    let f = hdf5::File::create(&path).unwrap();
     {
-        let f = hdf5::File::create(&path).unwrap();
         let names =
             |v: &[&str]| -> Vec<VarLenUnicode> { v.iter().map(|s| s.parse().unwrap()).collect() };
         let obs = f.create_group("obs").unwrap();
@@ -497,6 +497,9 @@ fn normalised_h5ad_is_refused() {
             .write_raw(&x)
             .unwrap();
     }
+    // Close strongly: HDF5 keeps the file (and its lock) open while any handle to an object in
+    // it lives, and refuses to open it again until then.
+    f.close().unwrap();
     expect_err(
         &path,
         &["X[1, 2]", "not an integer", "layers/counts or raw/X"],
