@@ -183,17 +183,28 @@ impl Batch {
     }
 }
 
-/// A worker's handle on the model: one tract `State` per plan it has used.
+/// A worker's handle on the model: one tract `State` per plan it has used, and the one core
+/// it may use.
 pub struct Worker {
     rt: Arc<ModelRuntime>,
     states: HashMap<usize, State>,
+    /// tract's fused attention spreads heads over the current rayon pool (by default one
+    /// thread per core, shared by every worker). Running each worker's inference inside its
+    /// own one-thread pool keeps `--threads N` to N cores and workers from contending.
+    pool: rayon::ThreadPool,
 }
 
 impl Worker {
     pub fn new(rt: Arc<ModelRuntime>) -> Worker {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .thread_name(|i| format!("tract-attn-{i}"))
+            .build()
+            .expect("building a one-thread pool");
         Worker {
             rt,
             states: HashMap::new(),
+            pool,
         }
     }
 
@@ -208,7 +219,8 @@ impl Worker {
             self.states.insert(key, state);
         }
         let state = self.states.get_mut(&key).expect("inserted above");
-        run_state(state, &self.rt, batch)
+        let rt = &self.rt;
+        self.pool.install(|| run_state(state, rt, batch))
     }
 }
 
