@@ -422,6 +422,7 @@ fn unknown_content_is_named() {
 #[cfg(feature = "hdf5")]
 #[test]
 fn truncated_hdf5() {
+    let _turn = common::hdf5_or_spawn(); // see common::HDF5_OR_SPAWN
     let c = Case::new();
     let full = std::fs::read(common::fixture(
         "formats/scanpy_10x_v3/filtered_feature_bc_matrix.h5",
@@ -433,6 +434,7 @@ fn truncated_hdf5() {
 /// The binary turns bad input into exit code 2 and a message with the file, never a panic.
 #[test]
 fn cli_exit_code_two_with_the_file_named() {
+    let _turn = common::hdf5_or_spawn(); // see common::HDF5_OR_SPAWN
     let c = Case::new();
     let mut b = csb_bytes();
     let at = section_offset(&b, 3) + 8;
@@ -473,6 +475,7 @@ fn cli_exit_code_two_with_the_file_named() {
 #[test]
 fn normalised_h5ad_is_refused() {
     use hdf5::types::VarLenUnicode;
+    let _turn = common::hdf5_or_spawn(); // see common::HDF5_OR_SPAWN
     let c = Case::new();
     let path = c.dir.path().join("normalised.h5ad");
     let f = hdf5::File::create(&path).unwrap();

@@ -48,6 +48,7 @@ fn samples() -> Vec<(PathBuf, Format)> {
 
 #[test]
 fn every_sample_reads_with_its_format() {
+    let _turn = common::hdf5_or_spawn();
     for (path, format) in samples() {
         let b = read(&path);
         assert_eq!(b.format, format, "{}", path.display());
@@ -123,6 +124,7 @@ fn dense_text_agrees_with_its_mtx_twin() {
 #[cfg(feature = "hdf5")]
 #[test]
 fn hdf5_files_equal_their_mtx_twins() {
+    let _turn = common::hdf5_or_spawn();
     let pairs = [
         (
             formats("scanpy_10x_v3/filtered_feature_bc_matrix.h5"),
@@ -156,6 +158,7 @@ fn hdf5_files_equal_their_mtx_twins() {
 /// `convert` to .csb and .csb.zst and back gives the same batch, for every sample.
 #[test]
 fn convert_round_trips_every_sample() {
+    let _turn = common::hdf5_or_spawn();
     let dir = tempfile::tempdir().unwrap();
     for (i, (path, _)) in samples().into_iter().enumerate() {
         let original = read(&path);
@@ -172,6 +175,7 @@ fn convert_round_trips_every_sample() {
 
 #[test]
 fn convert_command_writes_a_readable_file() {
+    let _turn = common::hdf5_or_spawn();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run42-000017.csb.zst");
     let src = formats("scanpy_10x_v3/filtered_feature_bc_matrix");

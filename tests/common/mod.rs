@@ -7,6 +7,16 @@ use std::process::{Command, Output};
 
 use cellstream::batch::{read_batch, CountBatch, ReadOptions};
 
+/// libhdf5 opens files without close-on-exec and `flock`s them, so a child spawned while an
+/// HDF5 file is open inherits the lock until it exits, and the next open of that file fails
+/// ("unable to lock file, errno = 11"). Tests that read HDF5 and tests that spawn the binary,
+/// in one test process, hold this in turn.
+pub static HDF5_OR_SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn hdf5_or_spawn() -> std::sync::MutexGuard<'static, ()> {
+    HDF5_OR_SPAWN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
