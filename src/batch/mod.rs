@@ -82,31 +82,12 @@ pub struct CsrArrays {
 }
 
 impl CsrArrays {
-    /// Checks that `indptr` can be used to slice the entries: starts at 0, never decreases,
-    /// ends at the number of entries.
-    pub(crate) fn check_indptr(&self) -> Result<(), String> {
-        let nnz = self.indices.len() as u64;
-        if self.data.len() as u64 != nnz {
-            return Err(format!("{nnz} indices but {} counts", self.data.len()));
-        }
-        match (self.indptr.first(), self.indptr.last()) {
-            (Some(0), Some(&last)) if last == nnz => {}
-            (first, last) => {
-                return Err(format!(
-                    "indptr runs from {first:?} to {last:?}, expected 0 to nnz = {nnz}"
-                ))
-            }
-        }
-        if let Some(i) = self.indptr.windows(2).position(|w| w[1] < w[0]) {
-            return Err(format!("indptr not monotone at row {i}"));
-        }
-        Ok(())
-    }
-
     /// Sorts each row's entries by column where they are out of order (writers may store them
     /// unsorted); a column repeated within a row is an error, 1-based in the message.
     pub(crate) fn sort_rows(&mut self) -> Result<(), String> {
-        self.check_indptr()?;
+        if let Some(what) = indptr_problem(&self.indptr, self.indices.len(), self.data.len()) {
+            return Err(what);
+        }
         let mut pairs: Vec<(u32, u32)> = Vec::new();
         for row in 0..self.indptr.len() - 1 {
             let r = self.indptr[row] as usize..self.indptr[row + 1] as usize;
@@ -392,6 +373,25 @@ pub fn detect_format(path: &Path) -> Result<Format, BatchError> {
     ))
 }
 
+/// Whether `indptr` can slice `nnz` entries: as many counts as indices, starts at 0, never
+/// decreases, ends at nnz. Shared by the `.csb` validation and the heap readers.
+fn indptr_problem(indptr: &[u64], nnz: usize, n_data: usize) -> Option<String> {
+    if nnz != n_data {
+        return Some(format!("{nnz} gene indices but {n_data} counts"));
+    }
+    match indptr.first() {
+        None => return Some("indptr is empty".into()),
+        Some(&0) => {}
+        Some(&first) => return Some(format!("indptr[0] is {first}, expected 0")),
+    }
+    if let Some(cell) = indptr.windows(2).position(|w| w[1] < w[0]) {
+        let (a, b) = (indptr[cell], indptr[cell + 1]);
+        return Some(format!("indptr not monotone at cell {cell}: {a} then {b}"));
+    }
+    let last = indptr[indptr.len() - 1];
+    (last != nnz as u64).then(|| format!("indptr[n_cells] is {last}, expected nnz = {nnz}"))
+}
+
 /// The CSR invariants every reader guarantees (see docs/FORMAT.md, checks 5 and 6).
 fn validate_csr(
     path: &Path,
@@ -417,35 +417,8 @@ fn validate_csr(
             ),
         ));
     }
-    if indices.len() != data.len() {
-        return Err(BatchError::invalid(
-            path,
-            format!("{} gene indices but {} counts", indices.len(), data.len()),
-        ));
-    }
-    if indptr[0] != 0 {
-        return Err(BatchError::invalid(
-            path,
-            format!("indptr[0] is {}, expected 0", indptr[0]),
-        ));
-    }
-    for (cell, w) in indptr.windows(2).enumerate() {
-        if w[1] < w[0] {
-            return Err(BatchError::invalid(
-                path,
-                format!("indptr not monotone at cell {cell}: {} then {}", w[0], w[1]),
-            ));
-        }
-    }
-    let nnz = indices.len() as u64;
-    if indptr[n_cells] != nnz {
-        return Err(BatchError::invalid(
-            path,
-            format!(
-                "indptr[n_cells] is {}, expected nnz = {nnz}",
-                indptr[n_cells]
-            ),
-        ));
+    if let Some(what) = indptr_problem(indptr, indices.len(), data.len()) {
+        return Err(BatchError::invalid(path, what));
     }
     for cell in 0..n_cells {
         let genes = &indices[indptr[cell] as usize..indptr[cell + 1] as usize];

@@ -1,6 +1,7 @@
 //! Running the model through tract: one optimized plan per length bucket (the number of rows
 //! stays symbolic), shared by every worker; one tract `State` per plan per worker thread.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -43,25 +44,17 @@ pub struct ModelRuntime {
 }
 
 impl ModelRuntime {
-    /// Loads the graph, maps the manifest's input and output names onto its positions, then
-    /// runs a probe
-    /// inference (one `<cls>`-only row) to check the output shapes.
+    /// Maps the manifest's input and output names onto the graph's positions, then runs a
+    /// probe inference (one `<cls>`-only row) that compiles the first plan and checks the
+    /// output shapes.
     pub fn new(pkg: &ModelPackage) -> Result<Arc<ModelRuntime>, ModelError> {
         let path = pkg.dir.join("model.onnx");
         let graph_err = |what: String| ModelError::Graph {
             path: path.clone(),
             what,
         };
-        let model =
-            load(&pkg.onnx).map_err(|e| graph_err(format!("tract cannot load it: {e:#}")))?;
         let (inputs, outputs) = super::onnx_names::io_names(&pkg.onnx)
             .map_err(|e| graph_err(format!("cannot read the graph's inputs and outputs: {e}")))?;
-        if model.input_count().ok() != Some(inputs.len()) {
-            return Err(graph_err(format!(
-                "tract sees {:?} inputs, the graph lists {inputs:?}",
-                model.input_count().ok()
-            )));
-        }
         let find = |list: &[String], want: &str, what: &str| {
             list.iter().position(|n| n == want).ok_or_else(|| {
                 graph_err(format!(
@@ -95,36 +88,18 @@ impl ModelRuntime {
             n_classes: pkg.labels.as_ref().map_or(0, Vec::len),
             plans: Mutex::new(HashMap::new()),
         });
-        let probe = rt
-            .probe()
+        // Also checks the output widths against embedding_dim and labels.txt (run_state).
+        rt.probe()
             .map_err(|e| graph_err(format!("probe inference failed: {e:#}")))?;
-        if probe.embedding.len() != rt.embedding_dim {
-            return Err(graph_err(format!(
-                "{} returns {} values per cell, the manifest's embedding_dim is {}",
-                m.outputs.embedding,
-                probe.embedding.len(),
-                rt.embedding_dim
-            )));
-        }
-        if let Some(logits) = &probe.logits {
-            if logits.len() != rt.n_classes {
-                return Err(graph_err(format!(
-                    "logits have {} classes, labels.txt lists {}",
-                    logits.len(),
-                    rt.n_classes
-                )));
-            }
-        }
         Ok(rt)
     }
 
     /// One `<cls>`-only row through the smallest plan: proves the model runs.
-    pub fn probe(&self) -> anyhow::Result<Outputs> {
+    fn probe(&self) -> anyhow::Result<Outputs> {
         let mut batch = Batch::new(1, 1);
         batch.gene_ids[0] = self.cls_id;
         batch.values[0] = self.pad_value;
-        let runnable = self.plan(1)?;
-        run(&runnable.spawn_state()?, self, &batch)
+        run_state(&mut self.plan(1)?.spawn_state()?, self, &batch)
     }
 
     /// The optimized plan for length `s` (rows stay symbolic), compiled on first use and
@@ -213,29 +188,24 @@ impl Worker {
     }
 
     pub fn run(&mut self, batch: &Batch) -> anyhow::Result<Outputs> {
-        let key = batch.s;
-        if !self.states.contains_key(&key) {
-            let state = self.rt.plan(batch.s)?.spawn_state()?;
-            self.states.insert(key, state);
-        }
-        let state = self.states.get_mut(&key).expect("inserted above");
+        let state = match self.states.entry(batch.s) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(self.rt.plan(batch.s)?.spawn_state()?),
+        };
         let rt = &self.rt;
         self.pool.install(|| run_state(state, rt, batch))
     }
-}
-
-fn run(state: &State, rt: &ModelRuntime, batch: &Batch) -> anyhow::Result<Outputs> {
-    let mut state = state.clone();
-    run_state(&mut state, rt, batch)
 }
 
 fn run_state(state: &mut State, rt: &ModelRuntime, batch: &Batch) -> anyhow::Result<Outputs> {
     let shape = [batch.n, batch.s];
     let ids = Tensor::from_slice(&shape, &batch.gene_ids)?;
     let vals = Tensor::from_slice(&shape, &batch.values)?;
-    let mut inputs = vec![ids.clone(), vals.clone()];
-    inputs[rt.input_pos[0]] = ids;
-    inputs[rt.input_pos[1]] = vals;
+    let inputs = if rt.input_pos == [0, 1] {
+        vec![ids, vals]
+    } else {
+        vec![vals, ids]
+    };
     let outputs = state.run(inputs)?;
     let take = |pos: usize, width: usize, what: &str| -> anyhow::Result<Vec<f32>> {
         let t = outputs

@@ -100,10 +100,6 @@ impl Embedder {
         })
     }
 
-    pub fn runtime(&self) -> &Arc<ModelRuntime> {
-        &self.rt
-    }
-
     /// The vocabulary mapping for a batch, failing when it matches no gene at all.
     pub fn gene_map(&self, batch: &CountBatch) -> Result<GeneMap, NoGeneInVocab> {
         let map = self.package.vocab.map_genes(&batch.gene_names);
@@ -136,43 +132,48 @@ impl Embedder {
         let labels = self.package.labels.as_deref();
         let threshold = self.package.confidence_threshold();
         let normalize = self.package.manifest.normalize_embedding;
-        let results = (0..batch.n_cells())
-            .map(|i| {
-                let coverage = &self.tokens.expressed[i];
-                let qc = cell_qc(batch, i, &mito, coverage);
-                let CellOutput {
-                    embedding: emb,
-                    logits,
-                } = &outputs[i];
-                if coverage.n_in_vocab == 0 {
-                    return CellResult {
-                        label: UNASSIGNED.into(),
-                        confidence: 0.0,
-                        assigned: false,
-                        embedding: None,
-                        qc,
-                    };
-                }
-                let mut embedding = emb.clone();
-                if normalize {
-                    l2_normalize(&mut embedding);
-                }
-                let (label, confidence) = match (labels, logits) {
-                    (Some(labels), Some(logits)) => {
-                        let (best, p) = softmax_max(logits);
-                        (labels[best].clone(), p)
+        let results = outputs
+            .into_iter()
+            .enumerate()
+            .map(
+                |(
+                    i,
+                    CellOutput {
+                        mut embedding,
+                        logits,
+                    },
+                )| {
+                    let coverage = &self.tokens.expressed[i];
+                    let qc = cell_qc(batch, i, &mito, coverage);
+                    if coverage.n_in_vocab == 0 {
+                        return CellResult {
+                            label: UNASSIGNED.into(),
+                            confidence: 0.0,
+                            assigned: false,
+                            embedding: None,
+                            qc,
+                        };
                     }
-                    _ => (UNASSIGNED.to_string(), 0.0),
-                };
-                let assigned = labels.is_some() && confidence >= threshold;
-                CellResult {
-                    label: if assigned { label } else { UNASSIGNED.into() },
-                    confidence,
-                    assigned,
-                    embedding: Some(embedding),
-                    qc,
-                }
-            })
+                    if normalize {
+                        l2_normalize(&mut embedding);
+                    }
+                    let (label, confidence) = match (labels, &logits) {
+                        (Some(labels), Some(logits)) => {
+                            let (best, p) = softmax_max(logits);
+                            (labels[best].clone(), p)
+                        }
+                        _ => (UNASSIGNED.to_string(), 0.0),
+                    };
+                    let assigned = labels.is_some() && confidence >= threshold;
+                    CellResult {
+                        label: if assigned { label } else { UNASSIGNED.into() },
+                        confidence,
+                        assigned,
+                        embedding: Some(embedding),
+                        qc,
+                    }
+                },
+            )
             .collect();
         Ok(results)
     }

@@ -101,10 +101,6 @@ impl Tokenizer {
         }
     }
 
-    pub fn config(&self) -> &TokenizerConfig {
-        &self.cfg
-    }
-
     /// Tokenizes every cell of `batch` in order. In `numpy` tie mode the generator is seeded
     /// once here and consumed cell after cell, as scGPT's collator does over a dataset.
     pub fn tokenize(&mut self, batch: &CountBatch, genes: &GeneMap) -> TokenBatch {
