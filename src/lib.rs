@@ -5,8 +5,13 @@
 //! that follow.
 
 pub mod batch;
+pub mod config;
+pub mod daemon;
+pub mod fsutil;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod qc;
 pub mod sink;
+pub mod source;
 pub mod tokenize;

@@ -27,6 +27,8 @@ enum Command {
     Convert(cli::convert::Args),
     /// Show what a batch or a model package contains, validated.
     Inspect(cli::inspect::Args),
+    /// Run the daemon: watch a spool folder, stream results, serve metrics (DESIGN.md §6).
+    Serve(cli::serve::Args),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => cli::tokenize::run(a),
         Command::Convert(a) => cli::convert::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Serve(a) => cli::serve::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,7 @@
 //! The native `.csb` format (docs/FORMAT.md): read in place from a memory map, validated first.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::ops::Range;
 use std::path::Path;
 
@@ -274,7 +274,7 @@ fn parse_strings(
 }
 
 /// Writes `batch` as a `.csb` image to `w`.
-pub fn write_csb(batch: &CountBatch, w: &mut impl Write) -> std::io::Result<()> {
+pub fn write_csb<W: Write + ?Sized>(batch: &CountBatch, w: &mut W) -> std::io::Result<()> {
     let strings = |v: &[String]| -> Vec<u8> {
         let mut out = Vec::with_capacity(v.iter().map(|s| s.len() + 1).sum());
         for s in v {
@@ -340,44 +340,26 @@ pub fn write_csb(batch: &CountBatch, w: &mut impl Write) -> std::io::Result<()> 
 /// Writes `batch` to `out` (`.csb`, or `.csb.zst` when the name ends in `.zst`) under a temporary
 /// name, fsyncs, and renames it into place, so a reader never sees a partial file.
 pub fn write_csb_file(batch: &CountBatch, out: &Path) -> std::io::Result<()> {
-    let dir = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = out.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let file = File::create(&tmp)?;
-        let compress = name.ends_with(".zst");
-        let file = if compress {
-            let mut enc = zstd::stream::write::Encoder::new(BufWriter::new(file), 3)?;
+    let compress = out.to_string_lossy().ends_with(".zst");
+    crate::fsutil::write_atomic(out, |w| {
+        if compress {
+            let mut enc = zstd::stream::write::Encoder::new(w, 3)?;
             write_csb(batch, &mut enc)?;
-            enc.finish()?.into_inner().map_err(|e| e.into_error())?
+            enc.finish()?;
+            Ok(())
         } else {
-            let mut buf = BufWriter::new(file);
-            write_csb(batch, &mut buf)?;
-            buf.into_inner().map_err(|e| e.into_error())?
-        };
-        file.sync_all()?;
-        std::fs::rename(&tmp, out)?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
+            write_csb(batch, w)
         }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    })
 }
 
 /// Passes bytes through while keeping their running CRC-32C.
-struct Crc32cWriter<'a, W: Write> {
+struct Crc32cWriter<'a, W: Write + ?Sized> {
     inner: &'a mut W,
     crc: u32,
 }
 
-impl<W: Write> Write for Crc32cWriter<'_, W> {
+impl<W: Write + ?Sized> Write for Crc32cWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.crc = crc32c::crc32c_append(self.crc, &buf[..n]);

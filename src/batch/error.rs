@@ -30,6 +30,20 @@ pub enum BatchErrorKind {
     TooLarge(String),
 }
 
+impl BatchErrorKind {
+    /// A short, stable name of the kind (for error reports and metrics).
+    pub fn name(&self) -> &'static str {
+        match self {
+            BatchErrorKind::Io(_) => "io",
+            BatchErrorKind::UnknownFormat(_) => "unknown_format",
+            BatchErrorKind::Corrupt(_) => "corrupt",
+            BatchErrorKind::Invalid(_) => "invalid",
+            BatchErrorKind::Empty(_) => "empty",
+            BatchErrorKind::TooLarge(_) => "too_large",
+        }
+    }
+}
+
 impl BatchError {
     pub fn new(path: impl AsRef<Path>, kind: BatchErrorKind) -> BatchError {
         BatchError {

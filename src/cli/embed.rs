@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use cellstream::batch::{read_batch, ReadOptions};
-use cellstream::model::ModelPackage;
+use cellstream::model::{default_model_dir, ModelPackage};
 use cellstream::pipeline::{EmbedConfig, Embedder};
 use cellstream::sink::ndjson;
 
@@ -25,16 +25,6 @@ pub struct Args {
     /// Run seed (tie draws and subsampling are keyed by it and the barcode).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-}
-
-/// The shipped package: `models/pbmc-compact` under the working directory, else beside the
-/// sources this binary was built from.
-pub fn default_model_dir() -> PathBuf {
-    let local = PathBuf::from("models/pbmc-compact");
-    if local.is_dir() {
-        return local;
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/pbmc-compact")
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

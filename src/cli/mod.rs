@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod embed;
 pub mod inspect;
+pub mod serve;
 pub mod tokenize;
 
 use std::fs::File;
@@ -11,6 +12,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use cellstream::batch::BatchError;
+use cellstream::config::ConfigError;
 use cellstream::model::ModelError;
 use cellstream::pipeline::NoGeneInVocab;
 use cellstream::tokenize::VocabError;
@@ -38,6 +40,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             || e.is::<UsageError>()
             || e.is::<ModelError>()
             || e.is::<NoGeneInVocab>()
+            || e.is::<ConfigError>()
     });
     if bad_input {
         2

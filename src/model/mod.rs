@@ -5,5 +5,5 @@ mod onnx_names;
 pub mod package;
 pub mod runner;
 
-pub use package::{Manifest, ModelError, ModelPackage};
+pub use package::{default_model_dir, Manifest, ModelError, ModelPackage};
 pub use runner::{Batch, ModelRuntime, Outputs, Worker};

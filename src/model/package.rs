@@ -173,6 +173,16 @@ impl ModelPackage {
     }
 }
 
+/// The shipped package: `models/pbmc-compact` under the working directory, else beside the
+/// sources this binary was built from.
+pub fn default_model_dir() -> PathBuf {
+    let local = PathBuf::from("models/pbmc-compact");
+    if local.is_dir() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/pbmc-compact")
+}
+
 fn read_to_string(path: &Path) -> Result<String, ModelError> {
     std::fs::read_to_string(path).map_err(|err| ModelError::Io {
         path: path.to_path_buf(),

@@ -3,6 +3,7 @@
 pub mod pool;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use crossbeam_channel::unbounded;
@@ -27,6 +28,16 @@ pub struct CellResult {
     /// with no gene in the vocabulary, whose embedding would carry no information.
     pub embedding: Option<Vec<f32>>,
     pub qc: CellQc,
+    /// Tokens the model saw for this cell, `<cls>` included.
+    pub n_tokens: u32,
+}
+
+/// Where the time of one [`Embedder::embed_timed`] call went.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmbedTimings {
+    pub tokenize: Duration,
+    /// The model, and turning its outputs into results.
+    pub infer: Duration,
 }
 
 /// The model's raw outputs for one cell.
@@ -124,9 +135,20 @@ impl Embedder {
         batch: &CountBatch,
         progress: &mut dyn FnMut(usize),
     ) -> anyhow::Result<Vec<CellResult>> {
+        Ok(self.embed_timed(batch, progress)?.0)
+    }
+
+    /// [`Embedder::embed_with_progress`], also saying where the time went.
+    pub fn embed_timed(
+        &mut self,
+        batch: &CountBatch,
+        progress: &mut dyn FnMut(usize),
+    ) -> anyhow::Result<(Vec<CellResult>, EmbedTimings)> {
+        let start = Instant::now();
         let genes = self.gene_map(batch)?;
         self.tokenizer
             .tokenize_into(batch, &genes, &mut self.tokens);
+        let tokenized = Instant::now();
         let outputs = self.infer(progress)?;
         let mito = mito_mask(&batch.gene_names);
         let labels = self.package.labels.as_deref();
@@ -145,6 +167,7 @@ impl Embedder {
                 )| {
                     let coverage = &self.tokens.expressed[i];
                     let qc = cell_qc(batch, i, &mito, coverage);
+                    let n_tokens = self.tokens.cell(i).0.len() as u32;
                     if coverage.n_in_vocab == 0 {
                         return CellResult {
                             label: UNASSIGNED.into(),
@@ -152,6 +175,7 @@ impl Embedder {
                             assigned: false,
                             embedding: None,
                             qc,
+                            n_tokens,
                         };
                     }
                     if normalize {
@@ -171,11 +195,25 @@ impl Embedder {
                         assigned,
                         embedding: Some(embedding),
                         qc,
+                        n_tokens,
                     }
                 },
             )
             .collect();
-        Ok(results)
+        let timings = EmbedTimings {
+            tokenize: tokenized - start,
+            infer: tokenized.elapsed(),
+        };
+        Ok((results, timings))
+    }
+
+    /// Compiles the plan of every length bucket now, so that the first batches do not pay
+    /// for it (the daemon calls this before it reports ready).
+    pub fn warm_up(&self) -> anyhow::Result<()> {
+        for &s in &self.buckets {
+            self.rt.plan(s)?;
+        }
+        Ok(())
     }
 
     /// Runs every tokenized cell through the model.
@@ -213,7 +251,9 @@ impl Embedder {
         drop(reply);
         let mut per_cell = vec![CellOutput::default(); t.n_cells()];
         let (d, c) = (rt.embedding_dim, rt.n_classes);
+        let mut received = 0;
         for (id, out) in results {
+            received += 1;
             let out = out.with_context(|| format!("model batch {id}"))?;
             progress(chunks[id].cells.len());
             for (row, &cell) in chunks[id].cells.iter().enumerate() {
@@ -226,6 +266,12 @@ impl Embedder {
                 };
             }
         }
+        anyhow::ensure!(
+            received == chunks.len(),
+            "{} of {} model batches never came back from the inference workers",
+            chunks.len() - received,
+            chunks.len()
+        );
         Ok(per_cell)
     }
 }

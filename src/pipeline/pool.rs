@@ -1,6 +1,7 @@
 //! Inference workers on dedicated threads, fed by a bounded crossbeam channel: a full channel
 //! blocks the sender, so backpressure reaches whoever produces batches.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -32,9 +33,18 @@ impl InferencePool {
                 std::thread::Builder::new()
                     .name(format!("infer-{i}"))
                     .spawn(move || {
-                        let mut worker = Worker::new(rt);
+                        let mut worker = Worker::new(rt.clone());
                         for job in rx {
-                            let out = worker.run(&job.batch);
+                            // A panic inside the runtime fails this job only; the worker
+                            // starts again with fresh states.
+                            let out = catch_unwind(AssertUnwindSafe(|| worker.run(&job.batch)))
+                                .unwrap_or_else(|panic| {
+                                    worker = Worker::new(rt.clone());
+                                    Err(anyhow::anyhow!(
+                                        "the inference runtime panicked: {}",
+                                        panic_message(&panic)
+                                    ))
+                                });
                             // The requester may have given up (error elsewhere): nothing to do.
                             let _ = job.reply.send((job.id, out));
                         }
@@ -65,4 +75,13 @@ impl Drop for InferencePool {
             let _ = h.join();
         }
     }
+}
+
+/// The text of a caught panic, when it carried one.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
 }

@@ -2,6 +2,8 @@
 //! binary, and batch comparison.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,0 +1,320 @@
+//! The daemon's configuration (`cellstream serve --config FILE`): TOML, unknown keys
+//! rejected, every key documented in `systemd/cellstream.toml`.
+//!
+//! `[spool] dir`, `[output] dir` and `[http] listen` are used by checks outside the repo:
+//! keep their spelling.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub spool: SpoolConfig,
+    pub output: OutputConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// `incoming/ processing/ done/ failed/` are made under it.
+    pub dir: PathBuf,
+    /// Seconds between full rescans of `incoming/` (inotify wakes the daemon sooner).
+    #[serde(default = "default_rescan_seconds")]
+    pub rescan_seconds: f64,
+    /// What happens to an input once its output is committed.
+    #[serde(default)]
+    pub on_done: OnDone,
+    /// Entries waiting in `incoming/` beyond which uploads are refused with 429.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: usize,
+    /// Largest size a compressed input (gzip, zstd) may expand to, in bytes.
+    #[serde(default = "default_max_decompressed")]
+    pub max_decompressed_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDone {
+    /// Move the input to `done/`.
+    #[default]
+    Keep,
+    /// Delete the input.
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// One `<batch-id>.ndjson` (and `<batch-id>.summary.json`) per batch.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Largest accepted `POST /v1/batches` body, in bytes (413 beyond).
+    #[serde(default = "default_max_upload")]
+    pub max_upload_bytes: u64,
+    /// Uploads written at the same time; more are refused with 429.
+    #[serde(default = "default_max_uploads")]
+    pub max_concurrent_uploads: usize,
+    /// Batches a slow `/v1/stream` client may fall behind before it is told it missed some.
+    #[serde(default = "default_stream_buffer")]
+    pub stream_buffer_batches: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Model package directory; the shipped `models/pbmc-compact` when absent.
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Inference worker threads (tokenizing and writing share one more).
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Run seed: tie draws and subsampling are keyed by it and the barcode.
+    #[serde(default)]
+    pub seed: u64,
+    /// Tokens per model batch (rows × padded length).
+    #[serde(default = "default_token_budget")]
+    pub token_budget: usize,
+    /// On SIGTERM, how long in-flight batches may take to finish before the daemon exits
+    /// anyway (their inputs stay in `processing/` and are redone at the next start).
+    #[serde(default = "default_drain_seconds")]
+    pub drain_seconds: f64,
+}
+
+fn default_rescan_seconds() -> f64 {
+    2.0
+}
+fn default_max_queued() -> usize {
+    256
+}
+fn default_max_decompressed() -> u64 {
+    4 << 30
+}
+fn default_listen() -> SocketAddr {
+    "127.0.0.1:9464".parse().expect("valid address")
+}
+fn default_max_upload() -> u64 {
+    1 << 30
+}
+fn default_max_uploads() -> usize {
+    4
+}
+fn default_stream_buffer() -> usize {
+    16
+}
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+fn default_token_budget() -> usize {
+    8192
+}
+fn default_drain_seconds() -> f64 {
+    60.0
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+            max_upload_bytes: default_max_upload(),
+            max_concurrent_uploads: default_max_uploads(),
+            stream_buffer_batches: default_stream_buffer(),
+        }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            threads: default_threads(),
+            seed: 0,
+            token_budget: default_token_budget(),
+            drain_seconds: default_drain_seconds(),
+        }
+    }
+}
+
+/// A config file that cannot be used, with the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {what}", path.display())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub what: String,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let err = |what: String| ConfigError {
+            path: path.to_path_buf(),
+            what,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        Config::parse(&text).map_err(err)
+    }
+
+    /// Parses and checks a config's text.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let positive = |key: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{key} must be a positive number of seconds, not {v}"
+                ))
+            }
+        };
+        positive("spool.rescan_seconds", self.spool.rescan_seconds)?;
+        positive("pipeline.drain_seconds", self.pipeline.drain_seconds)?;
+        let at_least_one = |key: &str, v: usize| {
+            if v >= 1 {
+                Ok(())
+            } else {
+                Err(format!("{key} must be at least 1"))
+            }
+        };
+        at_least_one("pipeline.threads", self.pipeline.threads)?;
+        at_least_one("pipeline.token_budget", self.pipeline.token_budget)?;
+        at_least_one("spool.max_queued", self.spool.max_queued)?;
+        at_least_one(
+            "http.max_concurrent_uploads",
+            self.http.max_concurrent_uploads,
+        )?;
+        at_least_one(
+            "http.stream_buffer_batches",
+            self.http.stream_buffer_batches,
+        )?;
+        if self.spool.dir == self.output.dir {
+            return Err("spool.dir and output.dir must differ".into());
+        }
+        Ok(())
+    }
+
+    pub fn rescan_interval(&self) -> Duration {
+        Duration::from_secs_f64(self.spool.rescan_seconds)
+    }
+
+    pub fn drain_limit(&self) -> Duration {
+        Duration::from_secs_f64(self.pipeline.drain_seconds)
+    }
+
+    /// The config a SIGHUP installs: `new`, except for the keys that shape threads, sockets
+    /// and folders already in use, which keep their running values and are named (as in
+    /// the file) in the returned list when `new` changed them.
+    pub fn reload(&self, mut new: Config) -> (Config, Vec<&'static str>) {
+        let mut kept = Vec::new();
+        macro_rules! keep {
+            ($name:literal, $($field:ident).+) => {
+                if new.$($field).+ != self.$($field).+ {
+                    new.$($field).+ = self.$($field).+.clone();
+                    kept.push($name);
+                }
+            };
+        }
+        keep!("spool.dir", spool.dir);
+        keep!("output.dir", output.dir);
+        keep!("http.listen", http.listen);
+        keep!("http.max_concurrent_uploads", http.max_concurrent_uploads);
+        keep!("http.stream_buffer_batches", http.stream_buffer_batches);
+        keep!("model.dir", model.dir);
+        keep!("pipeline.threads", pipeline.threads);
+        keep!("pipeline.seed", pipeline.seed);
+        keep!("pipeline.token_budget", pipeline.token_budget);
+        (new, kept)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_three_contract_keys_are_enough() {
+        let cfg = Config::parse(
+            "[spool]\ndir = \"/s\"\n[output]\ndir = \"/o\"\n[http]\nlisten = \"127.0.0.1:9464\"\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.spool.dir, PathBuf::from("/s"));
+        assert_eq!(cfg.output.dir, PathBuf::from("/o"));
+        assert_eq!(cfg.http.listen.port(), 9464);
+        assert_eq!(cfg.spool.on_done, OnDone::Keep);
+        assert!(cfg.pipeline.threads >= 1);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let base = "[spool]\ndir = \"/s\"\n[output]\ndir = \"/o\"\n";
+        let e = Config::parse(&format!("{base}[http]\nlisen = \"127.0.0.1:1\"\n")).unwrap_err();
+        assert!(e.contains("lisen"), "{e}");
+        let e = Config::parse(&format!("{base}[pipeline]\nthreads = 0\n")).unwrap_err();
+        assert!(e.contains("pipeline.threads"), "{e}");
+        let e = Config::parse(&format!("{base}[spool]\n")).unwrap_err();
+        assert!(e.contains("spool"), "{e}");
+        let e = Config::parse("[spool]\ndir = \"/s\"\n[output]\ndir = \"/s\"\n").unwrap_err();
+        assert!(e.contains("differ"), "{e}");
+    }
+
+    #[test]
+    fn reload_keeps_restart_only_keys() {
+        let a = Config::parse("[spool]\ndir = \"/s\"\n[output]\ndir = \"/o\"\n").unwrap();
+        let mut b = a.clone();
+        b.spool.rescan_seconds = 5.0;
+        let (merged, kept) = a.reload(b.clone());
+        assert!(kept.is_empty());
+        assert_eq!(merged.spool.rescan_seconds, 5.0);
+        b.pipeline.threads += 1;
+        b.output.dir = "/p".into();
+        let (merged, kept) = a.reload(b);
+        assert_eq!(kept, vec!["output.dir", "pipeline.threads"]);
+        assert_eq!(merged.output.dir, a.output.dir);
+        assert_eq!(merged.pipeline.threads, a.pipeline.threads);
+        assert_eq!(merged.spool.rescan_seconds, 5.0);
+    }
+
+    #[test]
+    fn the_example_config_documents_every_key() {
+        let example = include_str!("../systemd/cellstream.toml");
+        let cfg = Config::parse(example).expect("systemd/cellstream.toml parses");
+        assert_eq!(cfg.spool.dir, PathBuf::from("/var/lib/cellstream/spool"));
+        let source = include_str!("config.rs");
+        let structs = &source[..source.find("pub struct ConfigError").unwrap()];
+        for line in structs.lines() {
+            let Some(field) = line
+                .strip_prefix("    pub ")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let key = field.0;
+            assert!(
+                example.contains(&format!("\n{key} = "))
+                    || example.contains(&format!("\n[{key}]\n")),
+                "systemd/cellstream.toml does not document `{key}`"
+            );
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! The HTTP side (axum on tokio): health, readiness, metrics, the live stream, uploads.
+//! Nothing here does CPU work; uploads stream straight to a file in the spool.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{watch, Semaphore};
+
+use super::Shared;
+use crate::sink::stream::{lagged_record, to_sse};
+use crate::source::spool::check_name;
+
+/// Uploads are written under `incoming/<UPLOAD_PREFIX>…` (a hidden, hence ignored, name)
+/// and linked to their real name once complete and synced.
+pub const UPLOAD_PREFIX: &str = ".upload-";
+
+#[derive(Clone)]
+struct App {
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    uploads: Arc<Semaphore>,
+    upload_seq: Arc<AtomicU64>,
+}
+
+pub fn router(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) -> Router {
+    let uploads = Arc::new(Semaphore::new(shared.config().http.max_concurrent_uploads));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/stream", get(stream))
+        .route("/v1/batches", post(upload))
+        // The upload handler enforces `http.max_upload_bytes` itself, while streaming.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(App {
+            shared,
+            shutdown,
+            uploads,
+            upload_seq: Arc::new(AtomicU64::new(0)),
+        })
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    let s = &app.shared;
+    if s.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !s.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading the model\n").into_response()
+    } else {
+        "ready\n".into_response()
+    }
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.shared.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `GET /v1/stream`: every committed batch's records as NDJSON (cell records, then the
+/// `"type":"batch"` summary), or as Server-Sent Events when the client accepts
+/// `text/event-stream`. Ends when the daemon stops.
+async fn stream(State(app): State<App>, headers: HeaderMap) -> Response {
+    let sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    let rx = app.shared.stream.subscribe();
+    let clients = app.shared.metrics.stream_clients.clone();
+    clients.inc();
+    let guard = ClientGuard(clients);
+    let state = (rx, app.shutdown.clone(), guard);
+    let body =
+        futures_util::stream::unfold(state, move |(mut rx, mut shutdown, guard)| async move {
+            let keep_alive = tokio::time::sleep(Duration::from_secs(15));
+            let next = tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(batch) => Some(batch.ndjson.clone()),
+                    Err(RecvError::Lagged(n)) => Some(Bytes::from(lagged_record(n))),
+                    Err(RecvError::Closed) => None,
+                },
+                _ = keep_alive, if sse => Some(Bytes::new()),
+                _ = shutdown.wait_for(|&stop| stop) => None,
+            };
+            let bytes = match next? {
+                keep_alive if keep_alive.is_empty() => Bytes::from_static(b": keep-alive\n\n"),
+                ndjson if sse => Bytes::from(to_sse(&ndjson)),
+                ndjson => ndjson,
+            };
+            Some((
+                Ok::<_, std::convert::Infallible>(bytes),
+                (rx, shutdown, guard),
+            ))
+        });
+    let content_type = if sse {
+        "text/event-stream"
+    } else {
+        "application/x-ndjson"
+    };
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// Counts a connected stream client while it lives.
+struct ClientGuard(prometheus::IntGauge);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    /// The batch's file name in the spool (its id is the name without format extensions).
+    name: Option<String>,
+}
+
+/// `POST /v1/batches[?name=NAME]`: the body is one batch file in any readable format. It is
+/// written to the spool (synced, then linked into `incoming/` without replacing anything)
+/// and answered 202 with its batch id; the daemon processes it like any dropped file.
+/// 413: over `http.max_upload_bytes`. 429: too many uploads at once, or `spool.max_queued`
+/// batches already waiting. 409: a batch of that name is already waiting.
+async fn upload(
+    State(app): State<App>,
+    Query(query): Query<UploadQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let shared = &app.shared;
+    let count = |outcome: &str| shared.metrics.uploads.with_label_values(&[outcome]).inc();
+    let refuse = |status: StatusCode, outcome: &str, msg: String| {
+        count(outcome);
+        (status, format!("{msg}\n")).into_response()
+    };
+    if shared.is_draining() {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "the daemon is shutting down".into(),
+        );
+    }
+    let cfg = shared.config();
+    let cap = cfg.http.max_upload_bytes;
+    let name = match query.name.as_deref().map(check_name) {
+        Some(Ok(n)) => n.to_string(),
+        Some(Err(e)) => return refuse(StatusCode::BAD_REQUEST, "bad_request", e),
+        None => format!(
+            "upload-{}-{}",
+            std::process::id(),
+            app.upload_seq.fetch_add(1, Ordering::Relaxed)
+        ),
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap) {
+        return refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is over http.max_upload_bytes = {cap} bytes"),
+        );
+    }
+    let Ok(_permit) = app.uploads.clone().try_acquire_owned() else {
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "queue_full",
+            format!(
+                "{} uploads are already being written; retry later",
+                cfg.http.max_concurrent_uploads
+            ),
+        );
+    };
+    let spool = shared.spool.clone();
+    let waiting = tokio::task::spawn_blocking(move || spool.waiting().map(|w| w.len()))
+        .await
+        .unwrap_or(Ok(usize::MAX));
+    match waiting {
+        Ok(n) if n >= cfg.spool.max_queued => {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "queue_full",
+                format!("{n} batches are already waiting (spool.max_queued); retry later"),
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            return refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "error",
+                format!("cannot list the spool: {e}"),
+            )
+        }
+    }
+    let seq = app.upload_seq.fetch_add(1, Ordering::Relaxed);
+    let tmp = shared
+        .spool
+        .incoming
+        .join(format!("{UPLOAD_PREFIX}{}-{seq}.part", std::process::id()));
+    let written = receive(body, &tmp, cap).await;
+    let written = match written {
+        Ok(n) => n,
+        Err(Received::TooLarge) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return refuse(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("the body is over http.max_upload_bytes = {cap} bytes"),
+            );
+        }
+        Err(Received::Failed(status, msg)) => {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return refuse(status, "error", msg);
+        }
+    };
+    if written == 0 {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return refuse(StatusCode::BAD_REQUEST, "bad_request", "empty body".into());
+    }
+    let incoming = shared.spool.incoming.clone();
+    let final_name = name.clone();
+    let tmp2 = tmp.clone();
+    let linked = tokio::task::spawn_blocking(move || {
+        // link(2) fails when the name exists: an upload never replaces a waiting batch.
+        let linked = std::fs::hard_link(&tmp2, incoming.join(&final_name));
+        let _ = std::fs::remove_file(&tmp2);
+        linked?;
+        crate::fsutil::sync_dir(&incoming)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    match linked {
+        Ok(()) => {
+            count("accepted");
+            shared.wake();
+            let id = crate::batch::batch_id_of(std::path::Path::new(&name));
+            (
+                StatusCode::ACCEPTED,
+                [(header::CONTENT_TYPE, "application/json")],
+                format!(
+                    "{}\n",
+                    serde_json::json!({"batch": id, "file": name, "bytes": written})
+                ),
+            )
+                .into_response()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => refuse(
+            StatusCode::CONFLICT,
+            "bad_request",
+            format!("a batch named {name:?} is already waiting"),
+        ),
+        Err(e) => refuse(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "error",
+            format!("cannot store the upload: {e}"),
+        ),
+    }
+}
+
+enum Received {
+    TooLarge,
+    Failed(StatusCode, String),
+}
+
+/// Streams `body` into `path` (never more than `cap` bytes) and syncs it.
+async fn receive(body: Body, path: &std::path::Path, cap: u64) -> Result<u64, Received> {
+    let io_err = |e: std::io::Error| {
+        Received::Failed(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot store the upload: {e}"),
+        )
+    };
+    let mut file = tokio::fs::File::create(path).await.map_err(io_err)?;
+    let mut chunks = body.into_data_stream();
+    let mut total = 0u64;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| {
+            Received::Failed(StatusCode::BAD_REQUEST, format!("reading the body: {e}"))
+        })?;
+        total += chunk.len() as u64;
+        if total > cap {
+            return Err(Received::TooLarge);
+        }
+        file.write_all(&chunk).await.map_err(io_err)?;
+    }
+    file.sync_all().await.map_err(io_err)?;
+    Ok(total)
+}

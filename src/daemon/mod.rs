@@ -1,0 +1,264 @@
+//! `cellstream serve`: the long-running service beside the sequencer (DESIGN.md §6).
+//!
+//! tokio serves HTTP, signals and the systemd watchdog; the CPU work runs on the dedicated
+//! threads of [`pipeline`]. Start-up: config → spool folders → model package → HTTP
+//! listening (`/healthz` answers, `/readyz` says 503) → model compiled and warmed on the
+//! batch thread → ready (READY=1). SIGTERM: stop claiming, finish the batch in flight within
+//! `pipeline.drain_seconds`, exit 0. SIGHUP: reload the config.
+
+pub mod http;
+pub mod log;
+pub mod pipeline;
+pub mod systemd;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::model::{default_model_dir, ModelPackage};
+use crate::sink::stream::StreamHub;
+use crate::source::spool::Spool;
+use pipeline::Pipeline;
+use systemd::{Heartbeat, Notifier};
+
+/// What the HTTP handlers and the pipeline threads share.
+pub struct Shared {
+    config_path: PathBuf,
+    config: RwLock<Arc<Config>>,
+    pub spool: Spool,
+    pub out_dir: PathBuf,
+    pub metrics: Metrics,
+    pub stream: StreamHub,
+    pub heartbeat: Heartbeat,
+    pub notifier: Notifier,
+    ready: AtomicBool,
+    draining: AtomicBool,
+    /// Why the pipeline cannot run (the model failed to load), for the exit message.
+    fatal: Mutex<Option<anyhow::Error>>,
+    /// Wakes the claimer: inotify events, uploads, shutdown. Bounded to one pending wake.
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+}
+
+impl Shared {
+    /// The current configuration (replaced as a whole on SIGHUP).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().unwrap().clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Wakes the claimer to look at `incoming/` now.
+    pub fn wake(&self) {
+        let _ = self.wake_tx.try_send(());
+    }
+
+    fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+        self.metrics.ready.set(1);
+        self.notifier.notify("READY=1\nSTATUS=serving");
+        log::info("ready");
+    }
+
+    fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.metrics.ready.set(0);
+        self.notifier
+            .notify("STOPPING=1\nSTATUS=draining: finishing the batch in flight");
+        self.wake();
+    }
+
+    fn set_fatal(&self, err: anyhow::Error) {
+        *self.fatal.lock().unwrap() = Some(err);
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT (Ok: drained) or a fatal error.
+pub fn serve(config_path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path)?;
+    let spool = Spool::open(&cfg.spool.dir)
+        .with_context(|| format!("preparing the spool {}", cfg.spool.dir.display()))?;
+    std::fs::create_dir_all(&cfg.output.dir)
+        .with_context(|| format!("creating the output folder {}", cfg.output.dir.display()))?;
+    remove_stale_temporaries(&cfg.output.dir, &spool.incoming);
+    let model_dir = cfg.model.dir.clone().unwrap_or_else(default_model_dir);
+    let package = ModelPackage::load(&model_dir)?;
+    let m = &package.manifest;
+    let metrics = Metrics::new(&m.name, m.version.as_deref().unwrap_or(""));
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(cfg.http.listen))
+        .with_context(|| format!("listening on {}", cfg.http.listen))?;
+    let addr = listener.local_addr()?;
+    log::info(&format!(
+        "listening on http://{addr}; spool {}, output {}",
+        cfg.spool.dir.display(),
+        cfg.output.dir.display()
+    ));
+
+    let (wake_tx, wake_rx) = bounded(1);
+    let shared = Arc::new(Shared {
+        config_path: config_path.to_path_buf(),
+        stream: StreamHub::new(cfg.http.stream_buffer_batches),
+        out_dir: cfg.output.dir.clone(),
+        config: RwLock::new(Arc::new(cfg)),
+        spool,
+        metrics,
+        heartbeat: Heartbeat::default(),
+        notifier: Notifier::from_env(),
+        ready: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        fatal: Mutex::new(None),
+        wake_tx,
+        wake_rx,
+    });
+    let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+    let pipeline = Pipeline::start(shared.clone(), package, ended_tx)
+        .context("starting the pipeline threads")?;
+    let result = runtime.block_on(run(shared, listener, ended_rx, pipeline));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    mut ended: mpsc::UnboundedReceiver<&'static str>,
+    pipeline: Pipeline,
+) -> anyhow::Result<()> {
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let app = http::router(shared.clone(), shutdown_rx.clone());
+    let mut server_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = server_shutdown.wait_for(|&stop| stop).await;
+            })
+            .await
+    });
+    if let Some(period) = systemd::watchdog_period() {
+        tokio::spawn(feed_watchdog(shared.clone(), period));
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let stopped_by = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => reload(&shared),
+            Some(thread) = ended.recv() => {
+                let fatal = shared.fatal.lock().unwrap().take();
+                let _ = shutdown_tx.send(true);
+                return Err(fatal.unwrap_or_else(|| {
+                    anyhow::anyhow!("the pipeline's {thread} thread stopped unexpectedly")
+                }));
+            }
+        }
+    };
+    let limit = shared.config().drain_limit();
+    log::info(&format!(
+        "{stopped_by}: draining (no new claims; up to {limit:?} for the batch in flight)"
+    ));
+    shared.begin_drain();
+    let joined = tokio::time::timeout(limit, tokio::task::spawn_blocking(move || pipeline.join()));
+    match joined.await {
+        Ok(_) => log::info("drained; exiting"),
+        Err(_) => log::warn(&format!(
+            "drain limit {limit:?} reached; batches still in processing/ are redone at the next start"
+        )),
+    }
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    Ok(())
+}
+
+/// Feeds the systemd watchdog every half period while the pipeline makes progress (or
+/// waits for work), and stops feeding it when a stage is stuck.
+async fn feed_watchdog(shared: Arc<Shared>, period: Duration) {
+    let mut tick = tokio::time::interval(period / 2);
+    let mut reported = false;
+    loop {
+        tick.tick().await;
+        // systemd watches from READY=1; loading the model is bounded by TimeoutStartSec.
+        if !shared.is_ready() {
+            continue;
+        }
+        match shared.heartbeat.stuck(period) {
+            None => {
+                shared.notifier.notify("WATCHDOG=1");
+                reported = false;
+            }
+            Some(stage) if !reported => {
+                log::error(&format!(
+                    "the {stage:?} stage made no progress for {period:?}; no longer feeding the watchdog"
+                ));
+                reported = true;
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// SIGHUP: reads the config again. Keys that shape running threads and sockets keep their
+/// running values (and say so); an unreadable file changes nothing.
+fn reload(shared: &Shared) {
+    let new = match Config::load(&shared.config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error(&format!(
+                "SIGHUP: config not reloaded, keeping the running one: {e}"
+            ));
+            return;
+        }
+    };
+    let (merged, kept) = shared.config().reload(new);
+    if !kept.is_empty() {
+        log::warn(&format!(
+            "SIGHUP: {} changed but take effect only at a restart; keeping the running values",
+            kept.join(", ")
+        ));
+    }
+    *shared.config.write().unwrap() = Arc::new(merged);
+    log::info(&format!(
+        "SIGHUP: reloaded {}",
+        shared.config_path.display()
+    ));
+    shared.wake();
+}
+
+/// Temporary files a crash left behind: partial outputs (never committed, so never seen by
+/// a reader) and partial uploads (never acknowledged to their client).
+fn remove_stale_temporaries(out_dir: &Path, incoming: &Path) {
+    let stale = |dir: &Path, pick: &dyn Fn(&str) -> bool| {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if pick(&name.to_string_lossy()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    };
+    stale(out_dir, &|n| n.starts_with('.') && n.contains(".tmp-"));
+    stale(incoming, &|n| n.starts_with(http::UPLOAD_PREFIX));
+}

@@ -1,0 +1,477 @@
+//! The daemon's CPU side: three dedicated threads joined by bounded crossbeam channels.
+//!
+//! ```text
+//!  spool ──(claimed, rendezvous)──▶ batch ──(finished, 1)──▶ emit
+//!  claim by rename                 read, tokenize,           write + fsync + rename the
+//!  (blocks while the batch         infer (the inference      output, archive the input,
+//!  thread is busy: backpressure)   pool's own threads)       metrics, live stream
+//! ```
+//!
+//! A full channel blocks the stage before it, so the spool simply waits: nothing is
+//! claimed that cannot be worked on, and nothing is dropped.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::log;
+use super::systemd::Stage;
+use super::Shared;
+use crate::batch::{read_batch, BatchError, CountBatch, ReadOptions};
+use crate::fsutil::write_atomic;
+use crate::model::ModelPackage;
+use crate::pipeline::pool::panic_message;
+use crate::pipeline::{CellResult, EmbedConfig, EmbedTimings, Embedder, NoGeneInVocab};
+use crate::sink::ndjson;
+use crate::sink::stream::StreamBatch;
+use crate::sink::summary::{BatchSummary, StageTimings};
+use crate::source::spool::{Claimed, ErrorReport};
+
+/// A batch that went through the model, on its way to the output.
+struct Finished {
+    claimed: Claimed,
+    batch: CountBatch,
+    results: Vec<CellResult>,
+    read: Duration,
+    timings: EmbedTimings,
+}
+
+/// Why a claimed batch cannot be processed; it goes to `failed/`.
+struct Failure {
+    stage: &'static str,
+    kind: String,
+    error: String,
+}
+
+/// The running pipeline threads.
+pub struct Pipeline {
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Starts the threads. Each one sends its name on `ended` when it stops, normally or
+    /// not, so that the daemon notices a pipeline that died.
+    pub fn start(
+        shared: Arc<Shared>,
+        package: ModelPackage,
+        ended: UnboundedSender<&'static str>,
+    ) -> std::io::Result<Pipeline> {
+        let (claimed_tx, claimed_rx) = bounded::<Claimed>(0);
+        let (finished_tx, finished_rx) = bounded::<Finished>(1);
+        let spawn = |name: &'static str, body: Box<dyn FnOnce() + Send>| {
+            let ended = ended.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    let _report = EndReport { name, ended };
+                    body()
+                })
+        };
+        let handles = vec![
+            spawn("spool", {
+                let shared = shared.clone();
+                Box::new(move || claim_loop(&shared, claimed_tx))
+            })?,
+            spawn("batch", {
+                let shared = shared.clone();
+                Box::new(move || batch_loop(&shared, package, claimed_rx, finished_tx))
+            })?,
+            spawn("emit", Box::new(move || emit_loop(&shared, finished_rx)))?,
+        ];
+        Ok(Pipeline { handles })
+    }
+
+    /// Waits for every thread (they stop once draining has begun and work is done).
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Sends a thread's name when it ends, panics included.
+struct EndReport {
+    name: &'static str,
+    ended: UnboundedSender<&'static str>,
+}
+
+impl Drop for EndReport {
+    fn drop(&mut self) {
+        let _ = self.ended.send(self.name);
+    }
+}
+
+/// Claims batches: first those an earlier run left in `processing/`, then `incoming/`
+/// oldest first, woken by inotify or the rescan timer.
+fn claim_loop(shared: &Shared, claimed: Sender<Claimed>) {
+    let _watcher = watch_incoming(shared);
+    match shared.spool.interrupted() {
+        Ok(list) => {
+            for c in list {
+                log::info(&format!(
+                    "{}: interrupted by a stop, redoing it",
+                    c.path.display()
+                ));
+                if claimed.send(c).is_err() {
+                    return;
+                }
+            }
+        }
+        Err(e) => log::error(&format!("cannot list processing/: {e}")),
+    }
+    let depth = |stage: &str, n: usize| {
+        shared
+            .metrics
+            .queue_depth
+            .with_label_values(&[stage])
+            .set(n as i64)
+    };
+    while !shared.is_draining() {
+        match shared.spool.waiting() {
+            Ok(names) => {
+                depth("incoming", names.len());
+                for (k, name) in names.iter().enumerate() {
+                    if shared.is_draining() {
+                        return;
+                    }
+                    match shared.spool.claim(name) {
+                        Ok(Some(c)) => {
+                            depth("incoming", names.len() - k - 1);
+                            depth("claimed", 1);
+                            let sent = claimed.send(c);
+                            depth("claimed", 0);
+                            if sent.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => log::warn(&format!("cannot claim {name:?}: {e}")),
+                    }
+                }
+            }
+            Err(e) => log::error(&format!("cannot list incoming/: {e}")),
+        }
+        let _ = shared
+            .wake_rx
+            .recv_timeout(shared.config().rescan_interval());
+    }
+}
+
+/// Wakes the claimer when something lands in `incoming/`; `None` (rescans only) when
+/// inotify is unavailable.
+fn watch_incoming(shared: &Shared) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let wake = shared.wake_tx.clone();
+    let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+        let _ = wake.try_send(());
+    })
+    .and_then(|mut w| {
+        w.watch(&shared.spool.incoming, notify::RecursiveMode::NonRecursive)?;
+        Ok(w)
+    });
+    match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::warn(&format!(
+                "cannot watch {} ({e}); relying on rescans every {:?}",
+                shared.spool.incoming.display(),
+                shared.config().rescan_interval()
+            ));
+            None
+        }
+    }
+}
+
+/// Loads and warms the model, reports ready, then reads, tokenizes and embeds each claimed
+/// batch.
+fn batch_loop(
+    shared: &Shared,
+    package: ModelPackage,
+    claimed: Receiver<Claimed>,
+    finished: Sender<Finished>,
+) {
+    let cfg = shared.config();
+    let embed_cfg = EmbedConfig {
+        threads: cfg.pipeline.threads,
+        token_budget: cfg.pipeline.token_budget,
+        seed: cfg.pipeline.seed,
+    };
+    let loaded = Instant::now();
+    let mut embedder = match Embedder::new(package, embed_cfg).and_then(|e| {
+        e.warm_up()?;
+        Ok(e)
+    }) {
+        Ok(e) => e,
+        Err(e) => {
+            shared.set_fatal(e.context("loading the model"));
+            return;
+        }
+    };
+    log::info(&format!(
+        "model {} loaded and warmed in {:.2} s; {} inference thread(s)",
+        embedder.package.dir.display(),
+        loaded.elapsed().as_secs_f64(),
+        cfg.pipeline.threads
+    ));
+    shared.set_ready();
+    for c in claimed {
+        if shared.is_draining() {
+            // Left in processing/: redone first at the next start.
+            break;
+        }
+        shared.heartbeat.beat(Stage::Batch);
+        match process(shared, &mut embedder, &c) {
+            Ok((batch, results, read, timings)) => {
+                let job = Finished {
+                    claimed: c,
+                    batch,
+                    results,
+                    read,
+                    timings,
+                };
+                shared.heartbeat.idle(Stage::Batch);
+                if finished.send(job).is_err() {
+                    break;
+                }
+            }
+            Err(failure) => {
+                quarantine(shared, &c, failure);
+                shared.heartbeat.idle(Stage::Batch);
+            }
+        }
+    }
+}
+
+type Processed = (CountBatch, Vec<CellResult>, Duration, EmbedTimings);
+
+fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Processed, Failure> {
+    check_entry(&c.path)?;
+    let opts = ReadOptions {
+        max_decompressed: shared.config().spool.max_decompressed_bytes,
+    };
+    let start = Instant::now();
+    let batch = read_batch(&c.path, &opts).map_err(|e: BatchError| Failure {
+        stage: "read",
+        kind: e.kind.name().into(),
+        error: e.to_string(),
+    })?;
+    let read = start.elapsed();
+    let beat = &mut |_cells: usize| shared.heartbeat.beat(Stage::Batch);
+    // A panic in the model runtime on one strange batch fails that batch, not the daemon.
+    let embedded = catch_unwind(AssertUnwindSafe(|| embedder.embed_timed(&batch, beat)))
+        .unwrap_or_else(|panic| {
+            Err(anyhow::anyhow!(
+                "internal error (panic): {}",
+                panic_message(&panic)
+            ))
+        });
+    match embedded {
+        Ok((results, timings)) => Ok((batch, results, read, timings)),
+        Err(e) => Err(match e.downcast_ref::<NoGeneInVocab>() {
+            Some(_) => Failure {
+                stage: "tokenize",
+                kind: "no_gene_in_vocab".into(),
+                error: e.to_string(),
+            },
+            None => Failure {
+                stage: "infer",
+                kind: "model".into(),
+                error: format!("{}: {e:#}", c.path.display()),
+            },
+        }),
+    }
+}
+
+/// Only regular files and real directories are batches. A symlink could point anywhere
+/// (outside the spool); a FIFO or device would block the reader.
+fn check_entry(path: &Path) -> Result<(), Failure> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| Failure {
+        stage: "claim",
+        kind: "io".into(),
+        error: format!("{}: {e}", path.display()),
+    })?;
+    let t = meta.file_type();
+    if t.is_file() || t.is_dir() {
+        return Ok(());
+    }
+    let what = if t.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a special file (FIFO, socket or device)"
+    };
+    Err(Failure {
+        stage: "claim",
+        kind: "not_a_batch".into(),
+        error: format!(
+            "{}: is {what}; the spool accepts only regular files and 10x MTX directories renamed into incoming/",
+            path.display()
+        ),
+    })
+}
+
+fn quarantine(shared: &Shared, c: &Claimed, failure: Failure) {
+    log::warn(&format!(
+        "{}: quarantined ({} failed): {}",
+        c.name.to_string_lossy(),
+        failure.stage,
+        failure.error
+    ));
+    let report = ErrorReport {
+        batch: c.batch_id.clone(),
+        file: c.name.to_string_lossy().into_owned(),
+        stage: failure.stage,
+        kind: failure.kind,
+        error: failure.error,
+        failed_at: unix_seconds(),
+    };
+    match shared.spool.quarantine(c, &report) {
+        Ok(()) => shared.metrics.batches.with_label_values(&["failed"]).inc(),
+        Err(e) => log::error(&format!(
+            "cannot move {} to failed/ ({e}); it stays in processing/",
+            c.path.display()
+        )),
+    }
+}
+
+/// Writes and commits each finished batch, then archives its input and tells the world.
+fn emit_loop(shared: &Shared, finished: Receiver<Finished>) {
+    for job in finished {
+        shared.heartbeat.beat(Stage::Emit);
+        let name = job.claimed.name.clone();
+        if let Err(e) = emit(shared, job) {
+            log::error(&format!(
+                "{}: output not written ({e}); it goes back to incoming/ to be retried",
+                name.to_string_lossy()
+            ));
+            shared.metrics.batches.with_label_values(&["retried"]).inc();
+            // A full or read-only disk will not heal in a millisecond: pace the retries.
+            shared.heartbeat.idle(Stage::Emit);
+            std::thread::sleep(shared.config().rescan_interval());
+        }
+        shared.heartbeat.idle(Stage::Emit);
+    }
+}
+
+fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
+    let Finished {
+        claimed,
+        batch,
+        results,
+        read,
+        timings,
+    } = job;
+    let start = Instant::now();
+    let out_dir = &shared.out_dir;
+    let mut records = Vec::with_capacity(results.len() * 2048);
+    ndjson::write_batch(&mut records, &claimed.batch_id, &batch.barcodes, &results)?;
+    let committed = write_atomic(&out_dir.join(format!("{}.ndjson", claimed.batch_id)), |w| {
+        w.write_all(&records)
+    });
+    if let Err(e) = committed {
+        if let Err(e2) = shared.spool.requeue(&claimed) {
+            log::error(&format!(
+                "cannot move {} back to incoming/ ({e2}); it stays in processing/ until the next start",
+                claimed.path.display()
+            ));
+        }
+        return Err(e);
+    }
+    let emit_time = start.elapsed();
+    let latency = claimed.claimed_at.elapsed();
+
+    let mut summary = BatchSummary::of(&results);
+    summary.batch = claimed.batch_id.clone();
+    summary.file = claimed.name.to_string_lossy().into_owned();
+    summary.format = batch.format.name();
+    summary.genes = batch.n_genes();
+    summary.timings = StageTimings {
+        read: read.as_secs_f64(),
+        tokenize: timings.tokenize.as_secs_f64(),
+        infer: timings.infer.as_secs_f64(),
+        emit: emit_time.as_secs_f64(),
+        latency: latency.as_secs_f64(),
+    };
+    let summary_json = serde_json::to_vec(&summary).map_err(std::io::Error::other)?;
+    if let Err(e) = write_atomic(
+        &out_dir.join(format!("{}.summary.json", claimed.batch_id)),
+        |w| {
+            w.write_all(&summary_json)?;
+            w.write_all(b"\n")
+        },
+    ) {
+        log::warn(&format!("{}: summary not written: {e}", claimed.batch_id));
+    }
+    if let Err(e) = shared.spool.finish(&claimed, shared.config().spool.on_done) {
+        // The output is committed; the input stays in processing/ and is redone (its
+        // output replaced by the same records) at the next start.
+        log::warn(&format!(
+            "{}: output committed but the input could not be archived: {e}",
+            claimed.path.display()
+        ));
+    }
+    record_metrics(
+        shared, &summary, &results, read, timings, emit_time, latency,
+    );
+    records.extend_from_slice(&summary_json);
+    records.push(b'\n');
+    shared.stream.publish(StreamBatch {
+        ndjson: records.into(),
+    });
+    log::info(&format!(
+        "{}: {} cells ({} assigned) committed {:.3} s after the claim",
+        claimed.batch_id,
+        summary.cells,
+        summary.assigned,
+        latency.as_secs_f64()
+    ));
+    Ok(())
+}
+
+fn record_metrics(
+    shared: &Shared,
+    summary: &BatchSummary,
+    results: &[CellResult],
+    read: Duration,
+    timings: EmbedTimings,
+    emit: Duration,
+    latency: Duration,
+) {
+    let m = &shared.metrics;
+    m.batches.with_label_values(&["ok"]).inc();
+    m.cells.inc_by(results.len() as u64);
+    for (label, n) in &summary.labels {
+        m.cells_labelled
+            .with_label_values(&[label.as_str()])
+            .inc_by(*n as u64);
+    }
+    for (stage, d) in [
+        ("read", read),
+        ("tokenize", timings.tokenize),
+        ("infer", timings.infer),
+        ("emit", emit),
+    ] {
+        m.stage_seconds
+            .with_label_values(&[stage])
+            .observe(d.as_secs_f64());
+    }
+    m.batch_latency.observe(latency.as_secs_f64());
+    for r in results {
+        m.tokens_per_cell.observe(r.n_tokens as f64);
+        m.vocab_matched.observe(r.qc.vocab_matched as f64);
+    }
+    m.last_batch_median_genes.set(summary.median.n_genes);
+    m.last_batch_median_pct_mito.set(summary.median.pct_mito);
+    m.last_batch_unassigned_fraction
+        .set(summary.unassigned_fraction());
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
