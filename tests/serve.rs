@@ -610,6 +610,11 @@ fn sighup_reloads_the_config_and_a_bad_one_changes_nothing() {
     write_config(root, "", "", "[pipeline]\nthreads = 1\n");
     let daemon = Daemon::start(root, &[]);
     daemon.wait_ready();
+    // Idle means idle: no rescan loop woken by its own scans, no spinning threads.
+    let before = daemon.cpu_seconds();
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = daemon.cpu_seconds() - before;
+    assert!(idle < 0.2, "an idle daemon used {idle} s of CPU in 2 s");
     write_config(root, "max_queued = 7", "", "[pipeline]\nthreads = 2\n");
     daemon.signal("HUP");
     wait_for(Duration::from_secs(10), "the reload", || {

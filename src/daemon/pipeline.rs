@@ -167,8 +167,19 @@ fn claim_loop(shared: &Shared, claimed: Sender<Claimed>) {
 fn watch_incoming(shared: &Shared) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
     let wake = shared.wake_tx.clone();
-    let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-        let _ = wake.try_send(());
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        use notify::event::{EventKind, ModifyKind};
+        // Only arrivals. Our own scans open the folder, and waking on that would make the
+        // claimer rescan forever.
+        let arrival = event.map_or(true, |e| {
+            matches!(
+                e.kind,
+                EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
+            )
+        });
+        if arrival {
+            let _ = wake.try_send(());
+        }
     })
     .and_then(|mut w| {
         w.watch(&shared.spool.incoming, notify::RecursiveMode::NonRecursive)?;
@@ -238,6 +249,7 @@ fn batch_loop(
                 if finished.send(job).is_err() {
                     break;
                 }
+                set_emit_depth(shared, finished.len());
             }
             Err(failure) => {
                 quarantine(shared, &c, failure);
@@ -340,7 +352,8 @@ fn quarantine(shared: &Shared, c: &Claimed, failure: Failure) {
 
 /// Writes and commits each finished batch, then archives its input and tells the world.
 fn emit_loop(shared: &Shared, finished: Receiver<Finished>) {
-    for job in finished {
+    for job in &finished {
+        set_emit_depth(shared, finished.len());
         shared.heartbeat.beat(Stage::Emit);
         let name = job.claimed.name.clone();
         if let Err(e) = emit(shared, job) {
@@ -355,6 +368,14 @@ fn emit_loop(shared: &Shared, finished: Receiver<Finished>) {
         }
         shared.heartbeat.idle(Stage::Emit);
     }
+}
+
+fn set_emit_depth(shared: &Shared, n: usize) {
+    shared
+        .metrics
+        .queue_depth
+        .with_label_values(&["emit"])
+        .set(n as i64);
 }
 
 fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
