@@ -556,6 +556,16 @@ fn sigterm_during_a_batch_finishes_it_and_exits_0() {
 }
 
 #[test]
+fn sigterm_while_the_model_loads_exits_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_config(tmp.path(), "", "", "[pipeline]\nthreads = 1\n");
+    let mut daemon = Daemon::start(tmp.path(), &[]);
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(Duration::from_secs(60)).expect("an exit");
+    assert!(status.success(), "{status:?}\n{}", daemon.log_text());
+}
+
+#[test]
 fn systemd_notifications_ready_watchdog_and_stopping() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use crossbeam_channel::{bounded, Receiver, Sender};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
@@ -68,6 +68,9 @@ impl Shared {
     }
 
     fn set_ready(&self) {
+        if self.is_draining() {
+            return; // stopped while the model loaded: never announce readiness
+        }
         self.ready.store(true, Ordering::SeqCst);
         self.metrics.ready.set(1);
         self.notifier.notify("READY=1\nSTATUS=serving");
@@ -104,6 +107,10 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // Handlers first: a SIGTERM that arrives while the model loads must drain, not kill.
+    let signals = runtime
+        .block_on(async { Signals::install() })
+        .context("installing signal handlers")?;
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(cfg.http.listen))
         .with_context(|| format!("listening on {}", cfg.http.listen))?;
@@ -133,14 +140,32 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     let (ended_tx, ended_rx) = mpsc::unbounded_channel();
     let pipeline = Pipeline::start(shared.clone(), package, ended_tx)
         .context("starting the pipeline threads")?;
-    let result = runtime.block_on(run(shared, listener, ended_rx, pipeline));
+    let result = runtime.block_on(run(shared, listener, signals, ended_rx, pipeline));
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
+}
+
+/// SIGTERM, SIGINT and SIGHUP, caught from the start.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
 }
 
 async fn run(
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
+    signals: Signals,
     mut ended: mpsc::UnboundedReceiver<&'static str>,
     pipeline: Pipeline,
 ) -> anyhow::Result<()> {
@@ -157,14 +182,20 @@ async fn run(
     if let Some(period) = systemd::watchdog_period() {
         tokio::spawn(feed_watchdog(shared.clone(), period));
     }
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     let stopped_by = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => reload(&shared),
+            _ = hup.recv() => {
+                let shared = shared.clone();
+                // Reading the file is blocking I/O: not on the runtime's thread.
+                let _ = tokio::task::spawn_blocking(move || reload(&shared)).await;
+            }
             Some(thread) = ended.recv() => {
                 let fatal = shared.fatal.lock().unwrap().take();
                 let _ = shutdown_tx.send(true);
