@@ -73,6 +73,13 @@ pub struct HttpConfig {
     /// Batches a slow `/v1/stream` client may fall behind before it is told it missed some.
     #[serde(default = "default_stream_buffer")]
     pub stream_buffer_batches: usize,
+    /// A file holding a bearer token: when set, every endpoint but `/healthz` requires
+    /// `Authorization: Bearer <token>`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The token read from `token_file` (by [`Config::load`], again on each reload).
+    #[serde(skip)]
+    pub(crate) token: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -138,6 +145,8 @@ impl Default for HttpConfig {
             max_upload_bytes: default_max_upload(),
             max_concurrent_uploads: default_max_uploads(),
             stream_buffer_batches: default_stream_buffer(),
+            token_file: None,
+            token: None,
         }
     }
 }
@@ -168,7 +177,25 @@ impl Config {
             what,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        Config::parse(&text).map_err(err)
+        let mut cfg = Config::parse(&text).map_err(err)?;
+        if let Some(file) = &cfg.http.token_file {
+            let token = std::fs::read_to_string(file)
+                .map_err(|e| err(format!("http.token_file {}: {e}", file.display())))?;
+            let token = token.trim();
+            if token.len() < 16 || token.chars().any(|c| !c.is_ascii_graphic()) {
+                return Err(err(format!(
+                    "http.token_file {}: a token is at least 16 printable ASCII characters, without spaces",
+                    file.display()
+                )));
+            }
+            cfg.http.token = Some(token.to_string());
+        }
+        Ok(cfg)
+    }
+
+    /// The bearer token every endpoint but `/healthz` requires, when one is configured.
+    pub fn token(&self) -> Option<&str> {
+        self.http.token.as_deref()
     }
 
     /// Parses and checks a config's text.
@@ -312,6 +339,7 @@ mod tests {
             let key = field.0;
             assert!(
                 example.contains(&format!("\n{key} = "))
+                    || example.contains(&format!("\n# {key} = "))
                     || example.contains(&format!("\n[{key}]\n")),
                 "systemd/cellstream.toml does not document `{key}`"
             );

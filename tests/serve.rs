@@ -209,6 +209,13 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed);
+    // Larger batches keep a release build busy long enough for most kills to land
+    // mid-batch (tools/kill9.sh uses 35: all 700 pbmc68k cells).
+    let cells: usize = std::env::var("CELLSTREAM_KILL_CELLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12)
+        .clamp(1, 35);
     let tmp = tempfile::tempdir().unwrap();
     let (root, d) = (tmp.path(), dirs(tmp.path()));
     let base = pbmc68k();
@@ -223,7 +230,7 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
         .collect();
     let inputs: Vec<PathBuf> = names.iter().map(|n| src.join(n)).collect();
     for (i, path) in inputs.iter().enumerate() {
-        write_batch(&subset(&base, i * 12..i * 12 + 12), path);
+        write_batch(&subset(&base, i * cells..(i + 1) * cells), path);
     }
     let expected = embed_reference(&inputs, root);
     write_config(root, "", "", "[pipeline]\nthreads = 2\n");
@@ -302,14 +309,21 @@ fn a_malformed_batch_is_quarantined_while_the_next_is_processed() {
     // A symlink could point anywhere; the spool refuses it.
     std::os::unix::fs::symlink("/etc/passwd", d.incoming.join(".link.tmp")).unwrap();
     std::fs::rename(d.incoming.join(".link.tmp"), d.incoming.join("link.csb")).unwrap();
+    // An MTX directory whose matrix is a FIFO: reading it must not block the daemon.
+    let fifo_dir = src.join("fifo");
+    write_mtx_dir(&subset(&base, 0..3), &fifo_dir);
+    std::fs::remove_file(fifo_dir.join("matrix.mtx")).unwrap();
+    let c_path = std::ffi::CString::new(fifo_dir.join("matrix.mtx").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    std::fs::rename(&fifo_dir, d.incoming.join("fifo")).unwrap();
     drop_batch(&d.incoming, &src.join("good.csb"), "good.csb");
 
     wait_for(Duration::from_secs(60), "the good batch", || {
         output(&d, "good").is_some()
     });
     assert_eq!(output(&d, "good").unwrap(), expected["good"]);
-    wait_for(Duration::from_secs(10), "three quarantined", || {
-        names_in(&d.failed).len() == 6
+    wait_for(Duration::from_secs(10), "four quarantined", || {
+        names_in(&d.failed).len() == 8
     });
     for (name, stage, kind, says) in [
         (
@@ -320,6 +334,7 @@ fn a_malformed_batch_is_quarantined_while_the_next_is_processed() {
         ),
         ("truncated.csb", "read", "corrupt", "truncated.csb"),
         ("link.csb", "claim", "not_a_batch", "symbolic link"),
+        ("fifo", "read", "invalid", "not a regular file"),
     ] {
         let report: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(d.failed.join(format!("{name}.error.json"))).unwrap(),
@@ -339,7 +354,7 @@ fn a_malformed_batch_is_quarantined_while_the_next_is_processed() {
     }
     assert_eq!(
         daemon.metric("cellstream_batches_total{outcome=\"failed\"}"),
-        3.0
+        4.0
     );
     assert_eq!(
         daemon.metric("cellstream_batches_total{outcome=\"ok\"}"),
@@ -685,4 +700,52 @@ fn the_unit_passes_systemd_analyze_verify() {
     let err = common::stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("cellstream.service"), "warnings: {err}");
+}
+
+#[test]
+fn a_token_guards_every_endpoint_but_healthz() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let token = "s3cret-token-0123456789";
+    std::fs::write(root.join("token"), format!("{token}\n")).unwrap();
+    write_config(
+        root,
+        "",
+        &format!("token_file = {:?}", root.join("token")),
+        "[pipeline]\nthreads = 1\n",
+    );
+    let daemon = Daemon::start(root, &[]);
+    let bearer = format!("Bearer {token}");
+    let with = [("Authorization", bearer.as_str())];
+    let wrong = [("Authorization", "Bearer s3cret-token-0123456780")];
+    let status = |method: &str, path: &str, headers: &[(&str, &str)]| {
+        let body = (method == "POST").then_some(&b"x"[..]);
+        request(&daemon.addr, method, path, headers, body)
+            .unwrap()
+            .0
+    };
+    wait_for(Duration::from_secs(60), "ready", || {
+        status("GET", "/readyz", &with) == 200
+    });
+    assert_eq!(status("GET", "/healthz", &[]), 200);
+    for (method, path) in [
+        ("GET", "/readyz"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/stream"),
+        ("POST", "/v1/batches?name=x.csb"),
+    ] {
+        assert_eq!(status(method, path, &[]), 401, "{method} {path}");
+        assert_eq!(status(method, path, &wrong), 401, "{method} {path}");
+    }
+    assert_eq!(status("GET", "/metrics", &with), 200);
+    assert!(names_in(&dirs(root).incoming).is_empty());
+    // A token file that is too short is a config error (exit 2), not an open door.
+    std::fs::write(root.join("token"), "short").unwrap();
+    let out = common::cellstream(&[
+        "serve",
+        "--config",
+        root.join("cellstream.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", common::stderr(&out));
+    assert!(common::stderr(&out).contains("token_file"));
 }

@@ -13,7 +13,7 @@ runs=$(( (rounds + 9) / 10 ))
 for ((i = 0; i < runs; i++)); do
     s=$((seed + i))
     echo "== run $((i + 1))/$runs, seed $s"
-    CELLSTREAM_KILL_ROUNDS=10 CELLSTREAM_KILL_SEED=$s \
+    CELLSTREAM_KILL_ROUNDS=10 CELLSTREAM_KILL_SEED=$s CELLSTREAM_KILL_CELLS=35 \
         cargo test -q --release --test serve kill_9 -- --nocapture 2>&1 |
         grep -E "^round|kills landed|test result|panicked|assert"
 done

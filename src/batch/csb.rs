@@ -1,6 +1,5 @@
 //! The native `.csb` format (docs/FORMAT.md): read in place from a memory map, validated first.
 
-use std::fs::File;
 use std::io::Write;
 use std::ops::Range;
 use std::path::Path;
@@ -36,7 +35,7 @@ pub fn read_mapped(path: &Path) -> Result<CountBatch, BatchError> {
 }
 
 pub fn read_zst(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
-    let file = File::open(path).map_err(|e| BatchError::io(path, e))?;
+    let file = super::source::open_regular(path)?;
     let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| BatchError::io(path, e))?;
     let image = Image::read_capped(path, decoder, opts.max_decompressed)?;
     if !image.bytes().starts_with(MAGIC) {

@@ -19,7 +19,9 @@ fn find_member(dir: &Path, stems: &[&str]) -> Result<PathBuf, BatchError> {
     for stem in stems {
         for name in [stem.to_string(), format!("{stem}.gz")] {
             let p = dir.join(&name);
-            if p.is_file() {
+            // Any entry of that name is the member; a non-file one is refused when opened,
+            // with a message that says what it is.
+            if p.exists() {
                 return Ok(p);
             }
         }

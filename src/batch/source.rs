@@ -32,7 +32,7 @@ impl Image {
     /// into its own `processing/` folder, so no one writes them any more; the one-shot commands
     /// map files named by the user, who owns them for the duration of the command.
     pub fn map(path: &Path) -> Result<Image, BatchError> {
-        let file = File::open(path).map_err(|e| BatchError::io(path, e))?;
+        let file = open_regular(path)?;
         // SAFETY: see the contract above; the map is read-only and every offset is validated
         // before it is sliced.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| BatchError::io(path, e))?;
@@ -85,8 +85,32 @@ impl Image {
 }
 
 /// The first `n` bytes of a file (fewer when it is shorter).
+/// Opens a member of a batch for reading, refusing anything but a regular file: opening a
+/// FIFO would block the reader forever, and a device is never a batch. The open itself
+/// does not block (O_NONBLOCK, harmless for regular files); the type is checked on the
+/// opened file, so it cannot be swapped in between.
+pub fn open_regular(path: &Path) -> Result<File, BatchError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| BatchError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| BatchError::io(path, e))?;
+    if meta.is_file() {
+        Ok(file)
+    } else if meta.is_dir() {
+        Err(BatchError::invalid(path, "is a directory, expected a file"))
+    } else {
+        Err(BatchError::invalid(
+            path,
+            "is not a regular file (a FIFO, socket or device); expected a batch file",
+        ))
+    }
+}
+
 pub fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, BatchError> {
-    let file = File::open(path).map_err(|e| BatchError::io(path, e))?;
+    let file = open_regular(path)?;
     let mut head = Vec::with_capacity(n);
     file.take(n as u64)
         .read_to_end(&mut head)
@@ -96,7 +120,7 @@ pub fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, BatchError> {
 
 /// Reads a whole text member, gunzipping it when it starts with the gzip magic, up to `cap` bytes.
 pub fn read_maybe_gz(path: &Path, cap: u64) -> Result<Vec<u8>, BatchError> {
-    let mut file = File::open(path).map_err(|e| BatchError::io(path, e))?;
+    let mut file = open_regular(path)?;
     let mut raw = Vec::new();
     (&mut file)
         .take(cap.saturating_add(1))
@@ -137,7 +161,7 @@ pub fn read_maybe_gz(path: &Path, cap: u64) -> Result<Vec<u8>, BatchError> {
 /// The first `n` bytes of a gzip file's content (empty when it cannot be decompressed).
 pub fn gunzip_head(path: &Path, n: usize) -> Vec<u8> {
     let mut head = Vec::with_capacity(n);
-    if let Ok(file) = File::open(path) {
+    if let Ok(file) = open_regular(path) {
         let _ = flate2::read::MultiGzDecoder::new(file)
             .take(n as u64)
             .read_to_end(&mut head);

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -43,12 +44,47 @@ pub fn router(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) -> Router {
         .route("/v1/batches", post(upload))
         // The upload handler enforces `http.max_upload_bytes` itself, while streaming.
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            require_token,
+        ))
         .with_state(App {
             shared,
             shutdown,
             uploads,
             upload_seq: Arc::new(AtomicU64::new(0)),
         })
+}
+
+/// With `[http] token_file` set, every endpoint but `/healthz` needs the bearer token.
+async fn require_token(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let cfg = shared.config();
+    let Some(token) = cfg.token() else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+        return next.run(req).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "a bearer token is required (Authorization: Bearer <token>)\n",
+    )
+        .into_response()
+}
+
+/// Compares without stopping at the first difference, so that timing does not reveal how
+/// much of a guess was right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn healthz() -> &'static str {
