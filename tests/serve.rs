@@ -749,3 +749,98 @@ fn a_token_guards_every_endpoint_but_healthz() {
     assert_eq!(out.status.code(), Some(2), "{}", common::stderr(&out));
     assert!(common::stderr(&out).contains("token_file"));
 }
+
+#[test]
+fn a_full_disk_keeps_the_batch_and_retries_until_it_fits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, d) = (tmp.path(), dirs(tmp.path()));
+    let base = pbmc68k();
+    let src = root.join("src");
+    std::fs::create_dir(&src).unwrap();
+    write_batch(&subset(&base, 200..230), &src.join("full.csb"));
+    let expected = embed_reference(&[src.join("full.csb")], root);
+    write_config(root, "", "", "[pipeline]\nthreads = 2\n");
+    // Files over 4 KiB cannot be written: the output (tens of KiB) hits "disk full".
+    let daemon = Daemon::start_with(root, &[], Some(4096));
+    daemon.wait_ready();
+    drop_batch(&d.incoming, &src.join("full.csb"), "full.csb");
+    wait_for(Duration::from_secs(60), "a failed commit", || {
+        daemon.metric("cellstream_batches_total{outcome=\"retried\"}") >= 2.0
+    });
+    assert!(
+        output(&d, "full").is_none(),
+        "no partial output is ever visible"
+    );
+    assert!(
+        names_in(&d.out).iter().all(|n| !n.starts_with("full")),
+        "{:?}",
+        names_in(&d.out)
+    );
+    assert!(
+        names_in(&d.failed).is_empty(),
+        "a full disk is not the input's fault"
+    );
+    assert!(d.incoming.join("full.csb").exists() || d.processing.join("full.csb").exists());
+    assert!(
+        daemon.log_text().contains("File too large"),
+        "the log says why"
+    );
+
+    daemon.lift_file_size_limit();
+    wait_for(Duration::from_secs(60), "the retried batch", || {
+        output(&d, "full").is_some()
+    });
+    assert_eq!(output(&d, "full").unwrap(), expected["full"]);
+    assert!(d.done.join("full.csb").exists());
+}
+
+#[test]
+fn replacing_the_model_while_running_changes_nothing_until_a_restart_refuses_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, d) = (tmp.path(), dirs(tmp.path()));
+    let model = root.join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(common::repo().join("models/pbmc-compact")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let base = pbmc68k();
+    let src = root.join("src");
+    std::fs::create_dir(&src).unwrap();
+    write_batch(&subset(&base, 300..310), &src.join("m.csb"));
+    let expected = embed_reference(&[src.join("m.csb")], root);
+    write_config(
+        root,
+        "",
+        "",
+        &format!("[model]\ndir = {model:?}\n[pipeline]\nthreads = 1\n"),
+    );
+    let mut daemon = Daemon::start(root, &[]);
+    daemon.wait_ready();
+    // A deployer swaps in a broken file (write + rename, as package managers do).
+    std::fs::write(model.join(".model.onnx.new"), b"not a model").unwrap();
+    std::fs::rename(model.join(".model.onnx.new"), model.join("model.onnx")).unwrap();
+    drop_batch(&d.incoming, &src.join("m.csb"), "m.csb");
+    wait_for(Duration::from_secs(60), "the batch", || {
+        output(&d, "m").is_some()
+    });
+    assert_eq!(
+        output(&d, "m").unwrap(),
+        expected["m"],
+        "the loaded model serves on"
+    );
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+    // At the next start the package is checked again and refused with a reason.
+    let out = common::cellstream(&[
+        "serve",
+        "--config",
+        root.join("cellstream.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("model.onnx"),
+        "{}",
+        common::stderr(&out)
+    );
+}

@@ -92,6 +92,12 @@ impl Shared {
 
 /// Runs the daemon until SIGTERM or SIGINT (Ok: drained) or a fatal error.
 pub fn serve(config_path: &Path) -> anyhow::Result<()> {
+    // A write past a file-size limit (RLIMIT_FSIZE) must fail with EFBIG, like a full
+    // disk, and be retried; by default SIGXFSZ would kill the daemon instead.
+    // SAFETY: setting a signal's disposition to SIG_IGN, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let cfg = Config::load(config_path)?;
     let spool = Spool::open(&cfg.spool.dir)
         .with_context(|| format!("preparing the spool {}", cfg.spool.dir.display()))?;

@@ -54,7 +54,29 @@ pub fn write_config(root: &Path, spool: &str, http: &str, extra: &str) -> PathBu
 impl Daemon {
     /// Starts the daemon with the config at `root/cellstream.toml` and waits until it listens.
     pub fn start(root: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(root, env, None)
+    }
+
+    /// [`Daemon::start`] with the largest file it may write (RLIMIT_FSIZE, soft limit):
+    /// a full disk, as far as its writes can tell.
+    pub fn start_with(root: &Path, env: &[(&str, &str)], max_file_bytes: Option<u64>) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellstream"));
+        if let Some(limit) = max_file_bytes {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only an async-signal-safe system call between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: libc::RLIM_INFINITY,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.arg("serve")
             .arg("--config")
             .arg(root.join("cellstream.toml"))
@@ -153,6 +175,24 @@ impl Daemon {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
+    }
+
+    /// Lifts the file-size limit set by [`Daemon::start_with`]: the disk has room again.
+    pub fn lift_file_size_limit(&self) {
+        let rl = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: prlimit on our own child, with a valid rlimit and no old-value pointer.
+        let rc = unsafe {
+            libc::prlimit(
+                self.pid() as libc::pid_t,
+                libc::RLIMIT_FSIZE,
+                &rl,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
     }
 
     /// CPU time used so far (user + system), in seconds (clock ticks of 1/100 s).
