@@ -305,6 +305,7 @@ fn zstd_bomb_over_the_cap() {
     assert!(bomb.len() < 10_000);
     let opts = ReadOptions {
         max_decompressed: 1 << 20,
+        ..ReadOptions::default()
     };
     expect_err_opts(
         &c.file("bomb.csb.zst", &bomb),
@@ -347,6 +348,7 @@ fn truncated_corrupt_and_bomb_gzip() {
     let bomb = gz(&vec![b'%'; 32 << 20]);
     let opts = ReadOptions {
         max_decompressed: 1 << 20,
+        ..ReadOptions::default()
     };
     expect_err_opts(&copy("bomb", &bomb), &opts, &["matrix.mtx.gz", "too large"]);
 }

@@ -199,3 +199,29 @@ fn csb_is_read_in_place_from_the_map() {
     assert_eq!(b.indices().as_ptr() as usize % 64, 0);
     assert_eq!(b.data().as_ptr() as usize % 64, 0);
 }
+
+#[test]
+fn csb_copied_instead_of_mapped_is_the_same_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("b.csb");
+    write_csb_file(&read(&common::pbmc3k()), &out).unwrap();
+    let copied = read_batch(
+        &out,
+        &ReadOptions {
+            memory_map: false,
+            ..ReadOptions::default()
+        },
+    )
+    .unwrap();
+    let total: u64 = copied.data().iter().map(|&c| c as u64).sum();
+    common::assert_same_matrix(&read_batch(&out, &ReadOptions::default()).unwrap(), &copied);
+    // Truncating the file afterwards (a producer breaking the spool protocol) cannot touch
+    // a copy, where a mapping would fault.
+    std::fs::File::options()
+        .write(true)
+        .open(&out)
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    assert_eq!(copied.data().iter().map(|&c| c as u64).sum::<u64>(), total);
+}

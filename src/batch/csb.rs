@@ -34,6 +34,13 @@ pub fn read_mapped(path: &Path) -> Result<CountBatch, BatchError> {
     from_image(path, image, Format::Csb)
 }
 
+/// Reads the file into an aligned buffer instead of mapping it (see `ReadOptions::memory_map`).
+pub fn read_copied(path: &Path) -> Result<CountBatch, BatchError> {
+    let file = super::source::open_regular(path)?;
+    let image = Image::read_capped(path, file, u64::MAX)?;
+    from_image(path, image, Format::Csb)
+}
+
 pub fn read_zst(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
     let file = super::source::open_regular(path)?;
     let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| BatchError::io(path, e))?;

@@ -24,17 +24,22 @@ compile_error!(
     "cellstream reads little-endian arrays in place and supports little-endian hosts only"
 );
 
-/// Limits that protect the reader from hostile input.
+/// Limits that protect the reader from hostile input, and how files are read.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadOptions {
     /// Largest number of bytes a compressed input (gzip, zstd) may expand to.
     pub max_decompressed: u64,
+    /// Memory-map `.csb` files (no copy). Safe only while nobody truncates the file: a
+    /// truncated mapping faults (SIGBUS) on access. The daemon reads files that producers
+    /// may still hold open, so it copies them instead.
+    pub memory_map: bool,
 }
 
 impl Default for ReadOptions {
     fn default() -> Self {
         ReadOptions {
             max_decompressed: 4 << 30,
+            memory_map: true,
         }
     }
 }
@@ -290,12 +295,31 @@ pub fn read_batch(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchEr
     let format = detect_format(path)?;
     let batch = match format {
         Format::Mtx => mtx::read_dir(path, opts)?,
-        Format::Csb => csb::read_mapped(path)?,
+        Format::Csb if opts.memory_map => csb::read_mapped(path)?,
+        Format::Csb => csb::read_copied(path)?,
         Format::CsbZst => csb::read_zst(path, opts)?,
         Format::DenseText => dense::read(path, opts)?,
         Format::Hdf5 => read_hdf5(path, opts)?,
     };
+    check_unique_barcodes(&batch)?;
     Ok(batch)
+}
+
+/// Each record is keyed by (batch, barcode): two cells with one barcode would be two
+/// records an analyst cannot tell apart.
+fn check_unique_barcodes(batch: &CountBatch) -> Result<(), BatchError> {
+    let mut seen = std::collections::HashMap::with_capacity(batch.barcodes.len());
+    for (i, b) in batch.barcodes.iter().enumerate() {
+        if let Some(first) = seen.insert(b.as_str(), i) {
+            return Err(BatchError::invalid(
+                &batch.source,
+                format!(
+                    "barcode {b:?} names cells {first} and {i}; each cell needs its own barcode"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(feature = "hdf5")]

@@ -265,6 +265,8 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Proc
     check_entry(&c.path)?;
     let opts = ReadOptions {
         max_decompressed: shared.config().spool.max_decompressed_bytes,
+        // A producer that breaks the protocol could still truncate the file: copy, never map.
+        memory_map: false,
     };
     let start = Instant::now();
     let batch = read_batch(&c.path, &opts).map_err(|e: BatchError| Failure {
