@@ -700,6 +700,24 @@ fn the_unit_passes_systemd_analyze_verify() {
     let err = common::stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("cellstream.service"), "warnings: {err}");
+
+    // The hardening, as systemd rates it (exposure 0 = locked down, 10 = none).
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for cellstream.service:")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{text}{}", common::stderr(&out)));
+    eprintln!("systemd-analyze security: exposure {exposure}");
+    assert!(exposure <= 2.0, "exposure {exposure}:\n{text}");
 }
 
 #[test]
