@@ -629,6 +629,61 @@ fn systemd_notifications_ready_watchdog_and_stopping() {
 }
 
 #[test]
+fn the_watchdog_is_not_fed_while_a_stage_makes_no_progress() {
+    // With a 100 ms watchdog, one model batch (hundreds of ms in a debug build) is a stage
+    // busy without progress for longer than the period: feeding must pause, as it would
+    // for a truly stuck pipeline, and resume once the batch is committed.
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, d) = (tmp.path(), dirs(tmp.path()));
+    let base = pbmc68k();
+    let src = root.join("slow.csb");
+    write_batch(&subset(&base, 0..120), &src);
+    write_config(root, "", "", "[pipeline]\nthreads = 1\n");
+    let socket_path = root.join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let daemon = Daemon::start(
+        root,
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "100000"),
+        ],
+    );
+    daemon.wait_ready();
+    drop_batch(&d.incoming, &src, "slow.csb");
+    let mut feeds = Vec::new();
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    while start.elapsed() < Duration::from_secs(120) {
+        if let Ok(n) = socket.recv(&mut buf) {
+            if &buf[..n] == b"WATCHDOG=1" {
+                feeds.push(start.elapsed());
+            }
+        }
+        if output(&d, "slow").is_some()
+            && feeds
+                .last()
+                .is_some_and(|t| start.elapsed() - *t < Duration::from_millis(200))
+        {
+            break;
+        }
+    }
+    assert!(output(&d, "slow").is_some(), "the batch completes");
+    let longest_gap = feeds.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    eprintln!("{} feeds; longest gap {longest_gap:?}", feeds.len());
+    assert!(
+        longest_gap > Duration::from_millis(300),
+        "feeding paused while a model batch ran longer than the period"
+    );
+    assert!(
+        daemon.log_text().contains("made no progress"),
+        "and the log says so"
+    );
+}
+
+#[test]
 fn sighup_reloads_the_config_and_a_bad_one_changes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();

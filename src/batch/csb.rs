@@ -43,7 +43,22 @@ pub fn read_copied(path: &Path) -> Result<CountBatch, BatchError> {
 
 pub fn read_zst(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
     let file = super::source::open_regular(path)?;
-    let decoder = zstd::stream::read::Decoder::new(file).map_err(|e| BatchError::io(path, e))?;
+    from_zst_reader(path, file, opts)
+}
+
+/// Parses a `.csb` image held in memory; `path` names it in errors (tests, fuzzing).
+pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<CountBatch, BatchError> {
+    let image = Image::read_capped(path, bytes, u64::MAX)?;
+    from_image(path, image, Format::Csb)
+}
+
+/// Decompresses a `.csb.zst` stream (at most `opts.max_decompressed` bytes) and parses it.
+pub fn from_zst_reader(
+    path: &Path,
+    reader: impl std::io::Read,
+    opts: &ReadOptions,
+) -> Result<CountBatch, BatchError> {
+    let decoder = zstd::stream::read::Decoder::new(reader).map_err(|e| BatchError::io(path, e))?;
     let image = Image::read_capped(path, decoder, opts.max_decompressed)?;
     if !image.bytes().starts_with(MAGIC) {
         return Err(BatchError::invalid(

@@ -16,7 +16,9 @@ mod source;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-pub use csb::{write_csb, write_csb_file};
+pub use csb::{
+    from_bytes as csb_from_bytes, from_zst_reader as csb_from_zst_reader, write_csb, write_csb_file,
+};
 pub use error::{BatchError, BatchErrorKind};
 
 #[cfg(target_endian = "big")]
