@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Fuzz every parser for a set time (or a number of executions) with seeds from the real
+# samples in the repo. Needs cargo-fuzz (`cargo install cargo-fuzz`); on a stable toolchain
+# RUSTC_BOOTSTRAP=1 lets it pass the sanitizer flags.
+#   fuzz/run.sh [SECONDS_PER_TARGET] [RUNS_PER_TARGET]   (defaults: 600 s, 10,000,000 runs)
+# A target stops at whichever limit comes first. Crashes land in fuzz/artifacts/<target>/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-600}" runs="${2:-10000000}"
+# The seeds are made with the release binary (built without RUSTC_BOOTSTRAP, which would
+# invalidate the normal build's cache); only cargo fuzz gets it.
+cargo build --release --bin cellstream
+bin=target/release/cellstream
+c=fuzz/corpus
+mkdir -p $c/csb $c/csb_zst $c/mtx $c/dense $c/config $c/upload_name
+f=tests/fixtures/formats
+# Seeds: the real samples, converted to each format a target reads.
+i=0
+for src in $f/scanpy_10x_v2/filtered_gene_bc_matrices/hg19_chr21 $f/scanpy_10x_v3/filtered_feature_bc_matrix \
+           $f/seurat_testdata/cr3.0 $f/seurat_testdata/pbmc_raw.txt; do
+    i=$((i + 1))
+    $bin convert "$src" $c/csb/seed$i.csb >/dev/null
+    $bin convert "$src" $c/csb_zst/seed$i.csb.zst >/dev/null
+done
+cp tests/fixtures/python_written.csb $c/csb/python_written.csb
+cp $f/seurat_testdata/pbmc_raw.txt $c/dense/pbmc_raw.txt
+cp $c/csb/seed1.csb $c/csb_zst/seed1.csb.zst $c/dense/
+gzip -c $f/seurat_testdata/pbmc_raw.txt > $c/dense/pbmc_raw.txt.gz
+# MTX: matrix \0 features \0 barcodes, as fuzz_targets/mtx.rs splits them.
+d=$f/scanpy_10x_v2/filtered_gene_bc_matrices/hg19_chr21
+{ cat $d/matrix.mtx; printf '\0'; cat $d/genes.tsv; printf '\0'; cat $d/barcodes.tsv; } > $c/mtx/v2
+d=$f/scanpy_10x_v3/filtered_feature_bc_matrix
+{ cat $d/matrix.mtx.gz; printf '\0'; zcat $d/features.tsv.gz; printf '\0'; cat $d/barcodes.tsv.gz; } > $c/mtx/v3-gz
+cp systemd/cellstream.toml $c/config/example.toml
+printf '[spool]\ndir = "/s"\n[output]\ndir = "/o"\n[http]\nlisten = "127.0.0.1:9464"\n' > $c/config/minimal.toml
+printf 'run42-000017.csb.zst' > $c/upload_name/good
+printf '../etc/passwd' > $c/upload_name/traversal
+
+export RUSTC_BOOTSTRAP=1
+cargo fuzz build -O
+for t in csb csb_zst mtx dense config upload_name; do
+    echo "== $t: up to $secs s or $runs runs"
+    cargo fuzz run -O "$t" $c/$t -- -max_total_time="$secs" -runs="$runs" \
+        -max_len=262144 -rss_limit_mb=2048 -print_final_stats=1 2>&1 |
+        grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==|SUMMARY)|panicked|Test unit written" || true
+done
