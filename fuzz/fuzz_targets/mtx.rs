@@ -18,7 +18,10 @@ fuzz_target!(|data: &[u8]| {
     parts.resize(3, b"");
     let dir = scratch().path().join("mtx");
     let _ = std::fs::create_dir(&dir);
-    for (name, bytes) in ["matrix.mtx", "features.tsv", "barcodes.tsv"].iter().zip(parts) {
+    for (name, bytes) in ["matrix.mtx", "features.tsv", "barcodes.tsv"]
+        .iter()
+        .zip(parts)
+    {
         std::fs::write(dir.join(name), bytes).unwrap();
     }
     let opts = ReadOptions {
