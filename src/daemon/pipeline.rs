@@ -237,14 +237,7 @@ fn batch_loop(
         }
         shared.heartbeat.beat(Stage::Batch);
         match process(shared, &mut embedder, &c) {
-            Ok((batch, results, read, timings)) => {
-                let job = Finished {
-                    claimed: c,
-                    batch,
-                    results,
-                    read,
-                    timings,
-                };
+            Ok(job) => {
                 shared.heartbeat.idle(Stage::Batch);
                 if finished.send(job).is_err() {
                     break;
@@ -259,9 +252,7 @@ fn batch_loop(
     }
 }
 
-type Processed = (CountBatch, Vec<CellResult>, Duration, EmbedTimings);
-
-fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Processed, Failure> {
+fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Finished, Failure> {
     check_entry(&c.path)?;
     let opts = ReadOptions {
         max_decompressed: shared.config().spool.max_decompressed_bytes,
@@ -285,7 +276,13 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Proc
             ))
         });
     match embedded {
-        Ok((results, timings)) => Ok((batch, results, read, timings)),
+        Ok((results, timings)) => Ok(Finished {
+            claimed: c.clone(),
+            batch,
+            results,
+            read,
+            timings,
+        }),
         Err(e) => Err(match e.downcast_ref::<NoGeneInVocab>() {
             Some(_) => Failure {
                 stage: "tokenize",
