@@ -51,6 +51,34 @@ fn embed_reference(inputs: &[PathBuf], dir: &Path) -> BTreeMap<String, String> {
     by_batch
 }
 
+/// A temporary daemon root, source batches cut from pbmc68k (name → cells), and what
+/// `cellstream embed` writes for them.
+struct Setup {
+    tmp: tempfile::TempDir,
+    d: Spooled,
+    src: PathBuf,
+    expected: BTreeMap<String, String>,
+}
+
+fn setup(batches: &[(&str, std::ops::Range<usize>)]) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = dirs(tmp.path());
+    let base = pbmc68k();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for (name, cells) in batches {
+        write_batch(&subset(&base, cells.clone()), &src.join(name));
+    }
+    let inputs: Vec<PathBuf> = batches.iter().map(|(n, _)| src.join(n)).collect();
+    let expected = embed_reference(&inputs, tmp.path());
+    Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    }
+}
+
 fn names_in(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
@@ -68,17 +96,14 @@ fn output(d: &Spooled, id: &str) -> Option<String> {
 
 #[test]
 fn dropped_batches_come_out_as_files_on_the_stream_and_in_metrics() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (root, d) = (tmp.path(), dirs(tmp.path()));
-    let base = pbmc68k();
-    let src = root.join("src");
-    std::fs::create_dir(&src).unwrap();
     let batches = [("b1", 0..30), ("b2.csb", 30..70), ("b3.csb.zst", 70..95)];
-    for (name, cells) in &batches {
-        write_batch(&subset(&base, cells.clone()), &src.join(name));
-    }
-    let inputs: Vec<PathBuf> = batches.iter().map(|(n, _)| src.join(n)).collect();
-    let expected = embed_reference(&inputs, root);
+    let Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    } = setup(&batches);
+    let root = tmp.path();
 
     write_config(root, "", "", "[pipeline]\nthreads = 2\n");
     let daemon = Daemon::start(root, &[]);
@@ -286,13 +311,14 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
 
 #[test]
 fn a_malformed_batch_is_quarantined_while_the_next_is_processed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (root, d) = (tmp.path(), dirs(tmp.path()));
+    let Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    } = setup(&[("good.csb", 0..10)]);
+    let root = tmp.path();
     let base = pbmc68k();
-    let src = root.join("src");
-    std::fs::create_dir(&src).unwrap();
-    write_batch(&subset(&base, 0..10), &src.join("good.csb"));
-    let expected = embed_reference(&[src.join("good.csb")], root);
     let csb = std::fs::read(src.join("good.csb")).unwrap();
     std::fs::write(
         src.join("garbage.csb"),
@@ -524,14 +550,13 @@ fn post_chunked(addr: &str, n: usize) -> u16 {
 
 #[test]
 fn sigterm_during_a_batch_finishes_it_and_exits_0() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (root, d) = (tmp.path(), dirs(tmp.path()));
-    let base = pbmc68k();
-    let src = root.join("src");
-    std::fs::create_dir(&src).unwrap();
-    write_batch(&subset(&base, 0..160), &src.join("long.csb"));
-    write_batch(&subset(&base, 160..170), &src.join("next.csb"));
-    let expected = embed_reference(&[src.join("long.csb"), src.join("next.csb")], root);
+    let Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    } = setup(&[("long.csb", 0..160), ("next.csb", 160..170)]);
+    let root = tmp.path();
     write_config(
         root,
         "",
@@ -825,13 +850,13 @@ fn a_token_guards_every_endpoint_but_healthz() {
 
 #[test]
 fn a_full_disk_keeps_the_batch_and_retries_until_it_fits() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (root, d) = (tmp.path(), dirs(tmp.path()));
-    let base = pbmc68k();
-    let src = root.join("src");
-    std::fs::create_dir(&src).unwrap();
-    write_batch(&subset(&base, 200..230), &src.join("full.csb"));
-    let expected = embed_reference(&[src.join("full.csb")], root);
+    let Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    } = setup(&[("full.csb", 200..230)]);
+    let root = tmp.path();
     write_config(root, "", "", "[pipeline]\nthreads = 2\n");
     // Files over 4 KiB cannot be written: the output (tens of KiB) hits "disk full".
     let daemon = Daemon::start_with(root, &[], Some(4096));
@@ -869,19 +894,19 @@ fn a_full_disk_keeps_the_batch_and_retries_until_it_fits() {
 
 #[test]
 fn replacing_the_model_while_running_changes_nothing_until_a_restart_refuses_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (root, d) = (tmp.path(), dirs(tmp.path()));
+    let Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    } = setup(&[("m.csb", 300..310)]);
+    let root = tmp.path();
     let model = root.join("model");
     std::fs::create_dir(&model).unwrap();
     for e in std::fs::read_dir(common::repo().join("models/pbmc-compact")).unwrap() {
         let e = e.unwrap();
         std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
     }
-    let base = pbmc68k();
-    let src = root.join("src");
-    std::fs::create_dir(&src).unwrap();
-    write_batch(&subset(&base, 300..310), &src.join("m.csb"));
-    let expected = embed_reference(&[src.join("m.csb")], root);
     write_config(
         root,
         "",
