@@ -17,37 +17,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cellstream::batch::{read_batch, write_csb_file, CountBatch, CsrArrays, Format, ReadOptions};
+use cellstream::batch::{read_batch, write_csb_file, ReadOptions};
 
 const CELLS_PER_BATCH: usize = 500;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_cellstream")
-}
-
-fn subset(batch: &CountBatch, cells: impl Iterator<Item = usize>) -> CountBatch {
-    let mut indptr = vec![0u64];
-    let (mut indices, mut data, mut barcodes) = (Vec::new(), Vec::new(), Vec::new());
-    for i in cells {
-        let cell = batch.cell(i);
-        indices.extend_from_slice(cell.genes);
-        data.extend_from_slice(cell.counts);
-        indptr.push(indices.len() as u64);
-        barcodes.push(batch.barcodes[i].clone());
-    }
-    CountBatch::from_csr(
-        "bench",
-        Format::Csb,
-        batch.gene_names.clone(),
-        batch.gene_ids.clone(),
-        barcodes,
-        CsrArrays {
-            indptr,
-            indices,
-            data,
-        },
-    )
-    .unwrap()
 }
 
 struct Daemon {
@@ -164,7 +139,7 @@ fn main() {
     for (k, start) in (0..n).step_by(CELLS_PER_BATCH).enumerate() {
         let path = work.join(format!("pbmc3k-{k:02}.csb"));
         write_csb_file(
-            &subset(&pbmc3k, start..(start + CELLS_PER_BATCH).min(n)),
+            &pbmc3k.select(start..(start + CELLS_PER_BATCH).min(n)),
             &path,
         )
         .unwrap();

@@ -12,7 +12,7 @@ pub fn write_atomic(
 ) -> std::io::Result<()> {
     let dir = parent_dir(path);
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = dir.join(format!(".{name}{ATOMIC_TMP}{}", std::process::id()));
     let result = (|| {
         let mut w = BufWriter::with_capacity(1 << 20, File::create(&tmp)?);
         fill(&mut w)?;
@@ -25,6 +25,14 @@ pub fn write_atomic(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// What [`write_atomic`] puts between the hidden name and the process id of a temporary.
+const ATOMIC_TMP: &str = ".tmp-";
+
+/// Whether `name` is a temporary [`write_atomic`] left behind (a crash mid-write).
+pub fn is_atomic_temporary(name: &str) -> bool {
+    name.starts_with('.') && name.contains(ATOMIC_TMP)
 }
 
 /// Makes the renames and creations inside `dir` durable.

@@ -67,7 +67,7 @@ fn setup(batches: &[(&str, std::ops::Range<usize>)]) -> Setup {
     let src = tmp.path().join("src");
     std::fs::create_dir(&src).unwrap();
     for (name, cells) in batches {
-        write_batch(&subset(&base, cells.clone()), &src.join(name));
+        write_batch(&base.select(cells.clone()), &src.join(name));
     }
     let inputs: Vec<PathBuf> = batches.iter().map(|(n, _)| src.join(n)).collect();
     let expected = embed_reference(&inputs, tmp.path());
@@ -255,7 +255,7 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
         .collect();
     let inputs: Vec<PathBuf> = names.iter().map(|n| src.join(n)).collect();
     for (i, path) in inputs.iter().enumerate() {
-        write_batch(&subset(&base, i * cells..(i + 1) * cells), path);
+        write_batch(&base.select(i * cells..(i + 1) * cells), path);
     }
     let expected = embed_reference(&inputs, root);
     write_config(root, "", "", "[pipeline]\nthreads = 2\n");
@@ -337,7 +337,7 @@ fn a_malformed_batch_is_quarantined_while_the_next_is_processed() {
     std::fs::rename(d.incoming.join(".link.tmp"), d.incoming.join("link.csb")).unwrap();
     // An MTX directory whose matrix is a FIFO: reading it must not block the daemon.
     let fifo_dir = src.join("fifo");
-    write_mtx_dir(&subset(&base, 0..3), &fifo_dir);
+    write_mtx_dir(&base.select(0..3), &fifo_dir);
     std::fs::remove_file(fifo_dir.join("matrix.mtx")).unwrap();
     let c_path = std::ffi::CString::new(fifo_dir.join("matrix.mtx").to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
@@ -399,7 +399,7 @@ fn uploads_are_capped_refused_when_the_queue_is_full_and_never_lost() {
     let (root, d) = (tmp.path(), dirs(tmp.path()));
     let base = pbmc68k();
     let src = root.join("up.csb");
-    write_batch(&subset(&base, 100..120), &src);
+    write_batch(&base.select(100..120), &src);
     let body = std::fs::read(&src).unwrap();
     let cap = 256 * 1024;
     assert!(body.len() < cap);
@@ -662,7 +662,7 @@ fn the_watchdog_is_not_fed_while_a_stage_makes_no_progress() {
     let (root, d) = (tmp.path(), dirs(tmp.path()));
     let base = pbmc68k();
     let src = root.join("slow.csb");
-    write_batch(&subset(&base, 0..120), &src);
+    write_batch(&base.select(0..120), &src);
     write_config(root, "", "", "[pipeline]\nthreads = 1\n");
     let socket_path = root.join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();

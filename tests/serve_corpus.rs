@@ -23,7 +23,7 @@ enum Entry {
 
 fn base() -> CountBatch {
     let all = common::read(&common::repo().join("bench-data/pbmc68k_reduced"));
-    subset(&all, 0..4)
+    all.select(0..4)
 }
 
 fn csb(batch: &CountBatch) -> Vec<u8> {

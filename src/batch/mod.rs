@@ -217,6 +217,32 @@ impl CountBatch {
         })
     }
 
+    /// Cells `rows` (in order) as a new batch over the same genes, arrays on the heap.
+    pub fn select(&self, rows: std::ops::Range<usize>) -> CountBatch {
+        let mut indptr = Vec::with_capacity(rows.len() + 1);
+        indptr.push(0u64);
+        let (mut indices, mut data) = (Vec::new(), Vec::new());
+        for i in rows.clone() {
+            let cell = self.cell(i);
+            indices.extend_from_slice(cell.genes);
+            data.extend_from_slice(cell.counts);
+            indptr.push(indices.len() as u64);
+        }
+        CountBatch::from_csr(
+            self.source.clone(),
+            self.format,
+            self.gene_names.clone(),
+            self.gene_ids.clone(),
+            self.barcodes[rows].to_vec(),
+            CsrArrays {
+                indptr,
+                indices,
+                data,
+            },
+        )
+        .expect("rows of a valid batch form a valid batch")
+    }
+
     pub fn n_cells(&self) -> usize {
         self.barcodes.len()
     }

@@ -296,6 +296,6 @@ fn remove_stale_temporaries(out_dir: &Path, incoming: &Path) {
             }
         }
     };
-    stale(out_dir, &|n| n.starts_with('.') && n.contains(".tmp-"));
+    stale(out_dir, &crate::fsutil::is_atomic_temporary);
     stale(incoming, &|n| n.starts_with(http::UPLOAD_PREFIX));
 }

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cellstream::batch::{CountBatch, CsrArrays, Format};
+use cellstream::batch::CountBatch;
 
 /// A daemon started on `root/{spool,out}` with `127.0.0.1:0`.
 pub struct Daemon {
@@ -254,31 +254,6 @@ fn copy_entry(src: &Path, to: &Path) {
     } else {
         std::fs::copy(src, to).unwrap();
     }
-}
-
-/// Cells `range` of `batch` as a new batch (same genes).
-pub fn subset(batch: &CountBatch, range: std::ops::Range<usize>) -> CountBatch {
-    let mut indptr = vec![0u64];
-    let (mut indices, mut data) = (Vec::new(), Vec::new());
-    for i in range.clone() {
-        let cell = batch.cell(i);
-        indices.extend_from_slice(cell.genes);
-        data.extend_from_slice(cell.counts);
-        indptr.push(indices.len() as u64);
-    }
-    CountBatch::from_csr(
-        "subset",
-        Format::Csb,
-        batch.gene_names.clone(),
-        batch.gene_ids.clone(),
-        batch.barcodes[range].to_vec(),
-        CsrArrays {
-            indptr,
-            indices,
-            data,
-        },
-    )
-    .unwrap()
 }
 
 /// Writes `batch` as a 10x v3 MTX directory (plain text members).
