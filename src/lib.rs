@@ -6,12 +6,17 @@
 
 pub mod batch;
 pub mod config;
+#[cfg(feature = "runtime")]
 pub mod daemon;
 pub mod fsutil;
+#[cfg(feature = "runtime")]
 pub mod metrics;
+#[cfg(feature = "runtime")]
 pub mod model;
+#[cfg(feature = "runtime")]
 pub mod pipeline;
 pub mod qc;
+#[cfg(feature = "runtime")]
 pub mod sink;
 pub mod source;
 pub mod tokenize;
