@@ -21,10 +21,11 @@ pub fn write_atomic(
         std::fs::rename(&tmp, path)?;
         sync_dir(dir)
     })();
-    if result.is_err() {
+    result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-    }
-    result
+        // Name the file: "Permission denied" alone does not say where.
+        std::io::Error::new(e.kind(), format!("writing {}: {e}", path.display()))
+    })
 }
 
 /// What [`write_atomic`] puts between the hidden name and the process id of a temporary.
@@ -66,7 +67,11 @@ mod tests {
             w.write_all(b"partial")?;
             Err(std::io::Error::other("disk full"))
         });
-        assert!(err.is_err());
+        let err = err.unwrap_err().to_string();
+        assert!(
+            err.contains("out.ndjson") && err.contains("disk full"),
+            "{err}"
+        );
         assert_eq!(std::fs::read(&path).unwrap(), b"old\n");
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary left behind");

@@ -212,15 +212,6 @@ fn materialise(name: &str, entry: &Entry, dir: &Path) {
     }
 }
 
-fn names_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn every_malformed_input_is_quarantined_with_a_report_and_serving_goes_on() {
     let tmp = tempfile::tempdir().unwrap();

@@ -1,6 +1,5 @@
 use std::path::PathBuf;
 
-use anyhow::Context;
 use cellstream::batch::{read_batch, write_csb_file, ReadOptions};
 
 use super::UsageError;
@@ -22,7 +21,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .into());
     }
     let batch = read_batch(&args.input, &ReadOptions::default())?;
-    write_csb_file(&batch, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
+    write_csb_file(&batch, &args.out)?; // its error names the file
     eprintln!(
         "wrote {} ({} cells × {} genes, {} entries)",
         args.out.display(),

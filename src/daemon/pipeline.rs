@@ -301,10 +301,20 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Fini
 /// Only regular files and real directories are batches. A symlink could point anywhere
 /// (outside the spool); a FIFO or device would block the reader.
 fn check_entry(path: &Path) -> Result<(), Failure> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| Failure {
-        stage: "claim",
-        kind: "io".into(),
-        error: format!("{}: {e}", path.display()),
+    let meta = std::fs::symlink_metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Failure {
+            stage: "claim",
+            kind: "vanished".into(),
+            error: format!(
+                "{}: vanished after it was claimed (removed from processing/ by another program); nothing to process",
+                path.display()
+            ),
+        },
+        _ => Failure {
+            stage: "claim",
+            kind: "io".into(),
+            error: format!("{}: {e}", path.display()),
+        },
     })?;
     let t = meta.file_type();
     if t.is_file() || t.is_dir() {

@@ -127,7 +127,8 @@ impl Spool {
     }
 
     /// Quarantines a batch: the report first, then the input, so that a crash in between
-    /// leaves the input in `processing/` to be tried (and reported) again.
+    /// leaves the input in `processing/` to be tried (and reported) again. An input that
+    /// vanished after its claim leaves the report alone.
     pub fn quarantine(&self, c: &Claimed, report: &ErrorReport) -> io::Result<()> {
         let mut report_name = c.name.clone();
         report_name.push(".error.json");
@@ -136,6 +137,10 @@ impl Spool {
             w.write_all(&json)?;
             w.write_all(b"\n")
         })?;
+        if fs::symlink_metadata(&c.path).is_err() {
+            // It vanished after the claim: the report is all there is to keep.
+            return Ok(());
+        }
         move_replacing(&c.path, &self.failed.join(&c.name))?;
         sync_dir(&self.processing)
     }
@@ -294,6 +299,13 @@ mod tests {
         };
         s.quarantine(&c, &report).unwrap();
         assert!(s.failed.join("bad.csb").is_file());
+        // One removed from processing/ by someone else: the report is kept, nothing fails.
+        fs::write(s.incoming.join("gone.csb"), b"junk").unwrap();
+        let gone = s.claim(OsStr::new("gone.csb")).unwrap().unwrap();
+        fs::remove_file(&gone.path).unwrap();
+        s.quarantine(&gone, &report).unwrap();
+        assert!(s.failed.join("gone.csb.error.json").is_file());
+        assert!(!s.failed.join("gone.csb").exists());
         let json: serde_json::Value =
             serde_json::from_slice(&fs::read(s.failed.join("bad.csb.error.json")).unwrap())
                 .unwrap();

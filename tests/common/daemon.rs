@@ -8,7 +8,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cellstream::batch::CountBatch;
+use std::collections::BTreeMap;
+
+use cellstream::batch::{write_csb_file, CountBatch};
 
 /// A daemon started on `root/{spool,out}` with `127.0.0.1:0`.
 pub struct Daemon {
@@ -51,31 +53,97 @@ pub fn write_config(root: &Path, spool: &str, http: &str, extra: &str) -> PathBu
     path
 }
 
+/// What the daemon's process may not do, set between fork and exec.
+#[derive(Clone, Copy)]
+pub enum Confinement {
+    None,
+    /// The largest file it may write (RLIMIT_FSIZE, soft limit): a full disk, as far as
+    /// its writes can tell.
+    MaxFileBytes(u64),
+    /// File permissions apply to it even when the tests run as root: the capabilities that
+    /// override them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER) are dropped from
+    /// its bounding, inheritable, permitted and effective sets, so a folder of mode 0555 is
+    /// read-only to it as it is to the unprivileged user a deployment runs it as.
+    PermissionsApply,
+}
+
+impl Confinement {
+    fn apply(self) -> std::io::Result<()> {
+        let check = |rc: libc::c_long| {
+            if rc < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            Confinement::None => Ok(()),
+            Confinement::MaxFileBytes(limit) => {
+                let rl = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: libc::RLIM_INFINITY,
+                };
+                // SAFETY: a valid rlimit for our own process.
+                check(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &rl) }.into())
+            }
+            // SAFETY (below): prctl and capget/capset on our own process, with a header and
+            // two data words laid out as linux/capability.h (version 3) says.
+            Confinement::PermissionsApply if unsafe { libc::geteuid() } != 0 => Ok(()),
+            Confinement::PermissionsApply => {
+                const OVERRIDES: [u32; 3] = [1, 2, 3]; // DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER
+                for cap in OVERRIDES {
+                    check(
+                        unsafe {
+                            libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
+                        }
+                        .into(),
+                    )?;
+                }
+                #[repr(C)]
+                struct Header {
+                    version: u32,
+                    pid: i32,
+                }
+                #[repr(C)]
+                #[derive(Clone, Copy)]
+                struct Data {
+                    effective: u32,
+                    permitted: u32,
+                    inheritable: u32,
+                }
+                let mut header = Header {
+                    version: 0x2008_0522,
+                    pid: 0,
+                };
+                let mut data = [Data {
+                    effective: 0,
+                    permitted: 0,
+                    inheritable: 0,
+                }; 2];
+                check(unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) })?;
+                let keep = !OVERRIDES.iter().fold(0, |m, c| m | 1u32 << c);
+                data[0].effective &= keep;
+                data[0].permitted &= keep;
+                data[0].inheritable &= keep;
+                check(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) })
+            }
+        }
+    }
+}
+
 impl Daemon {
     /// Starts the daemon with the config at `root/cellstream.toml` and waits until it listens.
     pub fn start(root: &Path, env: &[(&str, &str)]) -> Daemon {
-        Daemon::start_with(root, env, None)
+        Daemon::start_with(root, env, Confinement::None)
     }
 
-    /// [`Daemon::start`] with the largest file it may write (RLIMIT_FSIZE, soft limit):
-    /// a full disk, as far as its writes can tell.
-    pub fn start_with(root: &Path, env: &[(&str, &str)], max_file_bytes: Option<u64>) -> Daemon {
+    /// [`Daemon::start`] under a [`Confinement`].
+    pub fn start_with(root: &Path, env: &[(&str, &str)], confine: Confinement) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cellstream"));
-        if let Some(limit) = max_file_bytes {
+        {
             use std::os::unix::process::CommandExt;
-            // SAFETY: only an async-signal-safe system call between fork and exec.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let rl = libc::rlimit {
-                        rlim_cur: limit,
-                        rlim_max: libc::RLIM_INFINITY,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            // SAFETY: only async-signal-safe system calls between fork and exec.
+            unsafe { cmd.pre_exec(move || confine.apply()) };
         }
         cmd.arg("serve")
             .arg("--config")
@@ -177,7 +245,7 @@ impl Daemon {
             .unwrap_or(0.0)
     }
 
-    /// Lifts the file-size limit set by [`Daemon::start_with`]: the disk has room again.
+    /// Lifts the file-size limit of [`Confinement::MaxFileBytes`]: the disk has room again.
     pub fn lift_file_size_limit(&self) {
         let rl = libc::rlimit {
             rlim_cur: libc::RLIM_INFINITY,
@@ -407,4 +475,86 @@ impl StreamClient {
             }
         }
     }
+}
+
+// ---- Source batches and their reference output ----
+
+pub fn pbmc68k() -> CountBatch {
+    super::read(&super::repo().join("bench-data/pbmc68k_reduced"))
+}
+
+/// Writes `batch` at `path` in the format its name says (an MTX directory when it has no
+/// extension).
+pub fn write_batch(batch: &CountBatch, path: &Path) {
+    if path.extension().is_none() {
+        write_mtx_dir(batch, path);
+    } else {
+        write_csb_file(batch, path).unwrap();
+    }
+}
+
+/// `cellstream embed` on `inputs` in one run, split by batch id: id → its NDJSON lines.
+pub fn embed_reference(inputs: &[PathBuf], dir: &Path) -> BTreeMap<String, String> {
+    let out = dir.join("reference.ndjson");
+    let mut args = vec!["embed".to_string(), "--threads".into(), "2".into()];
+    args.extend(inputs.iter().map(|p| p.display().to_string()));
+    args.extend(["--out".into(), out.display().to_string()]);
+    let run = {
+        let _turn = super::hdf5_or_spawn();
+        super::cellstream(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    assert!(run.status.success(), "{}", super::stderr(&run));
+    let mut by_batch = BTreeMap::<String, String>::new();
+    for line in std::fs::read_to_string(out).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let text = by_batch
+            .entry(v["batch"].as_str().unwrap().into())
+            .or_default();
+        text.push_str(line);
+        text.push('\n');
+    }
+    by_batch
+}
+
+/// A temporary daemon root, source batches cut from pbmc68k (name → cells), and what
+/// `cellstream embed` writes for them.
+pub struct Setup {
+    pub tmp: tempfile::TempDir,
+    pub d: Spooled,
+    pub src: PathBuf,
+    pub expected: BTreeMap<String, String>,
+}
+
+pub fn setup(batches: &[(&str, std::ops::Range<usize>)]) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = dirs(tmp.path());
+    let base = pbmc68k();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    for (name, cells) in batches {
+        write_batch(&base.select(cells.clone()), &src.join(name));
+    }
+    let inputs: Vec<PathBuf> = batches.iter().map(|(n, _)| src.join(n)).collect();
+    let expected = embed_reference(&inputs, tmp.path());
+    Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    }
+}
+
+pub fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+pub fn output(d: &Spooled, id: &str) -> Option<String> {
+    std::fs::read_to_string(d.out.join(format!("{id}.ndjson"))).ok()
 }

@@ -1,0 +1,340 @@
+//! `cellstream serve` when the world misbehaves: a full disk, a read-only output folder, a
+//! model file swapped underneath it, the wall clock jumping, batches that vanish or grow
+//! after their claim. In every case the daemon reports, keeps or retries the batch, and
+//! never loses or half-writes a record: each output that appears equals what
+//! `cellstream embed` writes for the same input.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::daemon::*;
+
+fn error_report(d: &Spooled, name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(d.failed.join(format!("{name}.error.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn set_mode(dir: &Path, mode: u32) {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn a_full_disk_keeps_the_batch_and_retries_until_it_fits() {
+    let Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    } = setup(&[("full.csb", 200..230)]);
+    let root = tmp.path();
+    write_config(root, "", "", "[pipeline]\nthreads = 2\n");
+    // Files over 4 KiB cannot be written: the output (tens of KiB) hits "disk full".
+    let daemon = Daemon::start_with(root, &[], Confinement::MaxFileBytes(4096));
+    daemon.wait_ready();
+    drop_batch(&d.incoming, &src.join("full.csb"), "full.csb");
+    wait_for(Duration::from_secs(60), "a failed commit", || {
+        daemon.metric("cellstream_batches_total{outcome=\"retried\"}") >= 2.0
+    });
+    assert!(
+        output(&d, "full").is_none(),
+        "no partial output is ever visible"
+    );
+    assert!(
+        names_in(&d.out).iter().all(|n| !n.starts_with("full")),
+        "{:?}",
+        names_in(&d.out)
+    );
+    assert!(
+        names_in(&d.failed).is_empty(),
+        "a full disk is not the input's fault"
+    );
+    assert!(d.incoming.join("full.csb").exists() || d.processing.join("full.csb").exists());
+    assert!(
+        daemon.log_text().contains("File too large"),
+        "the log says why"
+    );
+
+    daemon.lift_file_size_limit();
+    wait_for(Duration::from_secs(60), "the retried batch", || {
+        output(&d, "full").is_some()
+    });
+    assert_eq!(output(&d, "full").unwrap(), expected["full"]);
+    assert!(d.done.join("full.csb").exists());
+}
+
+#[test]
+fn replacing_the_model_while_running_changes_nothing_until_a_restart_refuses_it() {
+    let Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    } = setup(&[("m.csb", 300..310)]);
+    let root = tmp.path();
+    let model = root.join("model");
+    std::fs::create_dir(&model).unwrap();
+    for e in std::fs::read_dir(common::repo().join("models/pbmc-compact")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    write_config(
+        root,
+        "",
+        "",
+        &format!("[model]\ndir = {model:?}\n[pipeline]\nthreads = 1\n"),
+    );
+    let mut daemon = Daemon::start(root, &[]);
+    daemon.wait_ready();
+    // A deployer swaps in a broken file (write + rename, as package managers do).
+    std::fs::write(model.join(".model.onnx.new"), b"not a model").unwrap();
+    std::fs::rename(model.join(".model.onnx.new"), model.join("model.onnx")).unwrap();
+    drop_batch(&d.incoming, &src.join("m.csb"), "m.csb");
+    wait_for(Duration::from_secs(60), "the batch", || {
+        output(&d, "m").is_some()
+    });
+    assert_eq!(
+        output(&d, "m").unwrap(),
+        expected["m"],
+        "the loaded model serves on"
+    );
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
+    // At the next start the package is checked again and refused with a reason.
+    let out = common::cellstream(&[
+        "serve",
+        "--config",
+        root.join("cellstream.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", common::stderr(&out));
+    assert!(
+        common::stderr(&out).contains("model.onnx"),
+        "{}",
+        common::stderr(&out)
+    );
+}
+#[test]
+fn a_read_only_output_folder_keeps_the_batch_and_retries_until_it_is_writable() {
+    let Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    } = setup(&[("ro.csb", 230..250)]);
+    let root = tmp.path();
+    write_config(root, "", "", "[pipeline]\nthreads = 2\n");
+    // Run as root, the daemon would write through mode 0555: drop what overrides it.
+    let daemon = Daemon::start_with(root, &[], Confinement::PermissionsApply);
+    daemon.wait_ready();
+    set_mode(&d.out, 0o555);
+    drop_batch(&d.incoming, &src.join("ro.csb"), "ro.csb");
+    wait_for(Duration::from_secs(60), "a refused commit", || {
+        daemon.metric("cellstream_batches_total{outcome=\"retried\"}") >= 2.0
+    });
+    assert!(names_in(&d.out).is_empty(), "{:?}", names_in(&d.out));
+    assert!(
+        names_in(&d.failed).is_empty(),
+        "a read-only folder is not the input's fault"
+    );
+    assert!(d.incoming.join("ro.csb").exists() || d.processing.join("ro.csb").exists());
+    assert!(
+        daemon.log_text().contains("Permission denied"),
+        "the log says why"
+    );
+    set_mode(&d.out, 0o755);
+    wait_for(Duration::from_secs(60), "the retried batch", || {
+        output(&d, "ro").is_some()
+    });
+    assert_eq!(output(&d, "ro").unwrap(), expected["ro"]);
+    assert!(d.done.join("ro.csb").exists());
+}
+
+/// libfaketime, which shifts what the daemon reads from the wall clock (CLOCK_REALTIME)
+/// by an offset re-read from a file, while the monotonic clock runs on.
+fn libfaketime() -> PathBuf {
+    let found = ["x86_64-linux-gnu", "aarch64-linux-gnu", ""]
+        .iter()
+        .map(|arch| {
+            Path::new("/usr/lib")
+                .join(arch)
+                .join("faketime/libfaketime.so.1")
+        })
+        .find(|p| p.exists());
+    found.expect("libfaketime (Debian: apt-get install faketime; .ci/run installs it)")
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[test]
+fn the_wall_clock_jumping_changes_no_record_and_no_latency() {
+    let Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    } = setup(&[
+        ("before", 0..10),
+        ("during.csb", 10..170),
+        ("after.csb", 170..180),
+    ]);
+    let root = tmp.path();
+    write_config(root, "", "", "[pipeline]\nthreads = 2\n");
+    let offset = root.join("clock-offset");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let lib = libfaketime();
+    let daemon = Daemon::start(
+        root,
+        &[
+            ("LD_PRELOAD", lib.to_str().unwrap()),
+            ("FAKETIME_TIMESTAMP_FILE", offset.to_str().unwrap()),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    daemon.wait_ready();
+    let junk = root.join("junk.csb");
+    std::fs::write(&junk, b"\x00\x01 not a batch").unwrap();
+
+    drop_batch(&d.incoming, &src.join("before"), "before");
+    wait_for(Duration::from_secs(60), "the first batch", || {
+        output(&d, "before").is_some()
+    });
+    // NTP steps the clock back 400 days while a batch is in flight.
+    drop_batch(&d.incoming, &src.join("during.csb"), "during.csb");
+    wait_for(Duration::from_secs(10), "the claim", || {
+        d.processing.join("during.csb").exists()
+    });
+    std::fs::write(&offset, "-400d\n").unwrap();
+    drop_batch(&d.incoming, &junk, "junk-back.csb");
+    wait_for(Duration::from_secs(60), "the batch in flight", || {
+        output(&d, "during").is_some() && d.failed.join("junk-back.csb").exists()
+    });
+    // Then forward ten years.
+    std::fs::write(&offset, "+3650d\n").unwrap();
+    drop_batch(&d.incoming, &src.join("after.csb"), "after.csb");
+    drop_batch(&d.incoming, &junk, "junk-forward.csb");
+    wait_for(Duration::from_secs(60), "the last batches", || {
+        output(&d, "after").is_some() && d.failed.join("junk-forward.csb").exists()
+    });
+
+    for id in ["before", "during", "after"] {
+        assert_eq!(output(&d, id).unwrap(), expected[id], "{id}");
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(d.out.join(format!("{id}.summary.json"))).unwrap(),
+        )
+        .unwrap();
+        let latency = summary["timings"]["latency"].as_f64().unwrap();
+        assert!(
+            (0.0..120.0).contains(&latency),
+            "{id}: latency {latency} s is measured on the monotonic clock"
+        );
+    }
+    // Error reports carry the wall-clock time as the machine sees it.
+    let day = 86_400.0;
+    for (name, shift) in [
+        ("junk-back.csb", -400.0 * day),
+        ("junk-forward.csb", 3650.0 * day),
+    ] {
+        let at = error_report(&d, name)["failed_at"].as_f64().unwrap();
+        assert!(
+            (at - (unix_now() + shift)).abs() < day,
+            "{name}: failed_at {at}"
+        );
+    }
+    assert_eq!(
+        daemon.metric("cellstream_batches_total{outcome=\"ok\"}"),
+        3.0
+    );
+    assert_eq!(get(&daemon.addr, "/readyz").unwrap().0, 200);
+}
+
+#[test]
+fn batches_that_vanish_or_grow_after_their_claim_are_reported_and_serving_goes_on() {
+    let Setup {
+        tmp,
+        d,
+        src,
+        expected,
+    } = setup(&[
+        ("long1.csb", 0..200),
+        ("vanishes.csb", 200..210),
+        ("long2.csb", 210..410),
+        ("grows.csb", 410..420),
+        ("good.csb", 420..430),
+    ]);
+    let root = tmp.path();
+    write_config(root, "", "", "[pipeline]\nthreads = 1\n");
+    let daemon = Daemon::start(root, &[]);
+    daemon.wait_ready();
+    // While a long batch is in the model, the next one is claimed (in processing/) and
+    // waits for the batch thread: that is when another program meddles with it.
+    let claimed_behind = |long: &str, next: &str| {
+        drop_batch(&d.incoming, &src.join(long), long);
+        wait_for(Duration::from_secs(10), "the long batch's claim", || {
+            d.processing.join(long).exists()
+        });
+        drop_batch(&d.incoming, &src.join(next), next);
+        wait_for(Duration::from_secs(10), "the claim behind it", || {
+            d.processing.join(next).exists()
+        });
+        let long_id = long.trim_end_matches(".csb");
+        assert!(
+            output(&d, long_id).is_none(),
+            "{long} must still be in the model"
+        );
+        d.processing.join(next)
+    };
+
+    let vanishing = claimed_behind("long1.csb", "vanishes.csb");
+    std::fs::remove_file(&vanishing).unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        "the vanished batch's report",
+        || d.failed.join("vanishes.csb.error.json").exists(),
+    );
+    let report = error_report(&d, "vanishes.csb");
+    assert_eq!(report["kind"], "vanished", "{report}");
+    assert!(report["error"].as_str().unwrap().contains("vanishes.csb"));
+
+    let growing = claimed_behind("long2.csb", "grows.csb");
+    // A producer that never learnt the protocol goes on writing into the file.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&growing)
+        .unwrap();
+    f.write_all(&[0x5a; 4096]).unwrap();
+    drop(f);
+    wait_for(Duration::from_secs(60), "the grown batch's report", || {
+        d.failed.join("grows.csb.error.json").exists()
+    });
+    let report = error_report(&d, "grows.csb");
+    assert_eq!(
+        (&report["stage"], &report["kind"]),
+        (&"read".into(), &"corrupt".into()),
+        "{report}"
+    );
+    assert!(report["error"].as_str().unwrap().contains("grows.csb"));
+    assert!(d.failed.join("grows.csb").exists());
+
+    drop_batch(&d.incoming, &src.join("good.csb"), "good.csb");
+    wait_for(Duration::from_secs(60), "the good batch", || {
+        output(&d, "good").is_some()
+    });
+    for id in ["long1", "long2", "good"] {
+        assert_eq!(output(&d, id).unwrap(), expected[id], "{id}");
+    }
+    assert!(names_in(&d.processing).is_empty());
+    assert_eq!(
+        daemon.metric("cellstream_batches_total{outcome=\"failed\"}"),
+        2.0
+    );
+    assert_eq!(get(&daemon.addr, "/readyz").unwrap().0, 200);
+}
