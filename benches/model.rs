@@ -1,10 +1,12 @@
 //! Model forward in tract, per length bucket, at 1 and 2 threads; and end-to-end `embed`.
 //!
 //! `cargo bench --bench model` tokenizes pbmc3k with the shipped model's vocabulary, packs the
-//! same padded batches for every bucket, writes them to `target/model-bench/` (so the
-//! onnxruntime peer, `bench-data/ort_forward_peer.py`, runs the very same tensors), and prints
+//! same 64 cells into padded batches for every bucket, shaped as the pipeline shapes them (rows
+//! per batch from the token budget), writes them to `target/model-bench/` (so the onnxruntime
+//! peer, `bench-data/ort_forward_peer.py`, runs the very same tensors), and prints
 //! `RESULT name cells=N median_s=S cells_per_s=X min_s=… max_s=…` lines.
-//! `CELLSTREAM_MODEL=DIR` benchmarks another package.
+//! `CELLSTREAM_MODEL=DIR` benchmarks another package; `CELLSTREAM_TOKEN_BUDGET=T` another
+//! token budget (default: the pipeline's).
 
 use std::hint::black_box;
 use std::io::Write;
@@ -12,14 +14,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use cellstream::batch::{read_batch, ReadOptions};
-use cellstream::model::batching::buckets;
+use cellstream::config::DEFAULT_TOKEN_BUDGET;
+use cellstream::model::batching::{buckets, rows_for};
 use cellstream::model::{Batch, ModelPackage, ModelRuntime, Worker};
 use cellstream::pipeline::{EmbedConfig, Embedder};
 use cellstream::tokenize::{Tokenizer, TokenizerConfig};
 
-/// Rows per batch and batches per bucket: 64 cells per bucket.
-const ROWS: usize = 16;
-const BATCHES: usize = 4;
+/// Cells per bucket.
+const CELLS: usize = 64;
 
 fn report(name: &str, cells: usize, mut times: Vec<f64>) {
     times.sort_by(f64::total_cmp);
@@ -44,7 +46,7 @@ fn time(repeat: usize, mut f: impl FnMut()) -> Vec<f64> {
 }
 
 fn write_batches(dir: &Path, s: usize, batches: &[Batch]) {
-    let path = dir.join(format!("S{s}-N{ROWS}-B{}.bin", batches.len()));
+    let path = dir.join(format!("S{s}-N{}-B{}.bin", batches[0].n, batches.len()));
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     for b in batches {
         f.write_all(bytemuck::cast_slice(&b.gene_ids)).unwrap();
@@ -59,6 +61,13 @@ fn main() {
     let model_dir = std::env::var_os("CELLSTREAM_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo.join("models/pbmc-compact"));
+    let token_budget = std::env::var("CELLSTREAM_TOKEN_BUDGET")
+        .map(|t| {
+            t.parse()
+                .expect("CELLSTREAM_TOKEN_BUDGET: a number of tokens")
+        })
+        .unwrap_or(DEFAULT_TOKEN_BUDGET);
+    println!("token budget {token_budget}");
     let pkg = ModelPackage::load(&model_dir).unwrap();
     let rt = ModelRuntime::new(&pkg).unwrap();
     let input = repo.join("bench-data/pbmc3k");
@@ -78,12 +87,13 @@ fn main() {
 
     // The same 64 cells for every bucket, cut to S tokens (<cls> and their first S-1 genes)
     // and padded to S where shorter: the forward cost depends on S alone.
-    let cells_used: Vec<usize> = (0..ROWS * BATCHES).collect();
+    let cells_used: Vec<usize> = (0..CELLS).collect();
     for s in buckets(rt.max_len) {
+        let n = rows_for(s, token_budget).min(CELLS / 2);
         let batches: Vec<Batch> = cells_used
-            .chunks(ROWS)
+            .chunks(n)
             .map(|rows| {
-                let mut b = Batch::new(ROWS, s);
+                let mut b = Batch::new(n, s);
                 for (r, &i) in rows.iter().enumerate() {
                     let (ids, values) = tokens.cell(i);
                     let k = ids.len().min(s);
@@ -93,7 +103,7 @@ fn main() {
             })
             .collect();
         write_batches(&out_dir, s, &batches);
-        let cells = ROWS * BATCHES;
+        let cells = n * batches.len();
         let mut worker = Worker::new(rt.clone());
         let t1 = time(5, || {
             for b in &batches {
@@ -105,7 +115,7 @@ fn main() {
         let mut workers = [Worker::new(rt.clone()), Worker::new(rt.clone())];
         let t2 = time(5, || {
             std::thread::scope(|sc| {
-                for (w, half) in workers.iter_mut().zip(batches.chunks(BATCHES / 2)) {
+                for (w, half) in workers.iter_mut().zip(batches.chunks(batches.len() / 2)) {
                     sc.spawn(move || {
                         for b in half {
                             black_box(w.run(b).unwrap());
@@ -124,6 +134,7 @@ fn main() {
             pkg,
             EmbedConfig {
                 threads,
+                token_budget,
                 ..EmbedConfig::default()
             },
         )

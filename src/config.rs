@@ -132,8 +132,13 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 fn default_token_budget() -> usize {
-    8192
+    DEFAULT_TOKEN_BUDGET
 }
+
+/// Tokens per model batch by default (`[pipeline] token_budget`, and `embed`). Small batches
+/// are fastest on a CPU: a batch's attention scores stay in cache (BENCHMARKS.md measures 128
+/// to 8,192 tokens; every length bucket was fastest at 256–512).
+pub const DEFAULT_TOKEN_BUDGET: usize = 256;
 fn default_drain_seconds() -> f64 {
     60.0
 }

@@ -301,10 +301,10 @@ fn a_malformed_batch_is_quarantined_while_the_next_is_processed() {
         daemon.metric("cellstream_batches_total{outcome=\"failed\"}"),
         4.0
     );
-    assert_eq!(
-        daemon.metric("cellstream_batches_total{outcome=\"ok\"}"),
-        1.0
-    );
+    // Counted just after the output is committed.
+    wait_for(Duration::from_secs(10), "the good batch counted", || {
+        daemon.metric("cellstream_batches_total{outcome=\"ok\"}") == 1.0
+    });
     assert_eq!(
         get(&daemon.addr, "/readyz").unwrap().0,
         200,
@@ -474,7 +474,7 @@ fn sigterm_during_a_batch_finishes_it_and_exits_0() {
         d,
         src,
         expected,
-    } = setup(&[("long.csb", 0..160), ("next.csb", 160..170)]);
+    } = setup(&[("long.csb", 0..400), ("next.csb", 400..410)]);
     let root = tmp.path();
     write_config(
         root,
@@ -572,27 +572,30 @@ fn systemd_notifications_ready_watchdog_and_stopping() {
     assert!(daemon.wait_exit(Duration::from_secs(30)).unwrap().success());
 }
 
-#[test]
-fn the_watchdog_is_not_fed_while_a_stage_makes_no_progress() {
-    // With a 100 ms watchdog, one model batch (hundreds of ms in a debug build) is a stage
-    // busy without progress for longer than the period: feeding must pause, as it would
-    // for a truly stuck pipeline, and resume once the batch is committed.
+/// Drops `cells` of pbmc68k as one batch into a daemon with a `watchdog_usec` watchdog and
+/// `pipeline` settings; returns the times WATCHDOG=1 arrived until the batch was committed
+/// (and fed again), and the daemon's log.
+fn watchdog_feeds(cells: usize, pipeline: &str, watchdog_usec: &str) -> (Vec<Duration>, String) {
     let tmp = tempfile::tempdir().unwrap();
     let (root, d) = (tmp.path(), dirs(tmp.path()));
-    let base = pbmc68k();
     let src = root.join("slow.csb");
-    write_batch(&base.select(0..120), &src);
-    write_config(root, "", "", "[pipeline]\nthreads = 1\n");
+    write_batch(&pbmc68k().select(0..cells), &src);
+    write_config(
+        root,
+        "",
+        "",
+        &format!("[pipeline]\nthreads = 1\n{pipeline}\n"),
+    );
     let socket_path = root.join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket
-        .set_read_timeout(Some(Duration::from_millis(50)))
+        .set_read_timeout(Some(Duration::from_millis(20)))
         .unwrap();
     let daemon = Daemon::start(
         root,
         &[
             ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "100000"),
+            ("WATCHDOG_USEC", watchdog_usec),
         ],
     );
     daemon.wait_ready();
@@ -615,16 +618,42 @@ fn the_watchdog_is_not_fed_while_a_stage_makes_no_progress() {
         }
     }
     assert!(output(&d, "slow").is_some(), "the batch completes");
-    let longest_gap = feeds.windows(2).map(|w| w[1] - w[0]).max().unwrap();
-    eprintln!("{} feeds; longest gap {longest_gap:?}", feeds.len());
+    (feeds, daemon.log_text())
+}
+
+fn longest_gap(feeds: &[Duration]) -> Duration {
+    let gap = feeds.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    eprintln!("{} feeds; longest gap {gap:?}", feeds.len());
+    gap
+}
+
+#[test]
+fn the_watchdog_is_not_fed_while_a_stage_makes_no_progress() {
+    // A token budget that puts all 120 cells into one model batch (about a second in a
+    // debug build): the batch stage is busy without progress for longer than the 100 ms
+    // period. Feeding must pause, as it would for a truly stuck pipeline, and resume once
+    // the batch is committed.
+    let (feeds, log) = watchdog_feeds(120, "token_budget = 65536", "100000");
     assert!(
-        longest_gap > Duration::from_millis(300),
+        longest_gap(&feeds) > Duration::from_millis(300),
         "feeding paused while a model batch ran longer than the period"
     );
+    assert!(log.contains("made no progress"), "and the log says so");
+}
+
+#[test]
+fn the_watchdog_is_fed_through_a_large_batch_that_makes_progress() {
+    // 600 cells in small model batches take seconds, each model batch milliseconds: the
+    // stage progresses all along, so feeding never pauses (it once did, until the end of
+    // the batch's submission, which for a large enough batch would get a healthy daemon
+    // killed by systemd).
+    let (feeds, log) = watchdog_feeds(600, "", "300000");
+    assert!(feeds.last().unwrap().as_secs_f64() > 1.0, "{feeds:?}");
     assert!(
-        daemon.log_text().contains("made no progress"),
-        "and the log says so"
+        longest_gap(&feeds) < Duration::from_millis(290),
+        "fed every half period"
     );
+    assert!(!log.contains("made no progress"), "{log}");
 }
 
 #[test]

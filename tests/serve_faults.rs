@@ -63,7 +63,10 @@ fn a_full_disk_keeps_the_batch_and_retries_until_it_fits() {
         output(&d, "full").is_some()
     });
     assert_eq!(output(&d, "full").unwrap(), expected["full"]);
-    assert!(d.done.join("full.csb").exists());
+    // The input is archived just after its output is committed.
+    wait_for(Duration::from_secs(10), "the archived input", || {
+        d.done.join("full.csb").exists()
+    });
 }
 
 #[test]
@@ -149,7 +152,10 @@ fn a_read_only_output_folder_keeps_the_batch_and_retries_until_it_is_writable() 
         output(&d, "ro").is_some()
     });
     assert_eq!(output(&d, "ro").unwrap(), expected["ro"]);
-    assert!(d.done.join("ro.csb").exists());
+    // The input is archived just after its output is committed.
+    wait_for(Duration::from_secs(10), "the archived input", || {
+        d.done.join("ro.csb").exists()
+    });
 }
 
 /// libfaketime, which shifts what the daemon reads from the wall clock (CLOCK_REALTIME)
@@ -182,8 +188,8 @@ fn the_wall_clock_jumping_changes_no_record_and_no_latency() {
         expected,
     } = setup(&[
         ("before", 0..10),
-        ("during.csb", 10..170),
-        ("after.csb", 170..180),
+        ("during.csb", 10..400),
+        ("after.csb", 400..410),
     ]);
     let root = tmp.path();
     write_config(root, "", "", "[pipeline]\nthreads = 2\n");
@@ -225,6 +231,11 @@ fn the_wall_clock_jumping_changes_no_record_and_no_latency() {
         output(&d, "after").is_some() && d.failed.join("junk-forward.csb").exists()
     });
 
+    wait_for(Duration::from_secs(10), "the summaries", || {
+        ["before", "during", "after"]
+            .iter()
+            .all(|id| d.out.join(format!("{id}.summary.json")).exists())
+    });
     for id in ["before", "during", "after"] {
         assert_eq!(output(&d, id).unwrap(), expected[id], "{id}");
         let summary: serde_json::Value = serde_json::from_str(
@@ -249,10 +260,9 @@ fn the_wall_clock_jumping_changes_no_record_and_no_latency() {
             "{name}: failed_at {at}"
         );
     }
-    assert_eq!(
-        daemon.metric("cellstream_batches_total{outcome=\"ok\"}"),
-        3.0
-    );
+    wait_for(Duration::from_secs(10), "the metrics", || {
+        daemon.metric("cellstream_batches_total{outcome=\"ok\"}") == 3.0
+    });
     assert_eq!(get(&daemon.addr, "/readyz").unwrap().0, 200);
 }
 
@@ -264,11 +274,11 @@ fn batches_that_vanish_or_grow_after_their_claim_are_reported_and_serving_goes_o
         src,
         expected,
     } = setup(&[
-        ("long1.csb", 0..200),
-        ("vanishes.csb", 200..210),
-        ("long2.csb", 210..410),
-        ("grows.csb", 410..420),
-        ("good.csb", 420..430),
+        ("long1.csb", 0..300),
+        ("vanishes.csb", 300..310),
+        ("long2.csb", 310..610),
+        ("grows.csb", 610..620),
+        ("good.csb", 620..630),
     ]);
     let root = tmp.path();
     write_config(root, "", "", "[pipeline]\nthreads = 1\n");
@@ -322,7 +332,12 @@ fn batches_that_vanish_or_grow_after_their_claim_are_reported_and_serving_goes_o
         "{report}"
     );
     assert!(report["error"].as_str().unwrap().contains("grows.csb"));
-    assert!(d.failed.join("grows.csb").exists());
+    // The report is written first, then the input moves beside it.
+    wait_for(
+        Duration::from_secs(10),
+        "the grown batch in failed/",
+        || d.failed.join("grows.csb").exists(),
+    );
 
     drop_batch(&d.incoming, &src.join("good.csb"), "good.csb");
     wait_for(Duration::from_secs(60), "the good batch", || {
@@ -331,7 +346,9 @@ fn batches_that_vanish_or_grow_after_their_claim_are_reported_and_serving_goes_o
     for id in ["long1", "long2", "good"] {
         assert_eq!(output(&d, id).unwrap(), expected[id], "{id}");
     }
-    assert!(names_in(&d.processing).is_empty());
+    wait_for(Duration::from_secs(10), "processing/ to empty", || {
+        names_in(&d.processing).is_empty()
+    });
     assert_eq!(
         daemon.metric("cellstream_batches_total{outcome=\"failed\"}"),
         2.0

@@ -223,12 +223,17 @@ def build_model(ntoken, pad_id, n_cls, d_model=128, nhead=4, d_hid=256, nlayers=
 
 
 def export_module(model):
-    """The same weights as `build_model`'s CompactScGPT, written for export at opset >= 23:
-    batch-first attention through `F.scaled_dot_product_attention` with an additive float mask
-    [N,1,S,S] (0 / -inf from gene_ids == <pad>), which the exporter emits as one ONNX
-    `Attention` node per layer and tract runs as its fused SDPA. nn.TransformerEncoder at
-    opset 18 becomes ~30 Reshape/Transpose/MatMul nodes per layer instead (tract ran it at
-    0.5-0.6x onnxruntime; see BENCHMARKS.md). Outputs match the module to ~1e-6."""
+    """The same weights as `build_model`'s CompactScGPT, written for export at opset >= 23 in
+    the form tract runs fastest: attention as two `Einsum`s whose score tensor is laid out
+    [heads, S_query, N, S_key], so that the key-padding mask [N, S_key] (0 / -inf from
+    gene_ids == <pad>) is added by broadcasting over leading axes only, which tract runs as
+    its vectorised "unicast" kernel, and the matmuls run on tract's own kernels. The earlier
+    forms were slower in tract: the opset-18 nn.TransformerEncoder graph (~30
+    Reshape/Transpose/MatMul per layer), and one ONNX `Attention` node per layer with a
+    [N,1,S,S] mask, which tract runs as a head-by-head flash SDPA with scalar exp (see
+    BENCHMARKS.md). Outputs match the module to ~2e-6."""
+    import math
+
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -241,18 +246,17 @@ def export_module(model):
         def forward(self, gene_ids, values):
             m = self.m
             n, s = gene_ids.shape
-            pad = gene_ids == m.pad_id
-            mask = torch.where(pad, float("-inf"), 0.0).to(torch.float32)[:, None, None, :]
-            mask = mask.expand(n, 1, s, s)
+            key_mask = torch.where(gene_ids == m.pad_id, float("-inf"), 0.0).to(torch.float32)
             x = m.encoder(gene_ids) + m.value_encoder(values)
             for layer in m.transformer_encoder.layers:
                 at = layer.self_attn
                 d, h = at.embed_dim, at.num_heads
                 q, k, v = F.linear(x, at.in_proj_weight, at.in_proj_bias).split(d, dim=-1)
-                heads = lambda t: t.reshape(n, s, h, d // h).transpose(1, 2)
-                o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask)
-                o = at.out_proj(o.transpose(1, 2).reshape(n, s, d))
-                x = layer.norm1(x + o)
+                heads = lambda t: t.reshape(n, s, h, d // h)
+                scores = torch.einsum("nqhd,nkhd->hqnk", heads(q) * (1.0 / math.sqrt(d // h)), heads(k))
+                p = torch.softmax(scores + key_mask, dim=-1)
+                o = torch.einsum("hqnk,nkhd->nqhd", p, heads(v)).reshape(n, s, d)
+                x = layer.norm1(x + at.out_proj(o))
                 x = layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
             emb = x[:, 0, :]
             return emb, m.cls_decoder(emb)

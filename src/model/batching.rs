@@ -10,7 +10,7 @@ pub fn buckets(max_len: usize) -> Vec<usize> {
     b
 }
 
-/// Cells that run together: `n` rows (a power of two, or the budget's row count) of length `s`.
+/// Cells that run together: `n` rows of length `s`, `n` being the bucket's row count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
     pub s: usize,
@@ -19,8 +19,14 @@ pub struct Chunk {
     pub cells: Vec<usize>,
 }
 
+/// Rows of a model batch of length `s`: as many as fit in `token_budget` tokens, at least one.
+pub fn rows_for(s: usize, token_budget: usize) -> usize {
+    (token_budget / s).max(1)
+}
+
 /// Groups cells (given their token counts) into chunks of at most `token_budget` tokens.
-/// Row counts are rounded up to a power of two so that few distinct plans get compiled.
+/// Every chunk of a bucket has the bucket's row count (the last one filled up with filler
+/// rows), so that one concrete-shape plan per bucket serves every batch.
 pub fn plan_chunks(lengths: &[usize], buckets: &[usize], token_budget: usize) -> Vec<Chunk> {
     let mut by_bucket: Vec<Vec<usize>> = vec![Vec::new(); buckets.len()];
     for (cell, &len) in lengths.iter().enumerate() {
@@ -30,9 +36,8 @@ pub fn plan_chunks(lengths: &[usize], buckets: &[usize], token_budget: usize) ->
     let mut chunks = Vec::new();
     for (b, cells) in by_bucket.into_iter().enumerate() {
         let s = buckets[b];
-        let max_rows = (token_budget / s).max(1);
-        for group in cells.chunks(max_rows) {
-            let n = group.len().next_power_of_two().min(max_rows);
+        let n = rows_for(s, token_budget);
+        for group in cells.chunks(n) {
             chunks.push(Chunk {
                 s,
                 n,
@@ -65,7 +70,7 @@ mod tests {
         for c in &chunks {
             assert!(c.cells.iter().all(|&i| lengths[i] <= c.s));
             assert!(c.n >= c.cells.len());
-            assert!(c.n * c.s <= 64 || c.n == 1);
+            assert_eq!(c.n, rows_for(c.s, 64));
         }
         let first = &chunks[0];
         assert_eq!(

@@ -1,5 +1,11 @@
-//! Running the model through tract: one optimized plan per length bucket (the number of rows
-//! stays symbolic), shared by every worker; one tract `State` per plan per worker thread.
+//! Running the model through tract: one optimized plan per batch shape (rows × length), shared
+//! by every worker; one tract `State` per plan per worker thread. The pipeline uses one shape
+//! per length bucket (its rows fixed by the token budget), so a handful of plans serve it.
+//!
+//! Shapes are concrete, not symbolic in the row count: tract picks its vectorised kernels for
+//! a broadcast (the attention's key-padding mask) only when it can prove the sizes, and with
+//! a symbolic row count the mask add fell back to a scalar loop that took a quarter of the
+//! forward pass (BENCHMARKS.md).
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
@@ -40,7 +46,8 @@ pub struct ModelRuntime {
     pub max_len: usize,
     pub embedding_dim: usize,
     pub n_classes: usize,
-    plans: Mutex<HashMap<usize, Runnable>>,
+    /// Optimized plans by (rows, length).
+    plans: Mutex<HashMap<(usize, usize), Runnable>>,
 }
 
 impl ModelRuntime {
@@ -94,29 +101,29 @@ impl ModelRuntime {
         Ok(rt)
     }
 
-    /// One `<cls>`-only row through the smallest plan: proves the model runs.
+    /// One `<cls>`-only row through a one-token plan: proves the model runs.
     fn probe(&self) -> anyhow::Result<Outputs> {
         let mut batch = Batch::new(1, 1);
         batch.gene_ids[0] = self.cls_id;
         batch.values[0] = self.pad_value;
-        run_state(&mut self.plan(1)?.spawn_state()?, self, &batch)
+        run_state(&mut self.plan(1, 1)?.spawn_state()?, self, &batch)
     }
 
-    /// The optimized plan for length `s` (rows stay symbolic), compiled on first use and
-    /// shared by every worker.
-    pub fn plan(&self, s: usize) -> anyhow::Result<Runnable> {
-        if let Some(p) = self.plans.lock().unwrap().get(&s) {
+    /// The optimized plan for `n` rows of length `s`, compiled on first use and shared by
+    /// every worker.
+    pub fn plan(&self, n: usize, s: usize) -> anyhow::Result<Runnable> {
+        if let Some(p) = self.plans.lock().unwrap().get(&(n, s)) {
             return Ok(p.clone());
         }
         let mut model = load(&self.onnx)?;
         let [ids, vals] = self.input_pos;
-        model.set_input_fact(ids, format!("N,{s},i64").as_str())?;
-        model.set_input_fact(vals, format!("N,{s},f32").as_str())?;
+        model.set_input_fact(ids, format!("{n},{s},i64").as_str())?;
+        model.set_input_fact(vals, format!("{n},{s},f32").as_str())?;
         let runnable = model
             .into_model()
             .and_then(|m| m.into_runnable())
-            .with_context(|| format!("optimizing {} for length {s}", self.path.display()))?;
-        self.plans.lock().unwrap().insert(s, runnable.clone());
+            .with_context(|| format!("optimizing {} for {n} × {s} tokens", self.path.display()))?;
+        self.plans.lock().unwrap().insert((n, s), runnable.clone());
         Ok(runnable)
     }
 }
@@ -162,7 +169,7 @@ impl Batch {
 /// it may use.
 pub struct Worker {
     rt: Arc<ModelRuntime>,
-    states: HashMap<usize, State>,
+    states: HashMap<(usize, usize), State>,
     /// tract's fused attention spreads heads over the current rayon pool (by default one
     /// thread per core, shared by every worker). Running each worker's inference inside its
     /// own one-thread pool keeps `--threads N` to N cores and workers from contending.
@@ -188,9 +195,9 @@ impl Worker {
     }
 
     pub fn run(&mut self, batch: &Batch) -> anyhow::Result<Outputs> {
-        let state = match self.states.entry(batch.s) {
+        let state = match self.states.entry((batch.n, batch.s)) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(self.rt.plan(batch.s)?.spawn_state()?),
+            Entry::Vacant(e) => e.insert(self.rt.plan(batch.n, batch.s)?.spawn_state()?),
         };
         let rt = &self.rt;
         self.pool.install(|| run_state(state, rt, batch))

@@ -9,7 +9,7 @@ use anyhow::Context;
 use crossbeam_channel::unbounded;
 
 use crate::batch::CountBatch;
-use crate::model::batching::{buckets, plan_chunks};
+use crate::model::batching::{buckets, plan_chunks, rows_for};
 use crate::model::{Batch, ModelPackage, ModelRuntime};
 use crate::qc::{cell_qc, mito_mask, CellQc};
 use crate::tokenize::{GeneMap, TokenBatch, Tokenizer, TokenizerConfig};
@@ -60,7 +60,7 @@ impl Default for EmbedConfig {
     fn default() -> Self {
         EmbedConfig {
             threads: 1,
-            token_budget: 8192,
+            token_budget: crate::config::DEFAULT_TOKEN_BUDGET,
             seed: 0,
         }
     }
@@ -211,7 +211,7 @@ impl Embedder {
     /// for it (the daemon calls this before it reports ready).
     pub fn warm_up(&self) -> anyhow::Result<()> {
         for &s in &self.buckets {
-            self.rt.plan(s)?;
+            self.rt.plan(rows_for(s, self.cfg.token_budget), s)?;
         }
         Ok(())
     }
@@ -223,6 +223,25 @@ impl Embedder {
         let chunks = plan_chunks(&lengths, &self.buckets, self.cfg.token_budget);
         let (reply, results) = unbounded();
         let rt = &self.rt;
+        let mut per_cell = vec![CellOutput::default(); t.n_cells()];
+        let (d, c) = (rt.embedding_dim, rt.n_classes);
+        let mut received = 0;
+        let mut take =
+            |id: usize, out: anyhow::Result<crate::model::Outputs>| -> anyhow::Result<()> {
+                received += 1;
+                let out = out.with_context(|| format!("model batch {id}"))?;
+                progress(chunks[id].cells.len());
+                for (row, &cell) in chunks[id].cells.iter().enumerate() {
+                    per_cell[cell] = CellOutput {
+                        embedding: out.embedding[row * d..(row + 1) * d].to_vec(),
+                        logits: out
+                            .logits
+                            .as_ref()
+                            .map(|l| l[row * c..(row + 1) * c].to_vec()),
+                    };
+                }
+                Ok(())
+            };
         // Packing runs here while the workers compute; `submit` blocks when they fall behind.
         for (id, chunk) in chunks.iter().enumerate() {
             let mut batch = Batch::new(chunk.n, chunk.s);
@@ -247,24 +266,15 @@ impl Embedder {
                 batch,
                 reply: reply.clone(),
             });
+            // Take what is done already: progress (the daemon's watchdog heartbeat) must
+            // move while a large batch is still being submitted, not only at its end.
+            while let Ok((id, out)) = results.try_recv() {
+                take(id, out)?;
+            }
         }
         drop(reply);
-        let mut per_cell = vec![CellOutput::default(); t.n_cells()];
-        let (d, c) = (rt.embedding_dim, rt.n_classes);
-        let mut received = 0;
         for (id, out) in results {
-            received += 1;
-            let out = out.with_context(|| format!("model batch {id}"))?;
-            progress(chunks[id].cells.len());
-            for (row, &cell) in chunks[id].cells.iter().enumerate() {
-                per_cell[cell] = CellOutput {
-                    embedding: out.embedding[row * d..(row + 1) * d].to_vec(),
-                    logits: out
-                        .logits
-                        .as_ref()
-                        .map(|l| l[row * c..(row + 1) * c].to_vec()),
-                };
-            }
+            take(id, out)?;
         }
         anyhow::ensure!(
             received == chunks.len(),
