@@ -2,11 +2,15 @@
 # Fuzz every parser for a set time (or a number of executions) with seeds from the real
 # samples in the repo. Needs cargo-fuzz (`cargo install cargo-fuzz`); on a stable toolchain
 # RUSTC_BOOTSTRAP=1 lets it pass the sanitizer flags.
-#   fuzz/run.sh [SECONDS_PER_TARGET] [RUNS_PER_TARGET]   (defaults: 600 s, 10,000,000 runs)
+#   fuzz/run.sh [SECONDS_PER_TARGET] [RUNS_PER_TARGET] [TARGET...]
+#   (defaults: 600 s, 10,000,000 runs, every target)
 # A target stops at whichever limit comes first. Crashes land in fuzz/artifacts/<target>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-600}" runs="${2:-10000000}"
+shift $(( $# < 2 ? $# : 2 ))
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(csb csb_zst mtx dense config upload_name)
 # The seeds are made with the release binary (built without RUSTC_BOOTSTRAP, which would
 # invalidate the normal build's cache); only cargo fuzz gets it.
 cargo build --release --bin cellstream
@@ -40,7 +44,7 @@ export RUSTC_BOOTSTRAP=1
 # The mtx target writes its three members to a scratch folder on every input: keep it in RAM.
 [ -d /dev/shm ] && export TMPDIR=/dev/shm
 cargo fuzz build -O
-for t in csb csb_zst mtx dense config upload_name; do
+for t in "${targets[@]}"; do
     echo "== $t: up to $secs s or $runs runs"
     cargo fuzz run -O "$t" $c/$t -- -max_total_time="$secs" -runs="$runs" \
         -max_len=262144 -rss_limit_mb=2048 -print_final_stats=1 2>&1 |

@@ -136,8 +136,8 @@ fn default_token_budget() -> usize {
 }
 
 /// Tokens per model batch by default (`[pipeline] token_budget`, and `embed`). Small batches
-/// are fastest on a CPU: a batch's attention scores stay in cache (BENCHMARKS.md measures 128
-/// to 8,192 tokens; every length bucket was fastest at 256–512).
+/// are fastest on a CPU: a batch's attention scores stay in cache (BENCHMARKS.md, model
+/// forward; `CELLSTREAM_TOKEN_BUDGET=T cargo bench --bench model` measures another budget).
 pub const DEFAULT_TOKEN_BUDGET: usize = 256;
 fn default_drain_seconds() -> f64 {
     60.0

@@ -1,0 +1,164 @@
+//! Large realistic batches for benchmarks: real pbmc3k cells drawn with replacement, each
+//! thinned to a random fraction of its reads (binomial thinning, as a shallower run would
+//! have sequenced it), written as `.csb` batches.
+//!
+//! ```sh
+//! cargo run --release --example resample -- [--cells 100000] [--batch-cells 5000] \
+//!     [--seed 1] [--min-depth 0.3] [--out bench-data/generated]
+//! ```
+//!
+//! Every cell keeps a real cell's gene profile (so tokenizing and the model see realistic
+//! sequences: cells of pbmc3k carry ~850 expressed genes, ~780 of them in the vocabulary);
+//! thinning each count `c` to Binomial(c, p) with `p` uniform in [min-depth, 1] spreads the
+//! read depth the way runs of different depth do, and drops genes whose counts thin to zero.
+//! Barcodes are the source barcode plus `-r<draw>`, unique. Deterministic for a seed.
+
+use std::path::PathBuf;
+
+use cellstream::batch::{read_batch, write_csb_file, CountBatch, CsrArrays, ReadOptions};
+
+/// SplitMix64: small, fast, and good enough to draw cells and thin counts.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+
+    /// Binomial(n, p) by n Bernoulli draws: counts are small (median 1, rarely > 100).
+    fn binomial(&mut self, n: u32, p: f64) -> u32 {
+        (0..n).filter(|_| self.unit() < p).count() as u32
+    }
+}
+
+struct Args {
+    cells: usize,
+    batch_cells: usize,
+    seed: u64,
+    min_depth: f64,
+    source: PathBuf,
+    out: PathBuf,
+}
+
+fn parse_args() -> Args {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut a = Args {
+        cells: 100_000,
+        batch_cells: 5_000,
+        seed: 1,
+        min_depth: 0.3,
+        source: repo.join("bench-data/pbmc3k"),
+        out: repo.join("bench-data/generated"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--cells" => a.cells = number(&flag, &value),
+            "--batch-cells" => a.batch_cells = number(&flag, &value),
+            "--seed" => a.seed = number(&flag, &value),
+            "--min-depth" => a.min_depth = number(&flag, &value),
+            "--source" => a.source = value.into(),
+            "--out" => a.out = value.into(),
+            _ => {
+                panic!("unknown flag {flag}; see the comment at the top of bench-data/resample.rs")
+            }
+        }
+    }
+    assert!(
+        a.cells > 0 && a.batch_cells > 0,
+        "--cells and --batch-cells must be > 0"
+    );
+    assert!(
+        (0.0..=1.0).contains(&a.min_depth),
+        "--min-depth is a fraction"
+    );
+    a
+}
+
+fn number<T: std::str::FromStr>(flag: &str, value: &str) -> T
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .parse()
+        .unwrap_or_else(|e| panic!("{flag} {value}: {e}"))
+}
+
+/// `n` cells drawn from `src` with replacement, each thinned; draw numbers start at `first`.
+fn resample(src: &CountBatch, n: usize, first: usize, a: &Args, rng: &mut Rng) -> CountBatch {
+    let mut indptr = Vec::with_capacity(n + 1);
+    indptr.push(0u64);
+    let (mut indices, mut data) = (Vec::new(), Vec::new());
+    let mut barcodes = Vec::with_capacity(n);
+    for k in 0..n {
+        let i = rng.below(src.n_cells());
+        let p = a.min_depth + (1.0 - a.min_depth) * rng.unit();
+        let cell = src.cell(i);
+        for (&g, &c) in cell.genes.iter().zip(cell.counts) {
+            let t = rng.binomial(c, p);
+            if t > 0 {
+                indices.push(g);
+                data.push(t);
+            }
+        }
+        // A cell thinned to nothing keeps one read of its first gene: batches hold cells.
+        if indices.len() as u64 == *indptr.last().unwrap() && !cell.genes.is_empty() {
+            indices.push(cell.genes[0]);
+            data.push(1);
+        }
+        indptr.push(indices.len() as u64);
+        barcodes.push(format!("{}-r{}", src.barcodes[i], first + k));
+    }
+    CountBatch::from_csr(
+        src.source.clone(),
+        src.format,
+        src.gene_names.clone(),
+        src.gene_ids.clone(),
+        barcodes,
+        CsrArrays {
+            indptr,
+            indices,
+            data,
+        },
+    )
+    .expect("thinned rows of a valid batch form a valid batch")
+}
+
+fn main() {
+    let a = parse_args();
+    let src = read_batch(&a.source, &ReadOptions::default())
+        .unwrap_or_else(|e| panic!("reading {}: {e}", a.source.display()));
+    std::fs::create_dir_all(&a.out).unwrap();
+    let mut rng = Rng(a.seed);
+    let (mut done, mut k, mut entries) = (0, 0, 0);
+    while done < a.cells {
+        let n = a.batch_cells.min(a.cells - done);
+        let batch = resample(&src, n, done, &a, &mut rng);
+        let path = a
+            .out
+            .join(format!("pbmc3k-resampled-s{}-{:04}.csb", a.seed, k));
+        write_csb_file(&batch, &path).unwrap_or_else(|e| panic!("{e}"));
+        entries += batch.nnz();
+        done += n;
+        k += 1;
+    }
+    eprintln!(
+        "wrote {k} batches, {done} cells, {entries} entries ({:.0} per cell) to {}",
+        entries as f64 / done as f64,
+        a.out.display()
+    );
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""This CPU's single-core sgemm peak (numpy's OpenBLAS, float32), on a large square product and
+on the matmul shapes of the model's forward pass at one length bucket, and the share of that
+peak a forward pass achieves at a given throughput.
+
+    OPENBLAS_NUM_THREADS=1 python bench-data/sgemm_peak.py [--tract-cells-per-s X] [--s 256]
+
+The model's shapes (d_model 128, 4 heads, FFN 256, 4 layers: models/pbmc-compact/README.md):
+per layer and cell of S tokens, Q/K/V and output projections S x d x 4d, the FFN S x d x 2 dff,
+attention scores and weighted sum 2 x heads x S x S x d/heads; 2 FLOPs per multiply-add.
+Prints `SGEMM shape=... gflops=...` lines, then `PEAK gflops=...` and, given a throughput,
+`ACHIEVED gflops=... percent_of_peak=...`.
+"""
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_v] = "1"
+
+import argparse, time
+
+import numpy as np
+
+
+def gflops(m, k, n, seconds=0.5):
+    a = np.random.default_rng(0).standard_normal((m, k), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
+    c = np.empty((m, n), dtype=np.float32)
+    np.matmul(a, b, out=c)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    reps = max(1, int(2e8 / (m * k * n)))
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        for _ in range(reps):
+            np.matmul(a, b, out=c)
+        best = min(best, (time.perf_counter() - t) / reps)
+    return 2 * m * k * n / best / 1e9
+
+
+def forward_flops(s, d=128, heads=4, dff=256, layers=4):
+    per_layer = 2 * s * (4 * d * d + 2 * d * dff) + 2 * 2 * heads * s * s * (d // heads)
+    return layers * per_layer
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--s", type=int, default=256, help="length bucket")
+    ap.add_argument("--tract-cells-per-s", type=float, help="forward throughput at one thread")
+    args = ap.parse_args()
+    s, d, dh, dff = args.s, 128, 32, 256
+    shapes = [(1024, 1024, 1024), (s, d, 3 * d), (s, d, d), (s, d, dff), (s, dff, d), (s, dh, s), (s, s, dh)]
+    print(f"numpy {np.__version__}; one thread")
+    peak = 0.0
+    for m, k, n in shapes:
+        g = gflops(m, k, n)
+        peak = max(peak, g)
+        print(f"SGEMM shape={m}x{k}x{n} gflops={g:.1f}")
+    print(f"PEAK gflops={peak:.1f}")
+    print(f"FORWARD s={s} flops_per_cell={forward_flops(s)}")
+    if args.tract_cells_per_s:
+        achieved = forward_flops(s) * args.tract_cells_per_s / 1e9
+        print(f"ACHIEVED gflops={achieved:.1f} percent_of_peak={100 * achieved / peak:.0f}")
+
+
+if __name__ == "__main__":
+    main()
