@@ -45,7 +45,7 @@ e2e() { # name, files...
         $bin embed "$@" --threads $threads --out "$out/e2e.ndjson" 2>&1 | tail -1 |
             sed -n 's/.*embedded \([0-9]*\) cells.* in \([0-9.]*\) s.*/\1 \2/p' >> "$log/e2e-$name-rust.txt"
         "$venv/bin/python" bench-data/e2e_ort_peer.py "$@" --name "$name" --threads $threads |
-            grep '^PEER' | tee -a "$log/peer-lines.txt" |
+            grep '^PEER' |
             sed -n 's/.* cells=\([0-9]*\) seconds=\([0-9.]*\).*/\1 \2/p' >> "$log/e2e-$name-peer.txt"
     done
 }

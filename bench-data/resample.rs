@@ -16,38 +16,29 @@
 use std::path::PathBuf;
 
 use cellstream::batch::{read_batch, write_csb_file, CountBatch, CsrArrays, ReadOptions};
+use cellstream::tokenize::rng::Mt19937;
 
-/// SplitMix64: small, fast, and good enough to draw cells and thin counts.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
+/// Uniform draws from the tokenizer's generator (numpy's MT19937).
+trait Draws {
+    fn below(&mut self, n: usize) -> usize;
     /// Binomial(n, p) by n Bernoulli draws: counts are small (median 1, rarely > 100).
+    fn binomial(&mut self, n: u32, p: f64) -> u32;
+}
+
+impl Draws for Mt19937 {
+    fn below(&mut self, n: usize) -> usize {
+        ((self.next_f64() * n as f64) as usize).min(n - 1)
+    }
+
     fn binomial(&mut self, n: u32, p: f64) -> u32 {
-        (0..n).filter(|_| self.unit() < p).count() as u32
+        (0..n).filter(|_| self.next_f64() < p).count() as u32
     }
 }
 
 struct Args {
     cells: usize,
     batch_cells: usize,
-    seed: u64,
+    seed: u32,
     min_depth: f64,
     source: PathBuf,
     out: PathBuf,
@@ -99,14 +90,14 @@ where
 }
 
 /// `n` cells drawn from `src` with replacement, each thinned; draw numbers start at `first`.
-fn resample(src: &CountBatch, n: usize, first: usize, a: &Args, rng: &mut Rng) -> CountBatch {
+fn resample(src: &CountBatch, n: usize, first: usize, a: &Args, rng: &mut Mt19937) -> CountBatch {
     let mut indptr = Vec::with_capacity(n + 1);
     indptr.push(0u64);
     let (mut indices, mut data) = (Vec::new(), Vec::new());
     let mut barcodes = Vec::with_capacity(n);
     for k in 0..n {
         let i = rng.below(src.n_cells());
-        let p = a.min_depth + (1.0 - a.min_depth) * rng.unit();
+        let p = a.min_depth + (1.0 - a.min_depth) * rng.next_f64();
         let cell = src.cell(i);
         for (&g, &c) in cell.genes.iter().zip(cell.counts) {
             let t = rng.binomial(c, p);
@@ -143,7 +134,7 @@ fn main() {
     let src = read_batch(&a.source, &ReadOptions::default())
         .unwrap_or_else(|e| panic!("reading {}: {e}", a.source.display()));
     std::fs::create_dir_all(&a.out).unwrap();
-    let mut rng = Rng(a.seed);
+    let mut rng = Mt19937::new(a.seed);
     let (mut done, mut k, mut entries) = (0, 0, 0);
     while done < a.cells {
         let n = a.batch_cells.min(a.cells - done);

@@ -120,14 +120,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn main() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let threads: usize = std::env::var("BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    let n_latency: usize = std::env::var("BENCH_LATENCY_BATCHES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let threads: usize = env_or("BENCH_THREADS", 2);
+    let n_latency: usize = env_or("BENCH_LATENCY_BATCHES", 20);
     let work = repo.join("target/serve-bench");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
@@ -232,4 +226,12 @@ fn main() {
             daemon.peak_rss_mib()
         );
     }
+}
+
+/// The number in environment variable `name`, or `default` when it is unset or not a number.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

@@ -145,21 +145,11 @@ fn check_spool_invariants(d: &Spooled, expected: &BTreeMap<String, String>, drop
 
 #[test]
 fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
-    let rounds: usize = std::env::var("CELLSTREAM_KILL_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    let seed: u64 = std::env::var("CELLSTREAM_KILL_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0x5eed);
+    let rounds: usize = env_or("CELLSTREAM_KILL_ROUNDS", 10);
+    let seed: u64 = env_or("CELLSTREAM_KILL_SEED", 0x5eed);
     // Larger batches keep a release build busy long enough for most kills to land
     // mid-batch (tools/kill9.sh uses 35: all 700 pbmc68k cells).
-    let cells: usize = std::env::var("CELLSTREAM_KILL_CELLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(12)
-        .clamp(1, 35);
+    let cells: usize = env_or("CELLSTREAM_KILL_CELLS", 12).clamp(1, 35);
     let tmp = tempfile::tempdir().unwrap();
     let (root, d) = (tmp.path(), dirs(tmp.path()));
     let base = pbmc68k();

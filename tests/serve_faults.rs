@@ -22,51 +22,81 @@ fn set_mode(dir: &Path, mode: u32) {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
-#[test]
-fn a_full_disk_keeps_the_batch_and_retries_until_it_fits() {
+/// A commit that cannot happen: `name` (cells `cells` of pbmc68k) is dropped into a daemon
+/// started under `confine` once `fault` has run; the output must never appear, partly or
+/// wholly, the input must wait in the spool (not in failed/), the retries are counted and the
+/// log `says` why. After `heal`, the retry commits exactly what `embed` writes.
+fn a_commit_that_fails_is_retried_until_healed(
+    name: &str,
+    cells: std::ops::Range<usize>,
+    confine: Confinement,
+    fault: impl FnOnce(&Spooled),
+    says: &str,
+    heal: impl FnOnce(&Daemon, &Spooled),
+) {
     let Setup {
         tmp,
         d,
         src,
         expected,
-    } = setup(&[("full.csb", 200..230)]);
+    } = setup(&[(name, cells)]);
     let root = tmp.path();
+    let id = name.trim_end_matches(".csb");
     write_config(root, "", "", "[pipeline]\nthreads = 2\n");
-    // Files over 4 KiB cannot be written: the output (tens of KiB) hits "disk full".
-    let daemon = Daemon::start_with(root, &[], Confinement::MaxFileBytes(4096));
+    let daemon = Daemon::start_with(root, &[], confine);
     daemon.wait_ready();
-    drop_batch(&d.incoming, &src.join("full.csb"), "full.csb");
+    fault(&d);
+    drop_batch(&d.incoming, &src.join(name), name);
     wait_for(Duration::from_secs(60), "a failed commit", || {
         daemon.metric("cellstream_batches_total{outcome=\"retried\"}") >= 2.0
     });
     assert!(
-        output(&d, "full").is_none(),
+        output(&d, id).is_none(),
         "no partial output is ever visible"
     );
-    assert!(
-        names_in(&d.out).iter().all(|n| !n.starts_with("full")),
-        "{:?}",
-        names_in(&d.out)
-    );
+    assert!(names_in(&d.out).is_empty(), "{:?}", names_in(&d.out));
     assert!(
         names_in(&d.failed).is_empty(),
-        "a full disk is not the input's fault"
+        "a commit that cannot happen is not the input's fault"
     );
-    assert!(d.incoming.join("full.csb").exists() || d.processing.join("full.csb").exists());
-    assert!(
-        daemon.log_text().contains("File too large"),
-        "the log says why"
-    );
+    assert!(d.incoming.join(name).exists() || d.processing.join(name).exists());
+    assert!(daemon.log_text().contains(says), "the log says why");
 
-    daemon.lift_file_size_limit();
+    heal(&daemon, &d);
     wait_for(Duration::from_secs(60), "the retried batch", || {
-        output(&d, "full").is_some()
+        output(&d, id).is_some()
     });
-    assert_eq!(output(&d, "full").unwrap(), expected["full"]);
+    assert_eq!(output(&d, id).unwrap(), expected[id]);
     // The input is archived just after its output is committed.
     wait_for(Duration::from_secs(10), "the archived input", || {
-        d.done.join("full.csb").exists()
+        d.done.join(name).exists()
     });
+}
+
+#[test]
+fn a_full_disk_keeps_the_batch_and_retries_until_it_fits() {
+    // Files over 4 KiB cannot be written: the output (tens of KiB) hits "disk full".
+    a_commit_that_fails_is_retried_until_healed(
+        "full.csb",
+        200..230,
+        Confinement::MaxFileBytes(4096),
+        |_| {},
+        "File too large",
+        |daemon, _| daemon.lift_file_size_limit(),
+    );
+}
+
+#[test]
+fn a_read_only_output_folder_keeps_the_batch_and_retries_until_it_is_writable() {
+    // Run as root, the daemon would write through mode 0555: drop what overrides it.
+    a_commit_that_fails_is_retried_until_healed(
+        "ro.csb",
+        230..250,
+        Confinement::PermissionsApply,
+        |d| set_mode(&d.out, 0o555),
+        "Permission denied",
+        |_, d| set_mode(&d.out, 0o755),
+    );
 }
 
 #[test]
@@ -118,44 +148,6 @@ fn replacing_the_model_while_running_changes_nothing_until_a_restart_refuses_it(
         "{}",
         common::stderr(&out)
     );
-}
-#[test]
-fn a_read_only_output_folder_keeps_the_batch_and_retries_until_it_is_writable() {
-    let Setup {
-        tmp,
-        d,
-        src,
-        expected,
-    } = setup(&[("ro.csb", 230..250)]);
-    let root = tmp.path();
-    write_config(root, "", "", "[pipeline]\nthreads = 2\n");
-    // Run as root, the daemon would write through mode 0555: drop what overrides it.
-    let daemon = Daemon::start_with(root, &[], Confinement::PermissionsApply);
-    daemon.wait_ready();
-    set_mode(&d.out, 0o555);
-    drop_batch(&d.incoming, &src.join("ro.csb"), "ro.csb");
-    wait_for(Duration::from_secs(60), "a refused commit", || {
-        daemon.metric("cellstream_batches_total{outcome=\"retried\"}") >= 2.0
-    });
-    assert!(names_in(&d.out).is_empty(), "{:?}", names_in(&d.out));
-    assert!(
-        names_in(&d.failed).is_empty(),
-        "a read-only folder is not the input's fault"
-    );
-    assert!(d.incoming.join("ro.csb").exists() || d.processing.join("ro.csb").exists());
-    assert!(
-        daemon.log_text().contains("Permission denied"),
-        "the log says why"
-    );
-    set_mode(&d.out, 0o755);
-    wait_for(Duration::from_secs(60), "the retried batch", || {
-        output(&d, "ro").is_some()
-    });
-    assert_eq!(output(&d, "ro").unwrap(), expected["ro"]);
-    // The input is archived just after its output is committed.
-    wait_for(Duration::from_secs(10), "the archived input", || {
-        d.done.join("ro.csb").exists()
-    });
 }
 
 /// libfaketime, which shifts what the daemon reads from the wall clock (CLOCK_REALTIME)

@@ -558,3 +558,11 @@ pub fn names_in(dir: &Path) -> Vec<String> {
 pub fn output(d: &Spooled, id: &str) -> Option<String> {
     std::fs::read_to_string(d.out.join(format!("{id}.ndjson"))).ok()
 }
+
+/// The number in environment variable `name`, or `default` when it is unset or not a number.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
