@@ -185,6 +185,11 @@ fn corpus() -> Vec<(String, Entry)> {
         "dense-fraction.txt".into(),
         Entry::File(b"\tAAAC-1\tAAAG-1\nCD3E\t1.5\t2\nMS4A1\t0\t1\n".to_vec()),
     ));
+    // Fuzzing's one crash (src/batch/dense.rs): a header with no barcode, a row with no field.
+    c.push((
+        "dense-fuzz-empty-header.txt".into(),
+        Entry::File(b"\"\n\"".to_vec()),
+    ));
     c.push(("symlink.csb".into(), Entry::Symlink("/etc/passwd")));
     c.push(("fifo-matrix".into(), Entry::FifoMatrix));
     c

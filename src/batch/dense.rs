@@ -49,7 +49,8 @@ pub fn read(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
         let fields = split(line);
         if !corner_checked {
             // A header with a leading corner cell ("" or "gene") has as many fields as a row.
-            if fields.len() == barcodes.len() {
+            // (A header with no field at all has no corner to drop: fuzzing found `"\n"`.)
+            if !barcodes.is_empty() && fields.len() == barcodes.len() {
                 barcodes.remove(0);
             }
             per_cell = vec![Vec::new(); barcodes.len()];
@@ -107,4 +108,29 @@ fn parse_count(f: &str) -> Result<u32, String> {
         ));
     }
     Ok(v as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_bytes(bytes: &[u8]) -> Result<CountBatch, BatchError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("batch.txt");
+        std::fs::write(&path, bytes).unwrap();
+        read(&path, &ReadOptions::default())
+    }
+
+    /// Found by `fuzz/run.sh … dense` (crash-32e8d0f7…): a header that is only a quote
+    /// (no barcode) and a row with no field made the corner check remove from an empty list.
+    #[test]
+    fn fuzz_crash_empty_header_and_empty_row_is_an_error_not_a_panic() {
+        let e = read_bytes(b"\"\n\"").unwrap_err();
+        assert!(
+            e.to_string().contains("line 2: 0 counts for 0 barcodes"),
+            "{e}"
+        );
+        // The same shape with separators.
+        assert!(read_bytes(b"\t\n\t\n").is_err());
+    }
 }

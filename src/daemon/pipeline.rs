@@ -260,11 +260,27 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Fini
         memory_map: false,
     };
     let start = Instant::now();
-    let batch = read_batch(&c.path, &opts).map_err(|e: BatchError| Failure {
-        stage: "read",
-        kind: e.kind.name().into(),
-        error: e.to_string(),
-    })?;
+    // The readers are fuzzed, but a parser bug on one hostile file must still cost only
+    // that file: a panic quarantines it (kind `internal`) and the daemon keeps serving.
+    let read_result = catch_unwind(AssertUnwindSafe(|| read_batch(&c.path, &opts)));
+    let batch = match read_result {
+        Ok(read) => read.map_err(|e: BatchError| Failure {
+            stage: "read",
+            kind: e.kind.name().into(),
+            error: e.to_string(),
+        })?,
+        Err(panic) => {
+            return Err(Failure {
+                stage: "read",
+                kind: "internal".into(),
+                error: format!(
+                    "{}: internal error (panic) while reading: {}",
+                    c.path.display(),
+                    panic_message(&panic)
+                ),
+            })
+        }
+    };
     let read = start.elapsed();
     let beat = &mut |_cells: usize| shared.heartbeat.beat(Stage::Batch);
     // A panic in the model runtime on one strange batch fails that batch, not the daemon.
@@ -398,7 +414,14 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
     let start = Instant::now();
     let out_dir = &shared.out_dir;
     let mut records = Vec::with_capacity(results.len() * 2048);
-    ndjson::write_batch(&mut records, &claimed.batch_id, &batch.barcodes, &results)?;
+    let encoding = shared.config().output.embedding;
+    ndjson::write_batch(
+        &mut records,
+        &claimed.batch_id,
+        &batch.barcodes,
+        &results,
+        encoding,
+    )?;
     let committed = write_atomic(&out_dir.join(format!("{}.ndjson", claimed.batch_id)), |w| {
         w.write_all(&records)
     });
