@@ -57,6 +57,22 @@ pub enum OnDone {
 pub struct OutputConfig {
     /// One `<batch-id>.ndjson` (and `<batch-id>.summary.json`) per batch.
     pub dir: PathBuf,
+    /// How a record carries its cell embedding.
+    #[serde(default)]
+    pub embedding: EmbeddingEncoding,
+}
+
+/// How a cell record carries its embedding (DESIGN.md §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingEncoding {
+    /// `"embedding": [0.012, -0.104, …]`, each value the shortest decimal that reads back as
+    /// the same f32.
+    #[default]
+    Array,
+    /// `"embedding_b64": "…"`: the f32 values' little-endian bytes in standard base64 with
+    /// padding; about a third of the array's size, and no decimal formatting.
+    Base64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -325,6 +341,20 @@ mod tests {
         assert_eq!(merged.output.dir, a.output.dir);
         assert_eq!(merged.pipeline.threads, a.pipeline.threads);
         assert_eq!(merged.spool.rescan_seconds, 5.0);
+    }
+
+    #[test]
+    fn the_embedding_encoding_is_array_unless_asked_and_reloads_at_once() {
+        let base = "[spool]\ndir = \"/s\"\n[output]\ndir = \"/o\"\n";
+        let a = Config::parse(base).unwrap();
+        assert_eq!(a.output.embedding, EmbeddingEncoding::Array);
+        let b = Config::parse(&format!("{base}embedding = \"base64\"\n")).unwrap();
+        assert_eq!(b.output.embedding, EmbeddingEncoding::Base64);
+        let (merged, kept) = a.reload(b);
+        assert!(kept.is_empty());
+        assert_eq!(merged.output.embedding, EmbeddingEncoding::Base64);
+        let e = Config::parse(&format!("{base}embedding = \"hex\"\n")).unwrap_err();
+        assert!(e.contains("array") && e.contains("base64"), "{e}");
     }
 
     #[test]

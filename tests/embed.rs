@@ -153,6 +153,58 @@ fn embed_writes_one_record_per_cell_in_order() {
     assert_eq!(records, again);
 }
 
+/// Standard base64 with padding, as `embed --embedding base64` writes it.
+fn base64_decode(s: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    assert_eq!(s.len() % 4, 0, "unpadded base64");
+    let mut out = Vec::new();
+    for quad in s.as_bytes().chunks(4) {
+        let data: Vec<u8> = quad.iter().take_while(|&&c| c != b'=').copied().collect();
+        let v = data
+            .iter()
+            .enumerate()
+            .fold(0u32, |v, (i, &c)| v | u32::from(value(c)) << (18 - 6 * i));
+        out.extend(&v.to_be_bytes()[1..data.len()]);
+    }
+    out
+}
+
+#[test]
+fn base64_embeddings_are_the_same_floats_bit_for_bit() {
+    let input = common::repo().join("tests/fixtures/formats/seurat_testdata/pbmc_raw.txt");
+    let input = input.to_str().unwrap();
+    let (out, array) = embed(&["embed", input]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (out, b64) = embed(&["embed", input, "--embedding", "base64"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(array.len(), b64.len());
+    assert!(!array.is_empty());
+    for (a, b) in array.iter().zip(&b64) {
+        let bytes = base64_decode(b["embedding_b64"].as_str().unwrap());
+        let decoded: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let listed: Vec<f32> = a["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(decoded, listed);
+        assert!(b.get("embedding").is_none());
+        assert_eq!(a["label"], b["label"]);
+        assert_eq!(a["qc"], b["qc"]);
+    }
+}
+
 /// A copy of the shipped package to break in one place.
 fn broken_package(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();

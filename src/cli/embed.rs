@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use cellstream::batch::{read_batch, ReadOptions};
+use cellstream::config::EmbeddingEncoding;
 use cellstream::model::{default_model_dir, ModelPackage};
 use cellstream::pipeline::{EmbedConfig, Embedder};
 use cellstream::sink::ndjson;
@@ -25,6 +26,25 @@ pub struct Args {
     /// Run seed (tie draws and subsampling are keyed by it and the barcode).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// How records carry the embedding: "array" of numbers, or "base64" (`embedding_b64`:
+    /// the f32 values' little-endian bytes).
+    #[arg(long, value_enum, default_value = "array")]
+    embedding: Encoding,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Encoding {
+    Array,
+    Base64,
+}
+
+impl From<Encoding> for EmbeddingEncoding {
+    fn from(e: Encoding) -> Self {
+        match e {
+            Encoding::Array => EmbeddingEncoding::Array,
+            Encoding::Base64 => EmbeddingEncoding::Base64,
+        }
+    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -58,8 +78,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         };
         let results = embedder.embed_with_progress(&batch, &mut show)?;
-        ndjson::write_batch(&mut w, &batch.batch_id(), &batch.barcodes, &results)
-            .with_context(|| format!("writing {}", args.out.display()))?;
+        ndjson::write_batch(
+            &mut w,
+            &batch.batch_id(),
+            &batch.barcodes,
+            &results,
+            args.embedding.into(),
+        )
+        .with_context(|| format!("writing {}", args.out.display()))?;
         cells += results.len();
     }
     w.flush()
