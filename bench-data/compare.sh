@@ -6,8 +6,10 @@
 #   bench-data/compare.sh                 (CELLS=100000 generated cells, REPEAT=3 runs per row)
 #
 # Rows: tokenization vs scGPT (one core); model forward tract vs onnxruntime by length bucket
-# (1 and 2 threads); end to end `cellstream embed` vs the Python scGPT-tokenize + onnxruntime
-# pipeline on pbmc3k and on CELLS resampled cells (2 threads); the forward pass's GFLOP/s
+# (1 and 2 threads); end to end `cellstream embed` vs (a) the Python scGPT-tokenize + onnxruntime
+# pipeline on pbmc3k and on CELLS resampled cells and (b) scGPT's embed_data path with torch on
+# pbmc3k and TORCH_FILES generated batches (2 threads; torch peer venv: TORCH_VENV, default
+# .venv-torch-peer from bench-data/requirements-torch-peer.txt); the forward pass's GFLOP/s
 # against numpy's sgemm peak; `serve` vs `embed`, latency and RSS. Takes ~30 min for 100k.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,19 +40,37 @@ echo "== model forward"
 bench-data/model_compare.sh | tee "$log/model.txt"
 
 echo "== end to end, $threads threads"
-e2e() { # name, files...
-    local name=$1; shift
-    : > "$log/e2e-$name-rust.txt"; : > "$log/e2e-$name-peer.txt"
+e2e() { # name, peers (ort,torch), files...: "cells seconds" per run into $log/e2e-<name>-<side>.txt
+    local name=$1 peers=$2; shift 2
+    local cells_secs='s/.* cells=\([0-9]*\) seconds=\([0-9.]*\).*/\1 \2/p'
+    : > "$log/e2e-$name-rust.txt"
+    for p in ${peers//,/ }; do : > "$log/e2e-$name-$p.txt"; done
     for _ in $(seq "$repeat"); do
         $bin embed "$@" --threads $threads --out "$out/e2e.ndjson" 2>&1 | tail -1 |
             sed -n 's/.*embedded \([0-9]*\) cells.* in \([0-9.]*\) s.*/\1 \2/p' >> "$log/e2e-$name-rust.txt"
-        "$venv/bin/python" bench-data/e2e_ort_peer.py "$@" --name "$name" --threads $threads |
-            grep '^PEER' |
-            sed -n 's/.* cells=\([0-9]*\) seconds=\([0-9.]*\).*/\1 \2/p' >> "$log/e2e-$name-peer.txt"
+        if [[ $peers == *ort* ]]; then
+            "$venv/bin/python" bench-data/e2e_ort_peer.py "$@" --name "$name" --threads $threads |
+                grep '^PEER' | sed -n "$cells_secs" >> "$log/e2e-$name-ort.txt"
+        fi
+        if [[ $peers == *torch* ]]; then
+            "$torch_venv/bin/python" bench-data/scgpt_embed_peer.py "$@" --name "$name" --threads $threads |
+                grep '^PEER' | sed -n "$cells_secs" >> "$log/e2e-$name-torch.txt"
+        fi
     done
 }
-e2e pbmc3k "$out/pbmc3k.csb"
-e2e "generated-$cells" "$gen"/*.csb
+# Peer (b), scGPT's embed_data with torch, is ~1.5x slower than peer (a): it runs on pbmc3k and
+# on the first TORCH_FILES generated batches (5,000 cells each), cellstream on the same files.
+torch_venv="${TORCH_VENV:-.venv-torch-peer}" torch_files="${TORCH_FILES:-2}"
+if [ ! -x "$torch_venv/bin/python" ]; then
+    treq=bench-data/requirements-torch-peer.txt
+    python3 -m venv "$torch_venv"
+    "$torch_venv/bin/pip" install -q --no-deps $(grep -E '^scgpt==' "$treq")
+    "$torch_venv/bin/pip" install -q -r <(grep -vE '^(scgpt==|#)' "$treq")
+fi
+e2e pbmc3k ort,torch "$out/pbmc3k.csb"
+e2e "generated-$cells" ort "$gen"/*.csb
+mapfile -t first < <(printf '%s\n' "$gen"/*.csb | head -n "$torch_files")
+e2e "generated-first-$((torch_files * 5000))" torch "${first[@]}"
 
 echo "== sgemm peak"
 t1=$(grep '| S256 | 1 |' "$log/model.txt" | awk -F'|' '{gsub(/ /, "", $4); print $4}')
@@ -68,11 +88,14 @@ grep -E '^\| (tokenize/pbmc3k-seeded|scGPT) ' "$log/tokenize.txt" | paste -sd' '
     awk -F'|' '{printf "| tokenization pbmc3k, cells/s per core (vs scGPT binning) | %s | %s | %s |\n", $5, $11, $6}'
 grep -E '^\| S[0-9]+ \|' "$log/model.txt" |
     awk -F'|' '{printf "| forward%s, %s thread(s), cells/s (vs onnxruntime) | %s | %s | %s |\n", $2, $3, $4, $5, $6}'
-for name in pbmc3k "generated-$cells"; do
+for f in "$log"/e2e-*-ort.txt "$log"/e2e-*-torch.txt; do
+    side=${f##*-}; side=${side%.txt}; name=${f#"$log/e2e-"}; name=${name%-*}
+    peer="Python scGPT tokenization + onnxruntime"
+    [ "$side" = torch ] && peer="scGPT embed_data path, torch on CPU"
     r=$(awk '{print $1 / $2}' "$log/e2e-$name-rust.txt" | stats)
-    p=$(awk '{print $1 / $2}' "$log/e2e-$name-peer.txt" | stats)
+    p=$(awk '{print $1 / $2}' "$f" | stats)
     read -r _ rm _ <<<"$r"; read -r _ pm _ <<<"$p"
-    echo "| end to end $name, $threads threads, cells/s min/median/max (vs Python scGPT + onnxruntime) | ${r// //} | ${p// //} | $(awk -v a="$rm" -v b="$pm" 'BEGIN {printf "%.2fx", a / b}') |"
+    echo "| end to end $name, $threads threads, cells/s min/median/max (vs $peer) | ${r// //} | ${p// //} | $(awk -v a="$rm" -v b="$pm" 'BEGIN {printf "%.2fx", a / b}') |"
 done
 echo "| forward S=256, one thread: GFLOP/s (vs numpy sgemm peak) | $(field gflops < <(grep ACHIEVED "$log/sgemm.txt")) | $(field gflops < <(grep PEAK "$log/sgemm.txt")) | $(field percent_of_peak < <(grep ACHIEVED "$log/sgemm.txt"))% |"
 grep -E '^RESULT serve' "$log/serve.txt" | sed 's/^RESULT /| /; s/$/ | | | |/' || true
