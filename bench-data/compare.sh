@@ -3,7 +3,8 @@
 # table of ratios at the end. Python peers live in the throwaway venv .venv-bench (pinned:
 # bench-data/requirements-peer.txt); nothing of it is needed by CI or the daemon.
 #
-#   bench-data/compare.sh                 (CELLS=100000 generated cells, REPEAT=3 runs per row)
+#   bench-data/compare.sh    (CELLS=100000 generated cells, REPEAT=3 runs per row, GEN_REPEAT runs
+#                             of the CELLS row: ~14 min each on 2 vCPUs, default REPEAT)
 #
 # Rows: tokenization vs scGPT (one core); model forward tract vs onnxruntime by length bucket
 # (1 and 2 threads); end to end `cellstream embed` vs (a) the Python scGPT-tokenize + onnxruntime
@@ -13,7 +14,7 @@
 # against numpy's sgemm peak; `serve` vs `embed`, latency and RSS. Takes ~30 min for 100k.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cells="${CELLS:-100000}" repeat="${REPEAT:-3}" threads=2
+cells="${CELLS:-100000}" repeat="${REPEAT:-3}" gen_repeat="${GEN_REPEAT:-${REPEAT:-3}}" threads=2
 
 venv=.venv-bench
 req=bench-data/requirements-peer.txt
@@ -68,7 +69,7 @@ if [ ! -x "$torch_venv/bin/python" ]; then
     "$torch_venv/bin/pip" install -q -r <(grep -vE '^(scgpt==|#)' "$treq")
 fi
 e2e pbmc3k ort,torch "$out/pbmc3k.csb"
-e2e "generated-$cells" ort "$gen"/*.csb
+repeat=$gen_repeat e2e "generated-$cells" ort "$gen"/*.csb
 mapfile -t first < <(printf '%s\n' "$gen"/*.csb | head -n "$torch_files")
 e2e "generated-first-$((torch_files * 5000))" torch "${first[@]}"
 
