@@ -10,13 +10,13 @@ cd "$(dirname "$0")/.."
 secs="${1:-600}" runs="${2:-10000000}"
 shift $(( $# < 2 ? $# : 2 ))
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(csb csb_zst mtx dense config upload_name)
+[ ${#targets[@]} -gt 0 ] || targets=(csb csb_zst mtx dense config upload_name h5)
 # The seeds are made with the release binary (built without RUSTC_BOOTSTRAP, which would
 # invalidate the normal build's cache); only cargo fuzz gets it.
 cargo build --release --bin cellstream
 bin=target/release/cellstream
 c=fuzz/corpus
-mkdir -p $c/csb $c/csb_zst $c/mtx $c/dense $c/config $c/upload_name
+mkdir -p $c/csb $c/csb_zst $c/mtx $c/dense $c/config $c/upload_name $c/h5
 f=tests/fixtures/formats
 # Seeds: the real samples, converted to each format a target reads.
 i=0
@@ -35,6 +35,11 @@ d=$f/scanpy_10x_v2/filtered_gene_bc_matrices/hg19_chr21
 { cat $d/matrix.mtx; printf '\0'; cat $d/genes.tsv; printf '\0'; cat $d/barcodes.tsv; } > $c/mtx/v2
 d=$f/scanpy_10x_v3/filtered_feature_bc_matrix
 { cat $d/matrix.mtx.gz; printf '\0'; zcat $d/features.tsv.gz; printf '\0'; cat $d/barcodes.tsv.gz; } > $c/mtx/v3-gz
+# HDF5: the 10x v2 (two genomes), v3 and Visium .h5 samples (the 7 MB .h5ad is over -max_len).
+cp $f/scanpy_10x_v2/filtered_gene_bc_matrices_h5.h5 $c/h5/v2.h5
+cp $f/scanpy_10x_v2/multiple_genomes.h5 $c/h5/v2-genomes.h5
+cp $f/scanpy_10x_v3/filtered_feature_bc_matrix.h5 $c/h5/v3.h5
+cp $f/seurat_testdata/visium/filtered_feature_bc_matrix.h5 $c/h5/visium.h5
 cp systemd/cellstream.toml $c/config/example.toml
 printf '[spool]\ndir = "/s"\n[output]\ndir = "/o"\n[http]\nlisten = "127.0.0.1:9464"\n' > $c/config/minimal.toml
 printf 'run42-000017.csb.zst' > $c/upload_name/good
@@ -43,10 +48,14 @@ printf '../etc/passwd' > $c/upload_name/traversal
 export RUSTC_BOOTSTRAP=1
 # The mtx target writes its three members to a scratch folder on every input: keep it in RAM.
 [ -d /dev/shm ] && export TMPDIR=/dev/shm
+# The h5 target links libhdf5 (feature hdf5, Debian: libhdf5-dev); the others are built
+# without it, so that their coverage maps stay small.
 cargo fuzz build -O
 for t in "${targets[@]}"; do
     echo "== $t: up to $secs s or $runs runs"
-    cargo fuzz run -O "$t" $c/$t -- -max_total_time="$secs" -runs="$runs" \
+    feat=()
+    [ "$t" = h5 ] && feat=(--features hdf5)
+    cargo fuzz run -O ${feat[@]+"${feat[@]}"} "$t" $c/$t -- -max_total_time="$secs" -runs="$runs" \
         -max_len=262144 -rss_limit_mb=2048 -print_final_stats=1 2>&1 |
         grep -E "^(Done|stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==|SUMMARY)|panicked|Test unit written" || true
 done
