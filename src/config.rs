@@ -63,7 +63,7 @@ pub struct OutputConfig {
 }
 
 /// How a cell record carries its embedding (DESIGN.md §5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum EmbeddingEncoding {
     /// `"embedding": [0.012, -0.104, …]`, each value the shortest decimal that reads back as

@@ -4,22 +4,8 @@
 //! target looks for is a file that makes either side crash, hang or exhaust memory.
 #![no_main]
 
-use std::sync::OnceLock;
+mod read_file;
 
-use cellstream::batch::{read_batch, ReadOptions};
 use libfuzzer_sys::fuzz_target;
 
-fn scratch() -> &'static tempfile::TempDir {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().unwrap())
-}
-
-fuzz_target!(|data: &[u8]| {
-    let path = scratch().path().join("batch.h5");
-    std::fs::write(&path, data).unwrap();
-    let opts = ReadOptions {
-        max_decompressed: 16 << 20,
-        memory_map: false,
-    };
-    let _ = read_batch(&path, &opts);
-});
+fuzz_target!(|data: &[u8]| read_file::read_as("batch.h5", data));

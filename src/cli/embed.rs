@@ -29,22 +29,7 @@ pub struct Args {
     /// How records carry the embedding: "array" of numbers, or "base64" (`embedding_b64`:
     /// the f32 values' little-endian bytes).
     #[arg(long, value_enum, default_value = "array")]
-    embedding: Encoding,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Encoding {
-    Array,
-    Base64,
-}
-
-impl From<Encoding> for EmbeddingEncoding {
-    fn from(e: Encoding) -> Self {
-        match e {
-            Encoding::Array => EmbeddingEncoding::Array,
-            Encoding::Base64 => EmbeddingEncoding::Base64,
-        }
-    }
+    embedding: EmbeddingEncoding,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -83,7 +68,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             &batch.batch_id(),
             &batch.barcodes,
             &results,
-            args.embedding.into(),
+            args.embedding,
         )
         .with_context(|| format!("writing {}", args.out.display()))?;
         cells += results.len();

@@ -31,13 +31,13 @@ pub fn write_batch(
     results: &[CellResult],
     encoding: EmbeddingEncoding,
 ) -> std::io::Result<()> {
-    let mut b64 = String::new();
+    // Reused across cells: one allocation per batch, not per record.
+    let (mut bytes, mut b64) = (Vec::new(), String::new());
     for (index, (cell, r)) in barcodes.iter().zip(results).enumerate() {
         let embedding = r.embedding.as_deref();
         let (embedding, embedding_b64) = match (encoding, embedding) {
             (EmbeddingEncoding::Base64, Some(values)) => {
-                b64.clear();
-                base64_f32_le(values, &mut b64);
+                base64_f32_le(values, &mut bytes, &mut b64);
                 (None, Some(b64.as_str()))
             }
             // A cell without an embedding (no gene in the vocabulary) is `"embedding": null`
@@ -63,11 +63,14 @@ pub fn write_batch(
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
-/// Appends the values' little-endian bytes to `out` as standard base64 (RFC 4648 §4, with
+/// Sets `out` to the values' little-endian bytes as standard base64 (RFC 4648 §4, with
 /// padding), what Python's `base64.b64decode` and numpy's `frombuffer(…, "<f4")` read back.
-fn base64_f32_le(values: &[f32], out: &mut String) {
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    base64(&bytes, out);
+/// `bytes` is scratch space.
+fn base64_f32_le(values: &[f32], bytes: &mut Vec<u8>, out: &mut String) {
+    bytes.clear();
+    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    out.clear();
+    base64(bytes, out);
 }
 
 fn base64(bytes: &[u8], out: &mut String) {
@@ -151,7 +154,7 @@ mod tests {
         assert!(array[0].get("embedding_b64").is_none());
         let b64 = lines(EmbeddingEncoding::Base64);
         let mut expected = String::new();
-        base64_f32_le(&[0.6, -0.8], &mut expected);
+        base64_f32_le(&[0.6, -0.8], &mut Vec::new(), &mut expected);
         assert_eq!(b64[0]["embedding_b64"], expected.as_str());
         assert!(b64[0].get("embedding").is_none());
         for l in [&array[1], &b64[1]] {
@@ -174,7 +177,7 @@ mod tests {
     fn floats_are_written_little_endian() {
         // 1.0f32 = 0x3f800000 → bytes 00 00 80 3f; -2.0 = 0xc0000000 → 00 00 00 c0.
         let mut s = String::new();
-        base64_f32_le(&[1.0, -2.0], &mut s);
+        base64_f32_le(&[1.0, -2.0], &mut Vec::new(), &mut s);
         assert_eq!(s, encode(&[0, 0, 0x80, 0x3f, 0, 0, 0, 0xc0]));
         assert_eq!(s, "AACAPwAAAMA=");
     }
