@@ -29,6 +29,9 @@ enum Command {
     Inspect(cli::inspect::Args),
     /// Run the daemon: watch a spool folder, stream results, serve metrics (DESIGN.md §6).
     Serve(cli::serve::Args),
+    /// The daemon's child reader (`cellstream::batch::isolated`); not for people.
+    #[command(name = "__read-child", hide = true)]
+    ReadChild(cli::read_child::Args),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
         Command::Convert(a) => cli::convert::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Serve(a) => cli::serve::run(a),
+        Command::ReadChild(a) => cli::read_child::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@ mod dense;
 mod error;
 #[cfg(feature = "hdf5")]
 mod h5;
+pub mod isolated;
 mod mtx;
 mod source;
 

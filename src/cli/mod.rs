@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod embed;
 pub mod inspect;
+pub mod read_child;
 pub mod serve;
 pub mod tokenize;
 

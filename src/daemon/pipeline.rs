@@ -22,7 +22,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::log;
 use super::systemd::Stage;
 use super::Shared;
-use crate::batch::{read_batch, BatchError, CountBatch, ReadOptions};
+use crate::batch::isolated::{ChildReadError, ChildReader};
+use crate::batch::{detect_format, read_batch, BatchError, CountBatch, Format, ReadOptions};
 use crate::fsutil::write_atomic;
 use crate::model::ModelPackage;
 use crate::pipeline::pool::panic_message;
@@ -260,27 +261,7 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Fini
         memory_map: false,
     };
     let start = Instant::now();
-    // The readers are fuzzed, but a parser bug on one hostile file must still cost only
-    // that file: a panic quarantines it (kind `internal`) and the daemon keeps serving.
-    let read_result = catch_unwind(AssertUnwindSafe(|| read_batch(&c.path, &opts)));
-    let batch = match read_result {
-        Ok(read) => read.map_err(|e: BatchError| Failure {
-            stage: "read",
-            kind: e.kind.name().into(),
-            error: e.to_string(),
-        })?,
-        Err(panic) => {
-            return Err(Failure {
-                stage: "read",
-                kind: "internal".into(),
-                error: format!(
-                    "{}: internal error (panic) while reading: {}",
-                    c.path.display(),
-                    panic_message(&panic)
-                ),
-            })
-        }
-    };
+    let batch = read(shared, c, &opts)?;
     let read = start.elapsed();
     let beat = &mut |_cells: usize| shared.heartbeat.beat(Stage::Batch);
     // A panic in the model runtime on one strange batch fails that batch, not the daemon.
@@ -312,6 +293,58 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Fini
             },
         }),
     }
+}
+
+/// Reads a claimed batch. The readers are fuzzed, but a parser bug on one hostile file must
+/// still cost only that file: a panic quarantines it (kind `internal`), and HDF5, read by C
+/// code that can crash the process, is read in a child process (`batch::isolated`).
+fn read(shared: &Shared, c: &Claimed, opts: &ReadOptions) -> Result<CountBatch, Failure> {
+    if cfg!(feature = "hdf5") && matches!(detect_format(&c.path), Ok(Format::Hdf5)) {
+        return read_in_child(shared, c, opts);
+    }
+    match catch_unwind(AssertUnwindSafe(|| read_batch(&c.path, opts))) {
+        Ok(read) => read.map_err(|e: BatchError| Failure {
+            stage: "read",
+            kind: e.kind.name().into(),
+            error: e.to_string(),
+        }),
+        Err(panic) => Err(Failure {
+            stage: "read",
+            kind: "internal".into(),
+            error: format!(
+                "{}: internal error (panic) while reading: {}",
+                c.path.display(),
+                panic_message(&panic)
+            ),
+        }),
+    }
+}
+
+/// A read still running after this long is taken for a hang and killed.
+const CHILD_READ_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn read_in_child(shared: &Shared, c: &Claimed, opts: &ReadOptions) -> Result<CountBatch, Failure> {
+    let reader = ChildReader::this_binary(CHILD_READ_TIMEOUT);
+    let beat = &mut || shared.heartbeat.beat(Stage::Batch);
+    reader.read(&c.path, opts, beat).map_err(|e| {
+        let (kind, error) = match e {
+            ChildReadError::Refused { kind, error } => (kind, error),
+            ChildReadError::Crashed(why) => (
+                "reader_crashed".to_string(),
+                format!(
+                    "{}: the HDF5 reader crashed on this file: {why}. libhdf5 does not survive every damaged file; only this file is affected",
+                    c.path.display()
+                ),
+            ),
+            e @ ChildReadError::TimedOut(_) => {
+                ("reader_timeout".to_string(), format!("{}: {e}", c.path.display()))
+            }
+            ChildReadError::Internal(why) => {
+                ("internal".to_string(), format!("{}: {why}", c.path.display()))
+            }
+        };
+        Failure { stage: "read", kind, error }
+    })
 }
 
 /// Only regular files and real directories are batches. A symlink could point anywhere
