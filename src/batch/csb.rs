@@ -37,7 +37,8 @@ pub fn read_mapped(path: &Path) -> Result<CountBatch, BatchError> {
 /// Reads the file into an aligned buffer instead of mapping it (see `ReadOptions::memory_map`).
 pub fn read_copied(path: &Path) -> Result<CountBatch, BatchError> {
     let file = super::source::open_regular(path)?;
-    let image = Image::read_capped(path, file, u64::MAX)?;
+    let size = file.metadata().map_err(|e| BatchError::io(path, e))?.len();
+    let image = Image::read_capped(path, file, u64::MAX, Some(size))?;
     from_image(path, image, Format::Csb)
 }
 
@@ -48,7 +49,7 @@ pub fn read_zst(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchErro
 
 /// Parses a `.csb` image held in memory; `path` names it in errors (tests, fuzzing).
 pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<CountBatch, BatchError> {
-    let image = Image::read_capped(path, bytes, u64::MAX)?;
+    let image = Image::read_capped(path, bytes, u64::MAX, Some(bytes.len() as u64))?;
     from_image(path, image, Format::Csb)
 }
 
@@ -59,7 +60,7 @@ pub fn from_zst_reader(
     opts: &ReadOptions,
 ) -> Result<CountBatch, BatchError> {
     let decoder = zstd::stream::read::Decoder::new(reader).map_err(|e| BatchError::io(path, e))?;
-    let image = Image::read_capped(path, decoder, opts.max_decompressed)?;
+    let image = Image::read_capped(path, decoder, opts.max_decompressed, None)?;
     if !image.bytes().starts_with(MAGIC) {
         return Err(BatchError::invalid(
             path,

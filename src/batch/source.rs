@@ -42,8 +42,24 @@ impl Image {
     }
 
     /// Streams `reader` into an aligned buffer, failing once more than `cap` bytes come out.
-    pub fn read_capped(path: &Path, mut reader: impl Read, cap: u64) -> Result<Image, BatchError> {
+    /// `expected` (the file's size, when known) sizes the buffer at once: growing by doubling
+    /// would hold up to twice the batch in memory.
+    pub fn read_capped(
+        path: &Path,
+        mut reader: impl Read,
+        cap: u64,
+        expected: Option<u64>,
+    ) -> Result<Image, BatchError> {
+        // One word more than expected, so that the read which finds the end needs no growth.
+        let first = expected.map_or(0, |n| (n.min(cap) / 8 + 1) as usize);
         let mut words: Vec<u64> = Vec::new();
+        words.try_reserve_exact(first).map_err(|_| {
+            BatchError::new(
+                path,
+                BatchErrorKind::TooLarge(format!("{} bytes do not fit in memory", first * 8)),
+            )
+        })?;
+        words.resize(first, 0);
         let mut len = 0usize;
         loop {
             if len == words.len() * 8 {

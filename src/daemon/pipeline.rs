@@ -33,10 +33,13 @@ use crate::sink::stream::StreamBatch;
 use crate::sink::summary::{BatchSummary, StageTimings};
 use crate::source::spool::{Claimed, ErrorReport};
 
-/// A batch that went through the model, on its way to the output.
+/// A batch that went through the model, on its way to the output: what the records and the
+/// summary need of the input, not its counts (a batch in the queue would hold them twice).
 struct Finished {
     claimed: Claimed,
-    batch: CountBatch,
+    barcodes: Vec<String>,
+    format: Format,
+    n_genes: usize,
     results: Vec<CellResult>,
     read: Duration,
     timings: EmbedTimings,
@@ -216,6 +219,8 @@ fn batch_loop(
     let loaded = Instant::now();
     let mut embedder = match Embedder::new(package, embed_cfg).and_then(|e| {
         e.warm_up()?;
+        // Optimizing the plans left megabytes of freed scratch in this thread's heap.
+        release_free_memory();
         Ok(e)
     }) {
         Ok(e) => e,
@@ -275,7 +280,9 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Fini
     match embedded {
         Ok((results, timings)) => Ok(Finished {
             claimed: c.clone(),
-            batch,
+            format: batch.format,
+            n_genes: batch.n_genes(),
+            barcodes: batch.barcodes,
             results,
             read,
             timings,
@@ -424,7 +431,22 @@ fn emit_loop(shared: &Shared, finished: Receiver<Finished>) {
             shared.heartbeat.idle(Stage::Emit);
             std::thread::sleep(shared.config().rescan_interval());
         }
+        // The batch's buffers are freed; hand their pages back before the next one.
+        release_free_memory();
         shared.heartbeat.idle(Stage::Emit);
+    }
+}
+
+/// Returns the free pages of every malloc heap to the system. glibc keeps freed memory in
+/// per-thread heaps and, once a multi-megabyte buffer (a batch's bytes, its records) has been
+/// freed, serves later ones from those heaps too, where they fragment: without this the
+/// daemon's resident memory creeps up batch after batch. Costs well under a millisecond per
+/// batch (BENCHMARKS.md, serve peak RSS).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -439,7 +461,9 @@ fn set_emit_depth(shared: &Shared, n: usize) {
 fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
     let Finished {
         claimed,
-        batch,
+        barcodes,
+        format,
+        n_genes,
         results,
         read,
         timings,
@@ -451,7 +475,7 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
     ndjson::write_batch(
         &mut records,
         &claimed.batch_id,
-        &batch.barcodes,
+        &barcodes,
         &results,
         encoding,
     )?;
@@ -473,8 +497,8 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
     let mut summary = BatchSummary::of(&results);
     summary.batch = claimed.batch_id.clone();
     summary.file = claimed.name.to_string_lossy().into_owned();
-    summary.format = batch.format.name();
-    summary.genes = batch.n_genes();
+    summary.format = format.name();
+    summary.genes = n_genes;
     summary.timings = StageTimings {
         read: read.as_secs_f64(),
         tokenize: timings.tokenize.as_secs_f64(),

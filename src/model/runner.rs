@@ -32,9 +32,11 @@ pub struct Outputs {
     pub logits: Option<Vec<f32>>,
 }
 
-/// The loaded model: its bytes, where its inputs and outputs are, and the plan cache.
+/// The loaded model: its parsed graph, where its inputs and outputs are, and the plan cache.
 pub struct ModelRuntime {
-    onnx: Vec<u8>,
+    /// Parsed and decluttered once with symbolic rows `N` and length `S`; each plan starts
+    /// from a clone, which shares the weight tensors (`Arc`) instead of parsing its own copy.
+    model: Model,
     path: std::path::PathBuf,
     /// Position of `gene_ids` and `values` among the graph's inputs.
     input_pos: [usize; 2],
@@ -82,7 +84,8 @@ impl ModelRuntime {
             .map(|l| find(&outputs, l, "output"))
             .transpose()?;
         let rt = Arc::new(ModelRuntime {
-            onnx: pkg.onnx.clone(),
+            model: load(&pkg.onnx, input_pos)
+                .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?,
             path: path.clone(),
             input_pos,
             embedding_pos,
@@ -98,6 +101,8 @@ impl ModelRuntime {
         // Also checks the output widths against embedding_dim and labels.txt (run_state).
         rt.probe()
             .map_err(|e| graph_err(format!("probe inference failed: {e:#}")))?;
+        // No batch has the probe's shape: its plan (and its packed weights) would be dead weight.
+        rt.plans.lock().unwrap().clear();
         Ok(rt)
     }
 
@@ -115,23 +120,26 @@ impl ModelRuntime {
         if let Some(p) = self.plans.lock().unwrap().get(&(n, s)) {
             return Ok(p.clone());
         }
-        let mut model = load(&self.onnx)?;
-        let [ids, vals] = self.input_pos;
-        model.set_input_fact(ids, format!("{n},{s},i64").as_str())?;
-        model.set_input_fact(vals, format!("{n},{s},f32").as_str())?;
+        let mut model = self.model.clone();
+        // Concrete sizes, then tract's optimizer: it picks vectorised kernels only for sizes
+        // it can prove (see the module comment).
         let runnable = model
-            .into_model()
-            .and_then(|m| m.into_runnable())
+            .transform(SetSymbols::new().value("N", n as i64).value("S", s as i64))
+            .and_then(|()| model.into_runnable())
             .with_context(|| format!("optimizing {} for {n} × {s} tokens", self.path.display()))?;
         self.plans.lock().unwrap().insert((n, s), runnable.clone());
         Ok(runnable)
     }
 }
 
-fn load(bytes: &[u8]) -> anyhow::Result<InferenceModel> {
+fn load(bytes: &[u8], [ids, vals]: [usize; 2]) -> anyhow::Result<Model> {
     // Exported graphs carry value_info shapes traced at one length; ignore them so that
-    // the symbolic batch and sequence dimensions can be set per plan.
-    onnx()?.load_buffer_with_options(bytes, OnnxOptions::new().ignore_value_info(true))
+    // the batch and sequence dimensions are the symbols each plan sets.
+    let mut model =
+        onnx()?.load_buffer_with_options(bytes, OnnxOptions::new().ignore_value_info(true))?;
+    model.set_input_fact(ids, "N,S,i64")?;
+    model.set_input_fact(vals, "N,S,f32")?;
+    model.into_model()
 }
 
 impl Batch {
