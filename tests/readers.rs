@@ -155,6 +155,27 @@ fn hdf5_files_equal_their_mtx_twins() {
     assert_eq!(multi.barcodes, one.barcodes);
 }
 
+/// Fuzzing (h5 target): a 10x `.h5` whose `matrix/features/name` dataspace claims 1.7 × 10^11
+/// fixed-length strings made the reader allocate 44 TB and abort. Every dataset is now sized
+/// against the decompression cap before it is read.
+#[cfg(feature = "hdf5")]
+#[test]
+fn fuzz_crash_h5_dataspace_claiming_terabytes_is_refused_before_allocating() {
+    let _turn = common::hdf5_or_spawn();
+    let path = fixture("fuzz/h5-huge-dataspace.h5");
+    let opts = ReadOptions {
+        max_decompressed: 1 << 30,
+        memory_map: false,
+    };
+    let err = read_batch(&path, &opts).unwrap_err().to_string();
+    assert!(
+        err.contains("h5-huge-dataspace.h5")
+            && err.contains("matrix/features/name")
+            && err.contains("over the cap"),
+        "{err}"
+    );
+}
+
 /// `convert` to .csb and .csb.zst and back gives the same batch, for every sample.
 #[test]
 fn convert_round_trips_every_sample() {

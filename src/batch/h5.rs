@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
-use hdf5::{Dataset, File, Group};
+use hdf5::{Container, Dataset, File, Group, H5Type};
 
 use super::source::{read_maybe_gz, GZIP_MAGIC};
 use super::{BatchError, CountBatch, CsrArrays, Format, ReadOptions};
@@ -16,7 +16,7 @@ pub fn read(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
     let parts = if gzipped {
         read_gzipped(path, opts)?
     } else {
-        read_parts(path)
+        read_parts(path, opts.max_decompressed)
     };
     let parts = parts.map_err(|what| BatchError::invalid(path, what))?;
     CountBatch::from_csr(
@@ -38,7 +38,7 @@ fn read_gzipped(path: &Path, opts: &ReadOptions) -> Result<H5Result<Parts>, Batc
         std::thread::current().id()
     ));
     std::fs::write(&tmp, bytes).map_err(|e| BatchError::io(&tmp, e))?;
-    let parts = read_parts(&tmp);
+    let parts = read_parts(&tmp, opts.max_decompressed);
     let _ = std::fs::remove_file(&tmp);
     Ok(parts)
 }
@@ -50,12 +50,13 @@ struct Parts {
     csr: CsrArrays,
 }
 
-fn read_parts(path: &Path) -> H5Result<Parts> {
+/// `cap`: the most bytes any one dataset may take in memory (`ReadOptions::max_decompressed`).
+fn read_parts(path: &Path, cap: u64) -> H5Result<Parts> {
     // HDF5 prints its own error stack to stderr unless told not to; our errors say it better.
     hdf5::silence_errors(true);
     let file = File::open(path).map_err(|e| format!("cannot open as HDF5: {e}"))?;
     if file.link_exists("X") || file.link_exists("obs") {
-        return read_anndata(&file);
+        return read_anndata(&file, cap);
     }
     if file.link_exists("matrix") {
         let m = file.group("matrix").map_err(h5err("matrix"))?;
@@ -63,11 +64,12 @@ fn read_parts(path: &Path) -> H5Result<Parts> {
         return read_10x_group(
             &m,
             "matrix",
-            strings(&f, "matrix/features/name")?,
-            Some(strings(&f, "matrix/features/id")?),
+            strings(&f, "matrix/features/name", cap)?,
+            Some(strings(&f, "matrix/features/id", cap)?),
+            cap,
         );
     }
-    read_10x_v2(&file)
+    read_10x_v2(&file, cap)
 }
 
 fn h5err(what: &str) -> impl Fn(hdf5::Error) -> String + '_ {
@@ -76,7 +78,7 @@ fn h5err(what: &str) -> impl Fn(hdf5::Error) -> String + '_ {
 
 /// Cell Ranger 2: one group per genome (`genes`, `gene_names`, `barcodes`, CSC data). Several
 /// genomes (barnyard runs) share the barcodes; their genes are concatenated in group order.
-fn read_10x_v2(file: &File) -> H5Result<Parts> {
+fn read_10x_v2(file: &File, cap: u64) -> H5Result<Parts> {
     let genomes = file
         .member_names()
         .map_err(|e| format!("listing groups: {e}"))?;
@@ -86,9 +88,9 @@ fn read_10x_v2(file: &File) -> H5Result<Parts> {
         if !g.link_exists("indptr") {
             continue;
         }
-        let names = strings(&g, &format!("{genome}/gene_names"))?;
-        let ids = strings(&g, &format!("{genome}/genes"))?;
-        let part = read_10x_group(&g, genome, names, Some(ids))?;
+        let names = strings(&g, &format!("{genome}/gene_names"), cap)?;
+        let ids = strings(&g, &format!("{genome}/genes"), cap)?;
+        let part = read_10x_group(&g, genome, names, Some(ids), cap)?;
         merged = Some(match merged {
             None => part,
             Some(prev) => concat_genes(prev, part, genome)?,
@@ -105,9 +107,10 @@ fn read_10x_group(
     at: &str,
     gene_names: Vec<String>,
     gene_ids: Option<Vec<String>>,
+    cap: u64,
 ) -> H5Result<Parts> {
-    let barcodes = strings(g, &format!("{at}/barcodes"))?;
-    let shape = ints(g, &format!("{at}/shape"))?;
+    let barcodes = strings(g, &format!("{at}/barcodes"), cap)?;
+    let shape = ints(g, &format!("{at}/shape"), cap)?;
     if shape.len() != 2
         || shape[0] as usize != gene_names.len()
         || shape[1] as usize != barcodes.len()
@@ -118,7 +121,7 @@ fn read_10x_group(
             barcodes.len()
         ));
     }
-    let csr = sparse(g, at)?;
+    let csr = sparse(g, at, cap)?;
     Ok(Parts {
         gene_names,
         gene_ids,
@@ -165,7 +168,7 @@ fn concat_genes(a: Parts, b: Parts, genome: &str) -> H5Result<Parts> {
 }
 
 /// AnnData: counts from `layers/counts`, else `raw/X` (with `raw/var`), else `X`.
-fn read_anndata(file: &File) -> H5Result<Parts> {
+fn read_anndata(file: &File, cap: u64) -> H5Result<Parts> {
     let (x_path, var_path) = if file.link_exists("layers/counts") {
         ("layers/counts", "var")
     } else if file.link_exists("raw/X") {
@@ -175,31 +178,31 @@ fn read_anndata(file: &File) -> H5Result<Parts> {
     };
     let var = file.group(var_path).map_err(h5err(var_path))?;
     let obs = file.group("obs").map_err(h5err("obs"))?;
-    let gene_names = dataframe_index(&var, var_path)?;
+    let gene_names = dataframe_index(&var, var_path, cap)?;
     let gene_ids = ["gene_ids", "gene_id", "feature_id"]
         .iter()
         .find(|c| var.link_exists(c))
-        .map(|c| strings(&var, &format!("{var_path}/{c}")))
+        .map(|c| strings(&var, &format!("{var_path}/{c}"), cap))
         .transpose()?;
-    let barcodes = dataframe_index(&obs, "obs")?;
+    let barcodes = dataframe_index(&obs, "obs", cap)?;
     let (n_cells, n_genes) = (barcodes.len(), gene_names.len());
     let csr = if let Ok(ds) = file.dataset(x_path) {
-        dense(&ds, x_path, n_cells, n_genes)?
+        dense(&ds, x_path, n_cells, n_genes, cap)?
     } else {
         let g = file.group(x_path).map_err(h5err(x_path))?;
         let encoding = string_attr(&g, "encoding-type").unwrap_or_default();
         let shape = g
             .attr("shape")
-            .and_then(|a| a.read_raw::<i64>())
-            .map_err(h5err("shape attribute"))?;
+            .map_err(h5err("shape attribute"))
+            .and_then(|a| read_all::<i64>(&a, &format!("{x_path} shape attribute"), cap))?;
         if shape != [n_cells as i64, n_genes as i64] {
             return Err(format!(
                 "{x_path} has shape {shape:?}, but obs has {n_cells} cells and {var_path} {n_genes} genes"
             ));
         }
         match encoding.as_str() {
-            "csr_matrix" => sparse(&g, x_path)?,
-            "csc_matrix" => transpose(sparse(&g, x_path)?, n_cells)
+            "csr_matrix" => sparse(&g, x_path, cap)?,
+            "csc_matrix" => transpose(sparse(&g, x_path, cap)?, n_cells)
                 .map_err(|what| format!("{x_path}: {what}"))?,
             other => return Err(format!("{x_path}: unsupported encoding-type {other:?}")),
         }
@@ -213,9 +216,9 @@ fn read_anndata(file: &File) -> H5Result<Parts> {
 }
 
 /// The index column of an AnnData dataframe (its `_index` attribute names it).
-fn dataframe_index(g: &Group, at: &str) -> H5Result<Vec<String>> {
+fn dataframe_index(g: &Group, at: &str, cap: u64) -> H5Result<Vec<String>> {
     let column = string_attr(g, "_index").unwrap_or_else(|| "_index".to_string());
-    strings(g, &format!("{at}/{column}"))
+    strings(g, &format!("{at}/{column}"), cap)
 }
 
 fn string_attr(g: &Group, name: &str) -> Option<String> {
@@ -234,50 +237,67 @@ fn string_attr(g: &Group, name: &str) -> Option<String> {
 }
 
 /// A 1-D string dataset in any of HDF5's string encodings; `path` is relative to the file.
-fn strings(g: &Group, path: &str) -> H5Result<Vec<String>> {
+fn strings(g: &Group, path: &str, cap: u64) -> H5Result<Vec<String>> {
     let name = path.rsplit('/').next().unwrap_or(path);
     let ds = g.dataset(name).map_err(h5err(path))?;
     let desc = ds
         .dtype()
         .and_then(|t| t.to_descriptor())
         .map_err(h5err(path))?;
-    let out = match desc {
-        TypeDescriptor::VarLenUnicode => ds
-            .read_raw::<VarLenUnicode>()
-            .map(|v| v.iter().map(|s| s.as_str().to_owned()).collect()),
-        TypeDescriptor::VarLenAscii => ds
-            .read_raw::<VarLenAscii>()
-            .map(|v| v.iter().map(|s| s.as_str().to_owned()).collect()),
-        TypeDescriptor::FixedAscii(n) if n <= 256 => ds
-            .read_raw::<FixedAscii<256>>()
-            .map(|v| v.iter().map(|s| s.as_str().to_owned()).collect()),
-        TypeDescriptor::FixedUnicode(n) if n <= 256 => ds
-            .read_raw::<FixedUnicode<256>>()
-            .map(|v| v.iter().map(|s| s.as_str().to_owned()).collect()),
+    Ok(match desc {
+        TypeDescriptor::VarLenUnicode => read_all::<VarLenUnicode>(&ds, path, cap)?
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect(),
+        TypeDescriptor::VarLenAscii => read_all::<VarLenAscii>(&ds, path, cap)?
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect(),
+        TypeDescriptor::FixedAscii(n) if n <= 256 => read_all::<FixedAscii<256>>(&ds, path, cap)?
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect(),
+        TypeDescriptor::FixedUnicode(n) if n <= 256 => {
+            read_all::<FixedUnicode<256>>(&ds, path, cap)?
+                .iter()
+                .map(|s| s.as_str().to_owned())
+                .collect()
+        }
         other => {
             return Err(format!(
                 "{path}: expected strings of at most 256 bytes, found {other:?}"
             ))
         }
-    };
-    out.map_err(h5err(path))
+    })
 }
 
-fn ints(g: &Group, path: &str) -> H5Result<Vec<i64>> {
+fn ints(g: &Group, path: &str, cap: u64) -> H5Result<Vec<i64>> {
     let name = path.rsplit('/').next().unwrap_or(path);
-    g.dataset(name)
-        .and_then(|d| d.read_raw::<i64>())
-        .map_err(h5err(path))
+    let ds = g.dataset(name).map_err(h5err(path))?;
+    read_all::<i64>(&ds, path, cap)
+}
+
+/// Reads a whole dataset or attribute, if it fits in `cap` bytes: a corrupted dataspace can
+/// claim 10^12 elements, and allocating for them would abort the process (found by fuzzing:
+/// `fuzz/fuzz_targets/h5.rs`, docs/robustness.md).
+fn read_all<T: H5Type>(c: &Container, path: &str, cap: u64) -> H5Result<Vec<T>> {
+    let n = c.size() as u64;
+    let bytes = n.saturating_mul(std::mem::size_of::<T>() as u64);
+    if bytes > cap {
+        return Err(format!(
+            "{path}: {n} elements would take {bytes} bytes in memory, over the cap of {cap}"
+        ));
+    }
+    c.read_raw::<T>().map_err(h5err(path))
 }
 
 /// `data`/`indices`/`indptr` of a compressed sparse group, checked and narrowed.
-fn sparse(g: &Group, at: &str) -> H5Result<CsrArrays> {
-    let indptr = ints(g, &format!("{at}/indptr"))?;
-    let indices = ints(g, &format!("{at}/indices"))?;
-    let data = g
-        .dataset("data")
-        .and_then(|d| d.read_raw::<f64>())
-        .map_err(h5err(&format!("{at}/data")))?;
+fn sparse(g: &Group, at: &str, cap: u64) -> H5Result<CsrArrays> {
+    let indptr = ints(g, &format!("{at}/indptr"), cap)?;
+    let indices = ints(g, &format!("{at}/indices"), cap)?;
+    let data_path = format!("{at}/data");
+    let ds = g.dataset("data").map_err(h5err(&data_path))?;
+    let data = read_all::<f64>(&ds, &data_path, cap)?;
     let indptr = indptr
         .iter()
         .enumerate()
@@ -321,14 +341,14 @@ fn count(v: f64) -> Result<u32, String> {
     Ok(v as u32)
 }
 
-fn dense(ds: &Dataset, at: &str, n_cells: usize, n_genes: usize) -> H5Result<CsrArrays> {
+fn dense(ds: &Dataset, at: &str, n_cells: usize, n_genes: usize, cap: u64) -> H5Result<CsrArrays> {
     if ds.shape() != [n_cells, n_genes] {
         return Err(format!(
             "{at} has shape {:?}, expected [{n_cells}, {n_genes}]",
             ds.shape()
         ));
     }
-    let values = ds.read_raw::<f64>().map_err(h5err(at))?;
+    let values = read_all::<f64>(ds, at, cap)?;
     let mut csr = CsrArrays {
         indptr: vec![0],
         ..Default::default()
