@@ -244,31 +244,31 @@ fn strings(g: &Group, path: &str, cap: u64) -> H5Result<Vec<String>> {
         .dtype()
         .and_then(|t| t.to_descriptor())
         .map_err(h5err(path))?;
-    Ok(match desc {
-        TypeDescriptor::VarLenUnicode => read_all::<VarLenUnicode>(&ds, path, cap)?
-            .iter()
-            .map(|s| s.as_str().to_owned())
-            .collect(),
-        TypeDescriptor::VarLenAscii => read_all::<VarLenAscii>(&ds, path, cap)?
-            .iter()
-            .map(|s| s.as_str().to_owned())
-            .collect(),
-        TypeDescriptor::FixedAscii(n) if n <= 256 => read_all::<FixedAscii<256>>(&ds, path, cap)?
-            .iter()
-            .map(|s| s.as_str().to_owned())
-            .collect(),
+    match desc {
+        TypeDescriptor::VarLenUnicode => read_strings::<VarLenUnicode>(&ds, path, cap),
+        TypeDescriptor::VarLenAscii => read_strings::<VarLenAscii>(&ds, path, cap),
+        TypeDescriptor::FixedAscii(n) if n <= 256 => {
+            read_strings::<FixedAscii<256>>(&ds, path, cap)
+        }
         TypeDescriptor::FixedUnicode(n) if n <= 256 => {
-            read_all::<FixedUnicode<256>>(&ds, path, cap)?
-                .iter()
-                .map(|s| s.as_str().to_owned())
-                .collect()
+            read_strings::<FixedUnicode<256>>(&ds, path, cap)
         }
-        other => {
-            return Err(format!(
-                "{path}: expected strings of at most 256 bytes, found {other:?}"
-            ))
-        }
-    })
+        other => Err(format!(
+            "{path}: expected strings of at most 256 bytes, found {other:?}"
+        )),
+    }
+}
+
+/// One of HDF5's string types, read whole and copied out.
+fn read_strings<T: H5Type + std::ops::Deref<Target = str>>(
+    ds: &Dataset,
+    path: &str,
+    cap: u64,
+) -> H5Result<Vec<String>> {
+    Ok(read_all::<T>(ds, path, cap)?
+        .iter()
+        .map(|s| s.to_string())
+        .collect())
 }
 
 fn ints(g: &Group, path: &str, cap: u64) -> H5Result<Vec<i64>> {

@@ -24,7 +24,7 @@ use super::{csb, CountBatch, Format, ReadOptions};
 /// The hidden subcommand the child runs.
 pub const CHILD_SUBCOMMAND: &str = "__read-child";
 
-/// What the child says about the input, written after the `.csb` (so a report saying `ok`
+/// What the child says about the input, written after the `.csb` (so a report saying `read`
 /// means the `.csb` is complete).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -264,10 +264,7 @@ mod tests {
     #[test]
     fn a_child_killed_by_a_signal_is_a_crash_naming_the_signal() {
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("segv.sh");
-        std::fs::write(&script, "#!/bin/sh\nkill -SEGV $$\n").unwrap();
-        make_executable(&script);
-        match read(&reader(script.to_str().unwrap())) {
+        match read(&reader(&script(&dir, "kill -SEGV $$"))) {
             Err(ChildReadError::Crashed(why)) => assert!(why.contains("SIGSEGV"), "{why}"),
             other => panic!("expected a crash, got {other:?}"),
         }
@@ -284,16 +281,11 @@ mod tests {
     #[test]
     fn a_child_that_hangs_is_killed_at_the_timeout() {
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("hang.sh");
-        std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
-        make_executable(&script);
-        let mut r = reader(script.to_str().unwrap());
+        let mut r = reader(&script(&dir, "exec sleep 30"));
         r.timeout = Duration::from_millis(200);
         let start = Instant::now();
         let mut beats = 0;
-        let got = r.read(Path::new("in.h5"), &ReadOptions::default(), &mut || {
-            beats += 1
-        });
+        let got = read_with(&r, &mut || beats += 1);
         assert!(matches!(got, Err(ChildReadError::TimedOut(_))), "{got:?}");
         assert!(start.elapsed() < Duration::from_secs(10));
         assert!(beats > 3, "progress is reported while waiting ({beats})");
@@ -319,8 +311,12 @@ mod tests {
         }
     }
 
-    fn make_executable(path: &Path) {
+    /// An executable shell script running `body`, standing in for the reader binary.
+    fn script(dir: &tempfile::TempDir, body: &str) -> String {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("child.sh");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.to_str().unwrap().to_owned()
     }
 }
