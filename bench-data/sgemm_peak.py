@@ -6,8 +6,10 @@ peak a forward pass achieves at a given throughput.
     OPENBLAS_NUM_THREADS=1 python bench-data/sgemm_peak.py [--tract-cells-per-s X] [--s 256]
 
 The model's shapes (d_model 128, 4 heads, FFN 256, 4 layers: models/pbmc-compact/README.md):
-per layer and cell of S tokens, Q/K/V and output projections S x d x 4d, the FFN S x d x 2 dff,
-attention scores and weighted sum 2 x heads x S x S x d/heads; 2 FLOPs per multiply-add.
+the value encoder's S x d x d, then per layer and cell of S tokens, Q/K/V and output
+projections S x d x 4d, the FFN S x d x 2 dff, attention scores and weighted sum 2 x heads x S
+x S x d/heads; the last layer as exported: keys and values for S tokens, everything else for the
+<cls> row alone. 2 FLOPs per multiply-add; the FLOPs counted are those the graph executes.
 Prints `SGEMM shape=... gflops=...` lines, then `PEAK gflops=...` and, given a throughput,
 `ACHIEVED gflops=... percent_of_peak=...`.
 """
@@ -37,8 +39,11 @@ def gflops(m, k, n, seconds=0.5):
 
 
 def forward_flops(s, d=128, heads=4, dff=256, layers=4):
-    per_layer = 2 * s * (4 * d * d + 2 * d * dff) + 2 * 2 * heads * s * s * (d // heads)
-    return layers * per_layer
+    def layer(rows):  # `rows` query rows against s keys
+        keys_values = 2 * s * d * 2 * d
+        rest = 2 * rows * (2 * d * d + 2 * d * dff) + 2 * 2 * rows * s * d
+        return keys_values + rest
+    return 2 * s * d * d + (layers - 1) * layer(s) + layer(1)
 
 
 def main():

@@ -224,19 +224,34 @@ def build_model(ntoken, pad_id, n_cls, d_model=128, nhead=4, d_hid=256, nlayers=
 
 def export_module(model):
     """The same weights as `build_model`'s CompactScGPT, written for export at opset >= 23 in
-    the form tract runs fastest: attention as two `Einsum`s whose score tensor is laid out
-    [heads, S_query, N, S_key], so that the key-padding mask [N, S_key] (0 / -inf from
-    gene_ids == <pad>) is added by broadcasting over leading axes only, which tract runs as
-    its vectorised "unicast" kernel, and the matmuls run on tract's own kernels. The earlier
-    forms were slower in tract: the opset-18 nn.TransformerEncoder graph (~30
-    Reshape/Transpose/MatMul per layer), and one ONNX `Attention` node per layer with a
-    [N,1,S,S] mask, which tract runs as a head-by-head flash SDPA with scalar exp (see
-    BENCHMARKS.md). Outputs match the module to ~2e-6."""
+    the form tract runs fastest (each step measured, see BENCHMARKS.md "Model forward"):
+
+    - attention as two `Einsum`s whose score tensor is laid out [heads, S_query, N, S_key],
+      so that the key-padding mask [N, S_key] (0 / -inf from gene_ids == <pad>) is added by
+      broadcasting over leading axes only, which tract runs as its vectorised "unicast"
+      kernel, and the matmuls run on tract's own kernels. The earlier forms were slower in
+      tract: the opset-18 nn.TransformerEncoder graph (~30 Reshape/Transpose/MatMul per
+      layer), and one ONNX `Attention` node per layer with a [N,1,S,S] mask, which tract runs
+      as a head-by-head flash SDPA with scalar exp;
+    - the last layer computed for the `<cls>` row only: the model's outputs are the `<cls>`
+      embedding and its logits, so the last layer needs keys and values of every token but
+      the query, attention, feed-forward and norms of row 0 alone (a quarter of the work
+      dropped, none of it reaching an output);
+    - each LayerNorm as (x - mean(x)) through `RMSNormalization`, plus the bias, with the mean
+      as a matmul by a constant 1/d column: tract expands ONNX `LayerNormalization` into a
+      per-row sum that cost more than the rest of the norm together.
+
+    Outputs match the module to ~2e-6."""
     import math
 
     import torch
     import torch.nn.functional as F
     from torch import nn
+
+    def layer_norm(x, norm):
+        d = x.shape[-1]
+        centred = x - x @ torch.full((d, 1), 1.0 / d)
+        return F.rms_norm(centred, (d,), weight=norm.weight, eps=norm.eps) + norm.bias
 
     class ExportScGPT(nn.Module):
         def __init__(self, m):
@@ -247,17 +262,26 @@ def export_module(model):
             m = self.m
             n, s = gene_ids.shape
             key_mask = torch.where(gene_ids == m.pad_id, float("-inf"), 0.0).to(torch.float32)
-            x = m.encoder(gene_ids) + m.value_encoder(values)
-            for layer in m.transformer_encoder.layers:
+            ve = m.value_encoder
+            value = torch.clamp(values.unsqueeze(-1), max=MAX_VALUE)
+            x = layer_norm(m.encoder.embedding(gene_ids), m.encoder.enc_norm) + layer_norm(
+                ve.linear2(F.relu(ve.linear1(value))), ve.norm)
+            layers = m.transformer_encoder.layers
+            for i, layer in enumerate(layers):
                 at = layer.self_attn
                 d, h = at.embed_dim, at.num_heads
-                q, k, v = F.linear(x, at.in_proj_weight, at.in_proj_bias).split(d, dim=-1)
-                heads = lambda t: t.reshape(n, s, h, d // h)
+                heads = lambda t: t.reshape(n, -1, h, d // h)
+                if i + 1 < len(layers):
+                    q, k, v = F.linear(x, at.in_proj_weight, at.in_proj_bias).split(d, dim=-1)
+                else:  # keys and values of every token, the rest for row 0 (<cls>) alone
+                    k, v = F.linear(x, at.in_proj_weight[d:], at.in_proj_bias[d:]).split(d, dim=-1)
+                    x = x[:, :1, :]
+                    q = F.linear(x, at.in_proj_weight[:d], at.in_proj_bias[:d])
                 scores = torch.einsum("nqhd,nkhd->hqnk", heads(q) * (1.0 / math.sqrt(d // h)), heads(k))
                 p = torch.softmax(scores + key_mask, dim=-1)
-                o = torch.einsum("hqnk,nkhd->nqhd", p, heads(v)).reshape(n, s, d)
-                x = layer.norm1(x + at.out_proj(o))
-                x = layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
+                o = torch.einsum("hqnk,nkhd->nqhd", p, heads(v)).reshape(n, -1, d)
+                x = layer_norm(x + at.out_proj(o), layer.norm1)
+                x = layer_norm(x + layer.linear2(F.relu(layer.linear1(x))), layer.norm2)
             emb = x[:, 0, :]
             return emb, m.cls_decoder(emb)
 
