@@ -104,6 +104,22 @@ fn a_batch_mixing_very_short_and_max_len_cells() {
     check_batch(&mut Worker::new(rt.clone()), &mixed, rt.max_len);
 }
 
+#[test]
+fn plans_built_before_the_graph_is_released_keep_running_and_new_shapes_are_refused() {
+    let pkg = ModelPackage::load(&model_dir()).unwrap();
+    let rt = ModelRuntime::new(&pkg).unwrap();
+    let cells = reference();
+    let four: Vec<&RefCell> = cells.iter().take(4).collect();
+    rt.plan(four.len(), rt.max_len).unwrap();
+    rt.release_graph();
+    check_batch(&mut Worker::new(rt.clone()), &four, rt.max_len);
+    let err = match rt.plan(3, rt.max_len) {
+        Ok(_) => panic!("a new shape after release got a plan"),
+        Err(e) => e,
+    };
+    assert!(format!("{err:#}").contains("released"), "{err:#}");
+}
+
 fn embed(args: &[&str]) -> (std::process::Output, Vec<serde_json::Value>) {
     let out = cellstream(args);
     let records = String::from_utf8_lossy(&out.stdout)

@@ -36,7 +36,8 @@ pub struct Outputs {
 pub struct ModelRuntime {
     /// Parsed and decluttered once with symbolic rows `N` and length `S`; each plan starts
     /// from a clone, which shares the weight tensors (`Arc`) instead of parsing its own copy.
-    model: Model,
+    /// `None` once released (`release_graph`): the plans then hold all that they run.
+    model: Mutex<Option<Model>>,
     path: std::path::PathBuf,
     /// Position of `gene_ids` and `values` among the graph's inputs.
     input_pos: [usize; 2],
@@ -84,8 +85,10 @@ impl ModelRuntime {
             .map(|l| find(&outputs, l, "output"))
             .transpose()?;
         let rt = Arc::new(ModelRuntime {
-            model: load(&pkg.onnx, input_pos)
-                .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?,
+            model: Mutex::new(Some(
+                load(&pkg.onnx, input_pos)
+                    .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?,
+            )),
             path: path.clone(),
             input_pos,
             embedding_pos,
@@ -120,7 +123,9 @@ impl ModelRuntime {
         if let Some(p) = self.plans.lock().unwrap().get(&(n, s)) {
             return Ok(p.clone());
         }
-        let mut model = self.model.clone();
+        let mut model = self.model.lock().unwrap().clone().ok_or_else(|| {
+            anyhow!("no plan for {n} × {s} tokens was built before the parsed graph was released")
+        })?;
         // Concrete sizes, then tract's optimizer: it picks vectorised kernels only for sizes
         // it can prove (see the module comment).
         let runnable = model
@@ -129,6 +134,14 @@ impl ModelRuntime {
             .with_context(|| format!("optimizing {} for {n} × {s} tokens", self.path.display()))?;
         self.plans.lock().unwrap().insert((n, s), runnable.clone());
         Ok(runnable)
+    }
+
+    /// Drops the parsed graph once every plan the caller needs exists: each optimized plan
+    /// holds its own packed copy of the matmul weights, so the graph's unpacked ones (about
+    /// half the model file) were only kept for plans not built yet. `plan` fails for a new
+    /// shape afterwards.
+    pub fn release_graph(&self) {
+        self.model.lock().unwrap().take();
     }
 }
 

@@ -210,11 +210,14 @@ impl Embedder {
     }
 
     /// Compiles the plan of every length bucket now, so that the first batches do not pay
-    /// for it (the daemon calls this before it reports ready).
+    /// for it (the daemon calls this before it reports ready), then releases the parsed
+    /// graph: these are the only shapes `infer` runs (one per bucket, its rows fixed by the
+    /// token budget), and the plans hold all they need.
     pub fn warm_up(&self) -> anyhow::Result<()> {
         for &s in &self.buckets {
             self.rt.plan(rows_for(s, self.cfg.token_budget), s)?;
         }
+        self.rt.release_graph();
         Ok(())
     }
 
