@@ -110,7 +110,7 @@ fn read_10x_group(
     cap: u64,
 ) -> H5Result<Parts> {
     let barcodes = strings(g, &format!("{at}/barcodes"), cap)?;
-    let shape = ints(g, &format!("{at}/shape"), cap)?;
+    let shape = numbers::<i64>(g, &format!("{at}/shape"), cap)?;
     if shape.len() != 2
         || shape[0] as usize != gene_names.len()
         || shape[1] as usize != barcodes.len()
@@ -271,10 +271,11 @@ fn read_strings<T: H5Type + std::ops::Deref<Target = str>>(
         .collect())
 }
 
-fn ints(g: &Group, path: &str, cap: u64) -> H5Result<Vec<i64>> {
+/// A numeric dataset of `g`, converted to `T` by HDF5; `path` is relative to the file.
+fn numbers<T: H5Type>(g: &Group, path: &str, cap: u64) -> H5Result<Vec<T>> {
     let name = path.rsplit('/').next().unwrap_or(path);
     let ds = g.dataset(name).map_err(h5err(path))?;
-    read_all::<i64>(&ds, path, cap)
+    read_all::<T>(&ds, path, cap)
 }
 
 /// Reads a whole dataset or attribute, if it fits in `cap` bytes: a corrupted dataspace can
@@ -293,11 +294,9 @@ fn read_all<T: H5Type>(c: &Container, path: &str, cap: u64) -> H5Result<Vec<T>> 
 
 /// `data`/`indices`/`indptr` of a compressed sparse group, checked and narrowed.
 fn sparse(g: &Group, at: &str, cap: u64) -> H5Result<CsrArrays> {
-    let indptr = ints(g, &format!("{at}/indptr"), cap)?;
-    let indices = ints(g, &format!("{at}/indices"), cap)?;
-    let data_path = format!("{at}/data");
-    let ds = g.dataset("data").map_err(h5err(&data_path))?;
-    let data = read_all::<f64>(&ds, &data_path, cap)?;
+    let indptr = numbers::<i64>(g, &format!("{at}/indptr"), cap)?;
+    let indices = numbers::<i64>(g, &format!("{at}/indices"), cap)?;
+    let data = numbers::<f64>(g, &format!("{at}/data"), cap)?;
     let indptr = indptr
         .iter()
         .enumerate()

@@ -12,6 +12,8 @@
 //! whether the input was read or refused. Anything else (a signal, another exit status, no
 //! report) means the reader crashed.
 
+use std::any::Any;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,10 +21,47 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{csb, CountBatch, Format, ReadOptions};
+use super::{csb, read_batch, CountBatch, Format, ReadOptions};
 
 /// The hidden subcommand the child runs.
 pub const CHILD_SUBCOMMAND: &str = "__read-child";
+
+/// Why a reader gave no batch: the kind an error report names ([`super::BatchErrorKind::name`],
+/// or `internal` for a panic) and the message.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Refusal {
+    pub kind: String,
+    pub error: String,
+}
+
+/// Reads `path` in this process, a panic in a reader included: the readers are fuzzed, but a
+/// parser bug on one hostile file must still cost only that file. The daemon reads every
+/// format but HDF5 this way, and the child reads HDF5 this way.
+pub fn read_contained(path: &Path, opts: &ReadOptions) -> Result<CountBatch, Refusal> {
+    match catch_unwind(AssertUnwindSafe(|| read_batch(path, opts))) {
+        Ok(read) => read.map_err(|e| Refusal {
+            kind: e.kind.name().into(),
+            error: e.to_string(),
+        }),
+        Err(panic) => Err(Refusal {
+            kind: "internal".into(),
+            error: format!(
+                "{}: internal error (panic) while reading: {}",
+                path.display(),
+                panic_message(&panic)
+            ),
+        }),
+    }
+}
+
+/// The text of a caught panic, when it carried one.
+pub fn panic_message(panic: &Box<dyn Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
 
 /// What the child says about the input, written after the `.csb` (so a report saying `read`
 /// means the `.csb` is complete).
@@ -31,18 +70,15 @@ pub const CHILD_SUBCOMMAND: &str = "__read-child";
 pub enum ChildReport {
     Read,
     /// The reader refused the input: the same kind and message as reading it in process.
-    Refused {
-        kind: String,
-        error: String,
-    },
+    Refused(Refusal),
 }
 
 /// Why a child read gave no batch.
 #[derive(Debug, thiserror::Error)]
 pub enum ChildReadError {
-    /// The reader refused the input (`kind` as [`super::BatchErrorKind::name`]).
-    #[error("{error}")]
-    Refused { kind: String, error: String },
+    /// The reader refused the input.
+    #[error("{}", .0.error)]
+    Refused(Refusal),
     /// The reader died (a signal, an unexpected exit status) before it reported.
     #[error("the reader process crashed: {0}")]
     Crashed(String),
@@ -171,9 +207,7 @@ impl ChildReader {
         })?;
         match serde_json::from_slice::<ChildReport>(&text) {
             Ok(ChildReport::Read) => Ok(()),
-            Ok(ChildReport::Refused { kind, error }) => {
-                Err(ChildReadError::Refused { kind, error })
-            }
+            Ok(ChildReport::Refused(refusal)) => Err(ChildReadError::Refused(refusal)),
             Err(e) => Err(ChildReadError::Internal(format!(
                 "the reader process wrote an unreadable report {}: {e}",
                 report.display()
@@ -299,14 +333,14 @@ mod tests {
 
     #[test]
     fn the_report_round_trips() {
-        let refused = ChildReport::Refused {
+        let refused = ChildReport::Refused(Refusal {
             kind: "invalid".into(),
             error: "x.h5: invalid: matrix/data: missing".into(),
-        };
+        });
         let text = serde_json::to_string(&refused).unwrap();
         assert!(text.contains(r#""outcome":"refused""#), "{text}");
         match serde_json::from_str::<ChildReport>(&text).unwrap() {
-            ChildReport::Refused { kind, .. } => assert_eq!(kind, "invalid"),
+            ChildReport::Refused(refusal) => assert_eq!(refusal.kind, "invalid"),
             other => panic!("{other:?}"),
         }
     }

@@ -2,12 +2,10 @@
 //! Hidden from `--help`; only the daemon runs it (on itself).
 
 use std::io::Write;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
-use cellstream::batch::isolated::{report_path, ChildReport};
-use cellstream::batch::{read_batch, write_csb, ReadOptions};
-use cellstream::pipeline::pool::panic_message;
+use cellstream::batch::isolated::{read_contained, report_path, ChildReport, Refusal};
+use cellstream::batch::{write_csb, ReadOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,31 +22,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_decompressed: args.max_decompressed,
         memory_map: false,
     };
-    let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let batch = read_batch(&args.input, &opts).map_err(|e| ChildReport::Refused {
-            kind: e.kind.name().into(),
-            error: e.to_string(),
-        })?;
-        write_scratch(&batch, &args.out).map_err(|e| ChildReport::Refused {
-            kind: "internal".into(),
-            error: format!(
-                "{}: cannot write the read batch to {}: {e}",
-                args.input.display(),
-                args.out.display()
-            ),
-        })
-    }));
-    let report = match outcome {
-        Ok(Ok(())) => ChildReport::Read,
-        Ok(Err(refused)) => refused,
-        Err(panic) => ChildReport::Refused {
-            kind: "internal".into(),
-            error: format!(
-                "{}: internal error (panic) while reading: {}",
-                args.input.display(),
-                panic_message(&panic)
-            ),
+    let report = match read_contained(&args.input, &opts) {
+        Ok(batch) => match write_scratch(&batch, &args.out) {
+            Ok(()) => ChildReport::Read,
+            Err(e) => ChildReport::Refused(Refusal {
+                kind: "internal".into(),
+                error: format!(
+                    "{}: cannot write the read batch to {}: {e}",
+                    args.input.display(),
+                    args.out.display()
+                ),
+            }),
         },
+        Err(refusal) => ChildReport::Refused(refusal),
     };
     // Written last and in one piece: its presence means the `.csb` is complete.
     std::fs::write(report_path(&args.out), serde_json::to_vec(&report)?)?;

@@ -22,11 +22,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::log;
 use super::systemd::Stage;
 use super::Shared;
-use crate::batch::isolated::{ChildReadError, ChildReader};
-use crate::batch::{detect_format, read_batch, BatchError, CountBatch, Format, ReadOptions};
+use crate::batch::isolated::{panic_message, read_contained, ChildReadError, ChildReader};
+use crate::batch::{detect_format, CountBatch, Format, ReadOptions};
 use crate::fsutil::write_atomic;
 use crate::model::ModelPackage;
-use crate::pipeline::pool::panic_message;
 use crate::pipeline::{CellResult, EmbedConfig, EmbedTimings, Embedder, NoGeneInVocab};
 use crate::sink::ndjson;
 use crate::sink::stream::StreamBatch;
@@ -302,29 +301,17 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Fini
     }
 }
 
-/// Reads a claimed batch. The readers are fuzzed, but a parser bug on one hostile file must
-/// still cost only that file: a panic quarantines it (kind `internal`), and HDF5, read by C
-/// code that can crash the process, is read in a child process (`batch::isolated`).
+/// Reads a claimed batch: HDF5, read by C code that can crash the process, in a child process
+/// (`batch::isolated`), every other format here with a reader's panic contained.
 fn read(shared: &Shared, c: &Claimed, opts: &ReadOptions) -> Result<CountBatch, Failure> {
     if cfg!(feature = "hdf5") && matches!(detect_format(&c.path), Ok(Format::Hdf5)) {
         return read_in_child(shared, c, opts);
     }
-    match catch_unwind(AssertUnwindSafe(|| read_batch(&c.path, opts))) {
-        Ok(read) => read.map_err(|e: BatchError| Failure {
-            stage: "read",
-            kind: e.kind.name().into(),
-            error: e.to_string(),
-        }),
-        Err(panic) => Err(Failure {
-            stage: "read",
-            kind: "internal".into(),
-            error: format!(
-                "{}: internal error (panic) while reading: {}",
-                c.path.display(),
-                panic_message(&panic)
-            ),
-        }),
-    }
+    read_contained(&c.path, opts).map_err(|r| Failure {
+        stage: "read",
+        kind: r.kind,
+        error: r.error,
+    })
 }
 
 /// A read still running after this long is taken for a hang and killed.
@@ -335,7 +322,7 @@ fn read_in_child(shared: &Shared, c: &Claimed, opts: &ReadOptions) -> Result<Cou
     let beat = &mut || shared.heartbeat.beat(Stage::Batch);
     reader.read(&c.path, opts, beat).map_err(|e| {
         let (kind, error) = match e {
-            ChildReadError::Refused { kind, error } => (kind, error),
+            ChildReadError::Refused(r) => (r.kind, r.error),
             ChildReadError::Crashed(why) => (
                 "reader_crashed".to_string(),
                 format!(

@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::batch::isolated::panic_message;
 use crate::model::{Batch, ModelRuntime, Outputs, Worker};
 
 /// One batch to run, and where to send its outputs (tagged with `id`).
@@ -75,13 +76,4 @@ impl Drop for InferencePool {
             let _ = h.join();
         }
     }
-}
-
-/// The text of a caught panic, when it carried one.
-pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "no message".into())
 }
