@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use cellstream::batch::{read_batch, write_csb_file, ReadOptions};
-use cellstream::tokenize::{TieMode, TokenBatch, Tokenizer, TokenizerConfig, Vocab};
+use cellstream::tokenize::{Kernels, TieMode, TokenBatch, Tokenizer, TokenizerConfig, Vocab};
 
 const REPEAT: usize = 20;
 
@@ -74,6 +74,16 @@ fn main() {
         // Output buffers recycled between batches, as a pipeline does in steady state.
         let mut out = TokenBatch::default();
         bench(&format!("tokenize/pbmc3k-{name}"), n, || {
+            tok.tokenize_into(black_box(&batch), &genes, &mut out);
+            black_box(&out);
+        });
+    }
+
+    // The portable loops, for CPUs without AVX2 (the rows above use the fastest this CPU has).
+    if Kernels::detect() != Kernels::Scalar {
+        let mut tok = Tokenizer::with_kernels(&vocab, TokenizerConfig::default(), Kernels::Scalar);
+        let mut out = TokenBatch::default();
+        bench("tokenize/pbmc3k-seeded-scalar", n, || {
             tok.tokenize_into(black_box(&batch), &genes, &mut out);
             black_box(&out);
         });

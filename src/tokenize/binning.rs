@@ -28,7 +28,7 @@ pub fn numpy_linspace01(num: usize) -> Vec<f64> {
 pub struct Binner {
     quantiles: Vec<f64>,
     /// Histogram of small counts, [`LANES`] counters per value; all zero between cells.
-    hist: Vec<u32>,
+    hist: Box<[u32; SMALL * LANES]>,
     /// Counts ≥ [`SMALL`] of the current cell, sorted.
     large: Vec<u32>,
     /// How many counts of the current cell are small.
@@ -45,7 +45,9 @@ impl Binner {
         let n_edges = n_bins as usize - 1;
         Binner {
             quantiles: numpy_linspace01(n_edges),
-            hist: vec![0; SMALL * LANES],
+            hist: vec![0; SMALL * LANES]
+                .try_into()
+                .expect("SMALL * LANES counters"),
             large: Vec::new(),
             n_small: 0,
             edges: Vec::with_capacity(n_edges),
@@ -61,23 +63,33 @@ impl Binner {
     /// Computes the edges for one cell's counts (all > 0) and the digit table, so that
     /// [`Binner::digits`] answers for each of them.
     pub fn prepare(&mut self, counts: &[u32]) {
+        let max = counts.iter().copied().max().unwrap_or(0);
+        self.prepare_with_max(counts, max);
+    }
+
+    /// [`Binner::prepare`] when the caller already knows the largest count (`max` must be it).
+    pub fn prepare_with_max(&mut self, counts: &[u32], max: u32) {
         self.edges.clear();
         self.large.clear();
         if counts.is_empty() {
             return;
         }
-        let max = counts.iter().copied().max().unwrap_or(0) as usize;
+        let max = max as usize;
         let max_small = if max < SMALL {
             // Four interleaved histograms: consecutive equal counts (most are 1 or 2) land in
             // different slots, so the increments do not wait on each other's stores.
+            // Every count is below SMALL here, so `slot` is the identity on it; it only lets
+            // the compiler see that the index stays inside the fixed-size table.
+            let hist = &mut *self.hist;
+            let slot = |v: u32, lane: usize| (v as usize % SMALL) * LANES + lane;
             let mut chunks = counts.chunks_exact(LANES);
             for chunk in &mut chunks {
                 for (lane, &v) in chunk.iter().enumerate() {
-                    self.hist[v as usize * LANES + lane] += 1;
+                    hist[slot(v, lane)] += 1;
                 }
             }
             for &v in chunks.remainder() {
-                self.hist[v as usize * LANES] += 1;
+                hist[slot(v, 0)] += 1;
             }
             max
         } else {
@@ -179,20 +191,22 @@ impl Binner {
                 // The maximum, known without walking the sparse top of the histogram.
                 large.last().map_or(max_small as u32, |&m| m) as f32 as f64
             } else {
-                let prev = vi.floor();
-                let i = prev as usize;
+                let (i, prev) = floor_nonneg(vi);
                 lerp(lower.at(i) as f32, upper.at(i + 1) as f32, vi - prev)
             };
             self.edges.push(edge);
         }
     }
 
-    /// `left | right << 16` for every value 1..=max_small, in one merge walk over the edges
-    /// (a typical cell's largest small count is under a hundred).
+    /// `left | right << 16` for every value 1..=max_small. Both digits are step functions of
+    /// the value that change only at the edges, so the table is filled run by run: one
+    /// `fill` per distinct edge, not one merge step per value (the largest small count of a
+    /// cell is often in the hundreds, its 50 edges mostly below ten).
     fn fill_lut(&mut self, max_small: usize) {
         let edges = &self.edges;
         let (mut l, mut r) = (0usize, 0usize);
-        for v in 1..=max_small {
+        let mut v = 1usize;
+        while v <= max_small {
             let x = v as f64;
             while l < edges.len() && edges[l] <= x {
                 l += 1;
@@ -200,7 +214,18 @@ impl Binner {
             while r < edges.len() && edges[r] < x {
                 r += 1;
             }
-            self.lut[v] = l as u32 | (r as u32) << 16;
+            // `l` next moves at the first value >= edges[l], `r` at the first > edges[r].
+            let mut stop = max_small + 1;
+            if l < edges.len() {
+                let (floor, exact) = floor_nonneg(edges[l]);
+                stop = stop.min(floor + (exact < edges[l]) as usize);
+            }
+            if r < edges.len() {
+                stop = stop.min(floor_nonneg(edges[r]).0 + 1);
+            }
+            let stop = stop.max(v + 1);
+            self.lut[v..stop].fill(l as u32 | (r as u32) << 16);
+            v = stop;
         }
     }
 }
@@ -247,6 +272,14 @@ impl<'a> RankWalker<'a> {
         }
         self.v as u32
     }
+}
+
+/// `floor(x)` of a finite `x` in `0..2^63`, as an index and as a float: truncation, which the
+/// baseline x86-64 target does in one instruction where `f64::floor` is a libm call.
+#[inline]
+fn floor_nonneg(x: f64) -> (usize, f64) {
+    let i = x as i64;
+    (i as usize, i as f64)
 }
 
 /// numpy's `_lerp(a, b, g)` on float32 `a`, `b` promoted to float64.

@@ -1,8 +1,9 @@
 //! `CountBatch` → `TokenBatch`: vocabulary mapping, binning, `<cls>`, subsampling beyond `max_len`.
 
-use super::binning::{tie_bin, Binner, SMALL};
+use super::binning::{tie_bin, Binner};
+use super::kernels::{self, seeded_bin, Kernels, SELECT_SLACK};
 use super::rng::{CellRng, Mt19937};
-use super::vocab::{GeneMap, Vocab, NOT_IN_VOCAB};
+use super::vocab::{GeneMap, Vocab};
 use crate::batch::CountBatch;
 
 /// How ties (`left != right`) are broken.
@@ -77,8 +78,9 @@ impl TokenBatch {
 pub struct Tokenizer {
     cfg: TokenizerConfig,
     cls_id: u32,
+    kernels: Kernels,
     binner: Binner,
-    tokens: Vec<u32>,
+    /// The current cell's kept counts (scratch).
     counts: Vec<u32>,
     pick: Vec<u32>,
     kept: Vec<bool>,
@@ -86,6 +88,12 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn new(vocab: &Vocab, cfg: TokenizerConfig) -> Tokenizer {
+        Tokenizer::with_kernels(vocab, cfg, Kernels::detect())
+    }
+
+    /// [`Tokenizer::new`] with a chosen implementation of the per-entry loops (every one
+    /// gives the same tokens; tests and benchmarks compare them).
+    pub fn with_kernels(vocab: &Vocab, cfg: TokenizerConfig, kernels: Kernels) -> Tokenizer {
         assert!(
             cfg.max_len >= 2,
             "max_len must leave room for <cls> and a gene"
@@ -93,8 +101,8 @@ impl Tokenizer {
         Tokenizer {
             binner: Binner::new(cfg.n_bins),
             cls_id: vocab.cls_id,
+            kernels,
             cfg,
-            tokens: Vec::new(),
             counts: Vec::new(),
             pick: Vec::new(),
             kept: Vec::new(),
@@ -112,13 +120,16 @@ impl Tokenizer {
     /// [`Tokenizer::tokenize`] into a recycled `TokenBatch` (its buffers are cleared and reused,
     /// so a pipeline that hands batches back allocates nothing in steady state).
     pub fn tokenize_into(&mut self, batch: &CountBatch, genes: &GeneMap, out: &mut TokenBatch) {
-        // Upper bound: every stored entry plus one <cls> per cell (no regrowth copies).
+        // Upper bounds, so that nothing regrows: every stored entry plus one <cls> per cell;
+        // gene_ids holds a cell's every kept gene before subsampling, and its selection may
+        // write SELECT_SLACK past them.
         let cap = batch.nnz().min(batch.n_cells() * self.cfg.max_len) + batch.n_cells();
         out.gene_ids.clear();
         out.values.clear();
         out.offsets.clear();
         out.expressed.clear();
-        out.gene_ids.reserve(cap);
+        out.gene_ids
+            .reserve(batch.nnz() + batch.n_cells() + SELECT_SLACK);
         out.values.reserve(cap);
         out.offsets.reserve(batch.n_cells() + 1);
         out.expressed.reserve(batch.n_cells());
@@ -152,17 +163,31 @@ impl Tokenizer {
         mt: Option<&mut Mt19937>,
         out: &mut TokenBatch,
     ) -> CellCoverage {
-        let cov = self.select_in_vocab(gene_idx, counts, genes);
-        let k = cov.n_in_vocab as usize;
-        let (tokens, counts) = (&self.tokens[..k], &self.counts[..k]);
-        self.binner.prepare(counts);
-        let mut rng = CellRng::for_cell(self.cfg.seed, barcode);
-
         out.gene_ids.push(self.cls_id);
         out.values.push(self.cfg.pad_value);
         let start = out.values.len();
-        // `extend` from exact-size iterators: written once, no zero-fill first.
-        out.gene_ids.extend_from_slice(tokens);
+        // The kept token ids go straight into the output's spare capacity.
+        out.gene_ids.reserve(gene_idx.len() + SELECT_SLACK);
+        if self.counts.len() < gene_idx.len() + SELECT_SLACK {
+            self.counts.resize(gene_idx.len() + SELECT_SLACK, 0);
+        }
+        let selected = kernels::select_in_vocab(
+            self.kernels,
+            gene_idx,
+            counts,
+            &genes.token_of_gene,
+            out.gene_ids.spare_capacity_mut(),
+            &mut self.counts,
+        );
+        let cov = selected.coverage;
+        let k = cov.n_in_vocab as usize;
+        // SAFETY: `select_in_vocab` initialised the first `k` elements of the spare capacity
+        // (its documented contract, checked by its tests for every kernel).
+        unsafe { out.gene_ids.set_len(start + k) };
+        let counts = &self.counts[..k];
+        self.binner.prepare_with_max(counts, selected.max_count);
+        let mut rng = CellRng::for_cell(self.cfg.seed, barcode);
+
         let binner = &self.binner;
         match (mt, binner.small_lut()) {
             // scGPT draws one double per value, tie or not, and rounds up.
@@ -170,7 +195,13 @@ impl Tokenizer {
                 let (l, r) = binner.digits(c);
                 tie_bin(mt.next_f64(), l, r) as f32
             })),
-            (None, Some(lut)) => seeded_bins(lut, counts, rng.next_u64() as u32, &mut out.values),
+            (None, Some(lut)) => kernels::seeded_bins(
+                self.kernels,
+                lut,
+                counts,
+                rng.next_u64() as u32,
+                &mut out.values,
+            ),
             (None, None) => {
                 let key = rng.next_u64() as u32;
                 out.values.extend(counts.iter().enumerate().map(|(i, &c)| {
@@ -205,63 +236,4 @@ impl Tokenizer {
         }
         cov
     }
-
-    /// Keeps the cell's non-zero, in-vocabulary genes at the front of `tokens`/`counts`
-    /// (branch-free: every entry is written, the cursor advances only for kept ones).
-    fn select_in_vocab(
-        &mut self,
-        gene_idx: &[u32],
-        counts: &[u32],
-        genes: &GeneMap,
-    ) -> CellCoverage {
-        let mut cov = CellCoverage::default();
-        if self.tokens.len() < gene_idx.len() {
-            self.tokens.resize(gene_idx.len(), 0);
-            self.counts.resize(gene_idx.len(), 0);
-        }
-        let (tokens, kept_counts) = (&mut self.tokens[..], &mut self.counts[..]);
-        let mut k = 0;
-        for (&g, &c) in gene_idx.iter().zip(counts) {
-            let t = genes.token_of_gene[g as usize];
-            tokens[k] = t;
-            kept_counts[k] = c;
-            let expressed = c != 0;
-            cov.n_genes += expressed as u32;
-            cov.total_counts += c as u64;
-            let kept = expressed & (t != NOT_IN_VOCAB);
-            cov.counts_in_vocab += if kept { c as u64 } else { 0 };
-            k += kept as usize;
-        }
-        cov.n_in_vocab = k as u32;
-        cov
-    }
-}
-
-/// Seeded tie breaking: a uniform pick from scGPT's allowed set `right+1 ..= left`, from a
-/// counter-based hash of (cell key, entry index) — no sequential generator state, so the loop
-/// has no branch and no dependency between entries. Where `left == right` the pick is `left`.
-/// The multiply-shift maps 32 random bits onto `left - right ≤ 50` choices with a bias below
-/// 50 / 2^32 (invisible next to scGPT's own float rounding of `ceil(u*(r-l)+l)`).
-#[inline(always)]
-fn seeded_bin(left: u32, right: u32, key: u32, i: u32) -> u32 {
-    let h = fmix32(key ^ i.wrapping_mul(0x9e37_79b9));
-    left - ((h as u64 * (left - right) as u64) >> 32) as u32
-}
-
-/// murmur3's 32-bit finaliser: a bijection with full avalanche.
-#[inline(always)]
-fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
-/// The seeded bins of a cell with only small counts: table gathers and arithmetic, no branch.
-fn seeded_bins(lut: &[u32; SMALL], counts: &[u32], key: u32, values: &mut Vec<f32>) {
-    values.extend(counts.iter().enumerate().map(|(i, &c)| {
-        let packed = lut[c as usize % SMALL];
-        seeded_bin(packed & 0xffff, packed >> 16, key, i as u32) as f32
-    }));
 }
