@@ -44,8 +44,9 @@ impl Kernels {
     /// Every implementation this CPU can run (for tests and benchmarks).
     pub fn available() -> Vec<Kernels> {
         let mut all = vec![Kernels::Scalar];
-        if Kernels::detect() != Kernels::Scalar {
-            all.push(Kernels::detect());
+        let best = Kernels::detect();
+        if best != Kernels::Scalar {
+            all.push(best);
         }
         all
     }
@@ -364,15 +365,11 @@ mod avx2 {
 mod tests {
     use super::*;
 
-    /// A small deterministic generator for test data (splitmix64).
+    /// A small deterministic generator for test data.
     struct Gen(u64);
     impl Gen {
         fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
+            crate::tokenize::rng::splitmix64(&mut self.0)
         }
         fn below(&mut self, n: u64) -> u64 {
             self.next() % n

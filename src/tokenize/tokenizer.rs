@@ -1,7 +1,7 @@
 //! `CountBatch` → `TokenBatch`: vocabulary mapping, binning, `<cls>`, subsampling beyond `max_len`.
 
 use super::binning::{tie_bin, Binner};
-use super::kernels::{self, seeded_bin, Kernels, SELECT_SLACK};
+use super::kernels::{self, seeded_bin, Kernels, Selected, SELECT_SLACK};
 use super::rng::{CellRng, Mt19937};
 use super::vocab::{GeneMap, Vocab};
 use crate::batch::CountBatch;
@@ -120,9 +120,9 @@ impl Tokenizer {
     /// [`Tokenizer::tokenize`] into a recycled `TokenBatch` (its buffers are cleared and reused,
     /// so a pipeline that hands batches back allocates nothing in steady state).
     pub fn tokenize_into(&mut self, batch: &CountBatch, genes: &GeneMap, out: &mut TokenBatch) {
-        // Upper bounds, so that nothing regrows: every stored entry plus one <cls> per cell;
-        // gene_ids holds a cell's every kept gene before subsampling, and its selection may
-        // write SELECT_SLACK past them.
+        // Upper bounds, so that nothing regrows: every stored entry plus one <cls> per cell,
+        // at most max_len of them kept; gene_ids holds a cell's every kept gene before
+        // subsampling, and its selection may write SELECT_SLACK past them.
         let cap = batch.nnz().min(batch.n_cells() * self.cfg.max_len) + batch.n_cells();
         out.gene_ids.clear();
         out.values.clear();
@@ -166,24 +166,9 @@ impl Tokenizer {
         out.gene_ids.push(self.cls_id);
         out.values.push(self.cfg.pad_value);
         let start = out.values.len();
-        // The kept token ids go straight into the output's spare capacity.
-        out.gene_ids.reserve(gene_idx.len() + SELECT_SLACK);
-        if self.counts.len() < gene_idx.len() + SELECT_SLACK {
-            self.counts.resize(gene_idx.len() + SELECT_SLACK, 0);
-        }
-        let selected = kernels::select_in_vocab(
-            self.kernels,
-            gene_idx,
-            counts,
-            &genes.token_of_gene,
-            out.gene_ids.spare_capacity_mut(),
-            &mut self.counts,
-        );
+        let selected = self.select_in_vocab(gene_idx, counts, genes, &mut out.gene_ids);
         let cov = selected.coverage;
         let k = cov.n_in_vocab as usize;
-        // SAFETY: `select_in_vocab` initialised the first `k` elements of the spare capacity
-        // (its documented contract, checked by its tests for every kernel).
-        unsafe { out.gene_ids.set_len(start + k) };
         let counts = &self.counts[..k];
         self.binner.prepare_with_max(counts, selected.max_count);
         let mut rng = CellRng::for_cell(self.cfg.seed, barcode);
@@ -235,5 +220,34 @@ impl Tokenizer {
             out.values.truncate(start + keep);
         }
         cov
+    }
+
+    /// Appends the cell's non-zero, in-vocabulary token ids to `gene_ids` (written straight
+    /// into its spare capacity) and keeps their counts at the front of `self.counts`.
+    fn select_in_vocab(
+        &mut self,
+        gene_idx: &[u32],
+        counts: &[u32],
+        genes: &GeneMap,
+        gene_ids: &mut Vec<u32>,
+    ) -> Selected {
+        let room = gene_idx.len() + SELECT_SLACK;
+        gene_ids.reserve(room);
+        if self.counts.len() < room {
+            self.counts.resize(room, 0);
+        }
+        let start = gene_ids.len();
+        let selected = kernels::select_in_vocab(
+            self.kernels,
+            gene_idx,
+            counts,
+            &genes.token_of_gene,
+            gene_ids.spare_capacity_mut(),
+            &mut self.counts,
+        );
+        // SAFETY: `select_in_vocab` initialised the first `n_in_vocab` elements of the spare
+        // capacity (its documented contract, checked by its tests for every kernel).
+        unsafe { gene_ids.set_len(start + selected.coverage.n_in_vocab as usize) };
+        selected
     }
 }
