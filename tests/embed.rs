@@ -6,6 +6,7 @@ mod common;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
+use cellstream::model::attention::Attention;
 use cellstream::model::{Batch, ModelPackage, ModelRuntime, Worker};
 use common::{cellstream, stderr};
 use serde::Deserialize;
@@ -65,15 +66,14 @@ fn check_batch(worker: &mut Worker, cells: &[&RefCell], s: usize) -> f32 {
     worst
 }
 
-#[test]
-fn tract_reproduces_onnxruntime_on_real_cells() {
-    let pkg = ModelPackage::load(&model_dir()).unwrap();
-    let rt = ModelRuntime::new(&pkg).unwrap();
+/// Every reference cell alone at its own length, then in batches of 16 at max_len; `take`
+/// cells of each.
+fn check_reference(rt: &std::sync::Arc<ModelRuntime>, take: usize) -> f32 {
     let cells = reference();
     assert!(cells.len() >= 200, "{} reference cells", cells.len());
+    let cells = &cells[..take.min(cells.len())];
     let mut worker = Worker::new(rt.clone());
-    // Each cell alone at its own length, then in batches of 16 at max_len.
-    for c in &cells {
+    for c in cells {
         check_batch(&mut worker, &[c], c.gene_ids.len());
     }
     let all: Vec<&RefCell> = cells.iter().collect();
@@ -81,10 +81,38 @@ fn tract_reproduces_onnxruntime_on_real_cells() {
     for group in all.chunks(16) {
         worst = worst.max(check_batch(&mut worker, group, rt.max_len));
     }
+    worst
+}
+
+#[test]
+fn tract_reproduces_onnxruntime_on_real_cells() {
+    let pkg = ModelPackage::load(&model_dir()).unwrap();
+    let rt = ModelRuntime::new(&pkg).unwrap();
+    let worst = check_reference(&rt, usize::MAX);
     eprintln!(
-        "{} cells: max abs embedding diff vs onnxruntime {worst:e}",
-        cells.len()
+        "{} attention: max abs embedding diff vs onnxruntime {worst:e}",
+        rt.attention.name()
     );
+}
+
+/// The same with each way of running attention this CPU has: tract's own ops, the fused op's
+/// portable reference kernel (on 32 cells: it is slow in a test build) and its vector kernel.
+/// The fusion must find all four layers of the shipped model.
+#[test]
+fn every_attention_path_reproduces_onnxruntime() {
+    let pkg = ModelPackage::load(&model_dir()).unwrap();
+    for attention in Attention::available() {
+        let rt = ModelRuntime::with_attention(&pkg, attention).unwrap();
+        let fused = if attention == Attention::Tract { 0 } else { 4 };
+        assert_eq!(rt.fused_attention_layers, fused, "{}", attention.name());
+        let take = if attention.name() == "fused-portable" {
+            32
+        } else {
+            96
+        };
+        let worst = check_reference(&rt, take);
+        eprintln!("{}: max abs embedding diff {worst:e}", attention.name());
+    }
 }
 
 #[test]

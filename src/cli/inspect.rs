@@ -107,6 +107,8 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         "onnx_sha256": m.onnx_sha256,
         "probe": "ok",
         "classes": rt.n_classes,
+        "attention": rt.attention.name(),
+        "fused_attention_layers": rt.fused_attention_layers,
     });
     if json {
         println!("{v}");
@@ -134,6 +136,11 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         println!(
             "onnx:         {} bytes, sha256 verified; probe inference ok",
             pkg.onnx.len()
+        );
+        println!(
+            "attention:    {} ({} layers fused)",
+            rt.attention.name(),
+            rt.fused_attention_layers
         );
     }
     Ok(())

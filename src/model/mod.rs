@@ -1,5 +1,7 @@
-//! The model stage: the package on disk, batching cells by length, and running them in tract.
+//! The model stage: the package on disk, batching cells by length, and running them in tract
+//! (each attention layer as one fused op where the CPU has the vector kernel for it).
 
+pub mod attention;
 pub mod batching;
 mod onnx_names;
 pub mod package;

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context};
 use tract::prelude::*;
 
+use super::attention::{Attention, FUSED_LAYERS_PROPERTY};
 use super::package::{ModelError, ModelPackage};
 
 /// Padded model input for `n` rows of length `s`, and the outputs that came back.
@@ -49,15 +50,31 @@ pub struct ModelRuntime {
     pub max_len: usize,
     pub embedding_dim: usize,
     pub n_classes: usize,
+    /// How attention runs, and how many layers the fusion found (0 unless fused).
+    pub attention: Attention,
+    pub fused_attention_layers: usize,
     /// Optimized plans by (rows, length).
     plans: Mutex<HashMap<(usize, usize), Runnable>>,
 }
 
 impl ModelRuntime {
+    /// [`ModelRuntime::with_attention`] with the fastest attention on this CPU (or the one
+    /// `CELLSTREAM_ATTENTION` names).
+    pub fn new(pkg: &ModelPackage) -> Result<Arc<ModelRuntime>, ModelError> {
+        let attention = Attention::from_env().map_err(|what| ModelError::Graph {
+            path: pkg.dir.join("model.onnx"),
+            what,
+        })?;
+        ModelRuntime::with_attention(pkg, attention)
+    }
+
     /// Maps the manifest's input and output names onto the graph's positions, then runs a
     /// probe inference (one `<cls>`-only row) that compiles the first plan and checks the
     /// output shapes.
-    pub fn new(pkg: &ModelPackage) -> Result<Arc<ModelRuntime>, ModelError> {
+    pub fn with_attention(
+        pkg: &ModelPackage,
+        attention: Attention,
+    ) -> Result<Arc<ModelRuntime>, ModelError> {
         let path = pkg.dir.join("model.onnx");
         let graph_err = |what: String| ModelError::Graph {
             path: path.clone(),
@@ -84,11 +101,10 @@ impl ModelRuntime {
             .as_deref()
             .map(|l| find(&outputs, l, "output"))
             .transpose()?;
+        let (model, fused_attention_layers) = load(&pkg.onnx, input_pos, attention)
+            .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?;
         let rt = Arc::new(ModelRuntime {
-            model: Mutex::new(Some(
-                load(&pkg.onnx, input_pos)
-                    .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?,
-            )),
+            model: Mutex::new(Some(model)),
             path: path.clone(),
             input_pos,
             embedding_pos,
@@ -99,6 +115,8 @@ impl ModelRuntime {
             max_len: m.max_len,
             embedding_dim: m.embedding_dim,
             n_classes: pkg.labels.as_ref().map_or(0, Vec::len),
+            attention,
+            fused_attention_layers,
             plans: Mutex::new(HashMap::new()),
         });
         // Also checks the output widths against embedding_dim and labels.txt (run_state).
@@ -145,14 +163,27 @@ impl ModelRuntime {
     }
 }
 
-fn load(bytes: &[u8], [ids, vals]: [usize; 2]) -> anyhow::Result<Model> {
+/// The parsed, decluttered graph with symbolic rows and length, attention fused as asked;
+/// and how many layers were fused.
+fn load(
+    bytes: &[u8],
+    [ids, vals]: [usize; 2],
+    attention: Attention,
+) -> anyhow::Result<(Model, usize)> {
     // Exported graphs carry value_info shapes traced at one length; ignore them so that
     // the batch and sequence dimensions are the symbols each plan sets.
     let mut model =
         onnx()?.load_buffer_with_options(bytes, OnnxOptions::new().ignore_value_info(true))?;
     model.set_input_fact(ids, "N,S,i64")?;
     model.set_input_fact(vals, "N,S,f32")?;
-    model.into_model()
+    let mut model = model.into_model()?;
+    let Some(transform) = attention.transform() else {
+        return Ok((model, 0));
+    };
+    model.transform(transform)?;
+    let fused = model.property(FUSED_LAYERS_PROPERTY)?;
+    let (_, fused) = fused.as_shape_and_slice::<i64>()?;
+    Ok((model, fused[0] as usize))
 }
 
 impl Batch {
