@@ -21,14 +21,18 @@ echo "## Model forward, tract vs onnxruntime ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
 echo
 echo "Machine: $(lscpu | grep 'Model name' | sed 's/.*: *//'), nproc $(nproc)"
 echo
-echo "| bucket | threads | tract cells/s | onnxruntime cells/s | tract / ort |"
-echo "| ---: | ---: | ---: | ---: | ---: |"
+grep '^fusion ' "$log/rust.txt" || true
+echo
+echo "| bucket | threads | tract cells/s | onnxruntime cells/s | tract / ort | tract's own ops (unfused) cells/s | unfused / ort |"
+echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 grep '^RESULT forward/tract/' "$log/rust.txt" | while read -r line; do
     key=$(sed 's/^RESULT forward\/tract\/\([^ ]*\).*/\1/' <<<"$line")
     peer=$(grep "^PEER forward/ort/$key " "$log/peer.txt" || true)
     t=$(field cells_per_s <<<"$line"); o=$(field cells_per_s <<<"$peer")
     ratio=$(awk -v a="$t" -v b="$o" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
-    echo "| ${key%%/*} | ${key##*/t} | $t | ${o:--} | $ratio |"
+    u=$(grep "^RESULT forward/unfused/$key " "$log/rust.txt" | field cells_per_s || true)
+    uratio=$(awk -v a="$u" -v b="$o" 'BEGIN { if (a > 0 && b > 0) printf "%.2fx", a / b; else print "-" }')
+    echo "| ${key%%/*} | ${key##*/t} | $t | ${o:--} | $ratio | ${u:--} | $uratio |"
 done
 echo
 grep '^RESULT embed/' "$log/rust.txt" | sed 's/^RESULT /end to end: /'

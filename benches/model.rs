@@ -4,7 +4,9 @@
 //! same 64 cells into padded batches for every bucket, shaped as the pipeline shapes them (rows
 //! per batch from the token budget), writes them to `target/model-bench/` (so the onnxruntime
 //! peer, `bench-data/ort_forward_peer.py`, runs the very same tensors), and prints
-//! `RESULT name cells=N median_s=S cells_per_s=X min_s=… max_s=…` lines.
+//! `RESULT name cells=N median_s=S cells_per_s=X min_s=… max_s=…` lines. `forward/tract/…`
+//! rows run the graph as cellstream does (fused where this CPU has the kernels, see
+//! `src/model/fuse`); `forward/unfused/…` rows, one thread, the same graph on tract's own ops.
 //! `CELLSTREAM_MODEL=DIR` benchmarks another package; `CELLSTREAM_TOKEN_BUDGET=T` another
 //! token budget (default: the pipeline's).
 
@@ -16,6 +18,7 @@ use std::time::Instant;
 use cellstream::batch::{read_batch, ReadOptions};
 use cellstream::config::DEFAULT_TOKEN_BUDGET;
 use cellstream::model::batching::{buckets, rows_for};
+use cellstream::model::fuse::Fusion;
 use cellstream::model::{Batch, ModelPackage, ModelRuntime, Worker};
 use cellstream::pipeline::{EmbedConfig, Embedder};
 use cellstream::tokenize::{Tokenizer, TokenizerConfig};
@@ -70,6 +73,15 @@ fn main() {
     println!("token budget {token_budget}");
     let pkg = ModelPackage::load(&model_dir).unwrap();
     let rt = ModelRuntime::new(&pkg).unwrap();
+    println!(
+        "fusion {} ({} attention layers, {} LayerNorms fused)",
+        rt.fusion.name(),
+        rt.fused.attention_layers,
+        rt.fused.layer_norms
+    );
+    // The same graph on tract's own ops alone, one thread: what the fused ops add.
+    let unfused = (rt.fusion != Fusion::Tract)
+        .then(|| ModelRuntime::with_fusion(&pkg, Fusion::Tract).unwrap());
     let input = repo.join("bench-data/pbmc3k");
     let batch = read_batch(&input, &ReadOptions::default()).unwrap();
     let genes = pkg.vocab.map_genes(&batch.gene_names);
@@ -111,6 +123,15 @@ fn main() {
             }
         });
         report(&format!("forward/tract/S{s}/t1"), cells, t1);
+        if let Some(unfused) = &unfused {
+            let mut worker = Worker::new(unfused.clone());
+            let t = time(5, || {
+                for b in &batches {
+                    black_box(worker.run(b).unwrap());
+                }
+            });
+            report(&format!("forward/unfused/S{s}/t1"), cells, t);
+        }
         // Two threads: two workers (one tract State each) on half the batches each.
         let mut workers = [Worker::new(rt.clone()), Worker::new(rt.clone())];
         let t2 = time(5, || {

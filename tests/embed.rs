@@ -6,8 +6,8 @@ mod common;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use cellstream::model::attention::Attention;
-use cellstream::model::{Batch, ModelPackage, ModelRuntime, Worker};
+use cellstream::model::fuse::Fusion;
+use cellstream::model::{Batch, Fused, ModelPackage, ModelRuntime, Worker};
 use common::{cellstream, stderr};
 use serde::Deserialize;
 
@@ -90,28 +90,36 @@ fn tract_reproduces_onnxruntime_on_real_cells() {
     let rt = ModelRuntime::new(&pkg).unwrap();
     let worst = check_reference(&rt, usize::MAX);
     eprintln!(
-        "{} attention: max abs embedding diff vs onnxruntime {worst:e}",
-        rt.attention.name()
+        "{}: max abs embedding diff vs onnxruntime {worst:e}",
+        rt.fusion.name()
     );
 }
 
-/// The same with each way of running attention this CPU has: tract's own ops, the fused op's
-/// portable reference kernel (on 32 cells: it is slow in a test build) and its vector kernel.
-/// The fusion must find all four layers of the shipped model.
+/// The same with each form this CPU runs: the graph on tract's own ops, and fused with the
+/// attention op's portable reference kernel (on 32 cells: it is slow in a test build) and
+/// its vector kernel. The fusion must find all four attention layers of the shipped model
+/// and its ten LayerNorms (two at the input, two per layer).
 #[test]
-fn every_attention_path_reproduces_onnxruntime() {
+fn every_fusion_reproduces_onnxruntime() {
     let pkg = ModelPackage::load(&model_dir()).unwrap();
-    for attention in Attention::available() {
-        let rt = ModelRuntime::with_attention(&pkg, attention).unwrap();
-        let fused = if attention == Attention::Tract { 0 } else { 4 };
-        assert_eq!(rt.fused_attention_layers, fused, "{}", attention.name());
-        let take = if attention.name() == "fused-portable" {
+    for fusion in Fusion::available() {
+        let rt = ModelRuntime::with_fusion(&pkg, fusion).unwrap();
+        let fused = if fusion == Fusion::Tract {
+            Fused::default()
+        } else {
+            Fused {
+                attention_layers: 4,
+                layer_norms: 10,
+            }
+        };
+        assert_eq!(rt.fused, fused, "{}", fusion.name());
+        let take = if fusion.name() == "fused-portable" {
             32
         } else {
             96
         };
         let worst = check_reference(&rt, take);
-        eprintln!("{}: max abs embedding diff {worst:e}", attention.name());
+        eprintln!("{}: max abs embedding diff {worst:e}", fusion.name());
     }
 }
 

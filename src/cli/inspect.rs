@@ -107,8 +107,9 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         "onnx_sha256": m.onnx_sha256,
         "probe": "ok",
         "classes": rt.n_classes,
-        "attention": rt.attention.name(),
-        "fused_attention_layers": rt.fused_attention_layers,
+        "fusion": rt.fusion.name(),
+        "fused_attention_layers": rt.fused.attention_layers,
+        "fused_layer_norms": rt.fused.layer_norms,
     });
     if json {
         println!("{v}");
@@ -138,9 +139,10 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             pkg.onnx.len()
         );
         println!(
-            "attention:    {} ({} layers fused)",
-            rt.attention.name(),
-            rt.fused_attention_layers
+            "fusion:       {} ({} attention layers, {} LayerNorms fused)",
+            rt.fusion.name(),
+            rt.fused.attention_layers,
+            rt.fused.layer_norms
         );
     }
     Ok(())

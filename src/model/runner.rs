@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context};
 use tract::prelude::*;
 
-use super::attention::{Attention, FUSED_LAYERS_PROPERTY};
+use super::fuse::{Fusion, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY};
 use super::package::{ModelError, ModelPackage};
 
 /// Padded model input for `n` rows of length `s`, and the outputs that came back.
@@ -50,30 +50,30 @@ pub struct ModelRuntime {
     pub max_len: usize,
     pub embedding_dim: usize,
     pub n_classes: usize,
-    /// How attention runs, and how many layers the fusion found (0 unless fused).
-    pub attention: Attention,
-    pub fused_attention_layers: usize,
+    /// Whether the graph was rewritten into fused ops, and how many of each it holds.
+    pub fusion: Fusion,
+    pub fused: Fused,
     /// Optimized plans by (rows, length).
     plans: Mutex<HashMap<(usize, usize), Runnable>>,
 }
 
 impl ModelRuntime {
-    /// [`ModelRuntime::with_attention`] with the fastest attention on this CPU (or the one
-    /// `CELLSTREAM_ATTENTION` names).
+    /// [`ModelRuntime::with_fusion`] with the fastest form on this CPU (or the one
+    /// `CELLSTREAM_FUSION` names).
     pub fn new(pkg: &ModelPackage) -> Result<Arc<ModelRuntime>, ModelError> {
-        let attention = Attention::from_env().map_err(|what| ModelError::Graph {
+        let fusion = Fusion::from_env().map_err(|what| ModelError::Graph {
             path: pkg.dir.join("model.onnx"),
             what,
         })?;
-        ModelRuntime::with_attention(pkg, attention)
+        ModelRuntime::with_fusion(pkg, fusion)
     }
 
     /// Maps the manifest's input and output names onto the graph's positions, then runs a
     /// probe inference (one `<cls>`-only row) that compiles the first plan and checks the
     /// output shapes.
-    pub fn with_attention(
+    pub fn with_fusion(
         pkg: &ModelPackage,
-        attention: Attention,
+        fusion: Fusion,
     ) -> Result<Arc<ModelRuntime>, ModelError> {
         let path = pkg.dir.join("model.onnx");
         let graph_err = |what: String| ModelError::Graph {
@@ -101,7 +101,7 @@ impl ModelRuntime {
             .as_deref()
             .map(|l| find(&outputs, l, "output"))
             .transpose()?;
-        let (model, fused_attention_layers) = load(&pkg.onnx, input_pos, attention)
+        let (model, fused) = load(&pkg.onnx, input_pos, fusion)
             .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?;
         let rt = Arc::new(ModelRuntime {
             model: Mutex::new(Some(model)),
@@ -115,8 +115,8 @@ impl ModelRuntime {
             max_len: m.max_len,
             embedding_dim: m.embedding_dim,
             n_classes: pkg.labels.as_ref().map_or(0, Vec::len),
-            attention,
-            fused_attention_layers,
+            fusion,
+            fused,
             plans: Mutex::new(HashMap::new()),
         });
         // Also checks the output widths against embedding_dim and labels.txt (run_state).
@@ -163,13 +163,15 @@ impl ModelRuntime {
     }
 }
 
-/// The parsed, decluttered graph with symbolic rows and length, attention fused as asked;
-/// and how many layers were fused.
-fn load(
-    bytes: &[u8],
-    [ids, vals]: [usize; 2],
-    attention: Attention,
-) -> anyhow::Result<(Model, usize)> {
+/// How many ops of each kind the fusion made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fused {
+    pub attention_layers: usize,
+    pub layer_norms: usize,
+}
+
+/// The parsed, decluttered graph with symbolic rows and length, fused as asked.
+fn load(bytes: &[u8], [ids, vals]: [usize; 2], fusion: Fusion) -> anyhow::Result<(Model, Fused)> {
     // Exported graphs carry value_info shapes traced at one length; ignore them so that
     // the batch and sequence dimensions are the symbols each plan sets.
     let mut model =
@@ -177,13 +179,19 @@ fn load(
     model.set_input_fact(ids, "N,S,i64")?;
     model.set_input_fact(vals, "N,S,f32")?;
     let mut model = model.into_model()?;
-    let Some(transform) = attention.transform() else {
-        return Ok((model, 0));
+    let Some(transform) = fusion.transform() else {
+        return Ok((model, Fused::default()));
     };
     model.transform(transform)?;
-    let fused = model.property(FUSED_LAYERS_PROPERTY)?;
-    let (_, fused) = fused.as_shape_and_slice::<i64>()?;
-    Ok((model, fused[0] as usize))
+    let count = |name: &str| -> anyhow::Result<usize> {
+        let t = model.property(name)?;
+        Ok(t.as_shape_and_slice::<i64>()?.1[0] as usize)
+    };
+    let fused = Fused {
+        attention_layers: count(FUSED_ATTENTION_PROPERTY)?,
+        layer_norms: count(FUSED_LAYER_NORM_PROPERTY)?,
+    };
+    Ok((model, fused))
 }
 
 impl Batch {

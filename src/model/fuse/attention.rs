@@ -3,90 +3,18 @@
 //! `Einsum(nqhd,nkhd->hqnk)`, plus the key-padding mask, `Softmax`, weighted sum
 //! `Einsum(hqnk,nkhd->nqhd)`. tract runs the two products on its general matmul kernels,
 //! which for these shapes (a 32-wide head) spend about as long storing results as computing
-//! them, and repacks their operands every time. [`FuseAttention`], a tract model transform,
-//! replaces the four nodes with [`FusedAttention`], which does the same arithmetic in one
-//! pass per head (`kernel.rs`).
-//!
-//! The ONNX file is unchanged (onnxruntime runs it as before), and the rewrite only happens
-//! where it pays ([`Attention::best`]): on CPUs with AVX-512, for heads the vector kernel
-//! handles. Elsewhere, or with `CELLSTREAM_ATTENTION=tract` in the environment (for
-//! comparisons), tract runs the graph as it is.
-
-mod kernel;
+//! them, and repacks their operands every time. [`rule`] replaces the four nodes with
+//! [`FusedAttention`], which does the same arithmetic in one pass per head
+//! (`attention_kernel.rs`).
 
 use tract_core::internal::*;
-use tract_core::model::Rewriter;
 use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::math::Add;
 use tract_core::ops::nn::{Softmax, SoftmaxKind};
-use tract_core::transform::ModelTransform;
 use tract_core::{rule_if, rule_if_some};
 
-pub use kernel::{Dims, Kernels};
-
-/// The model property where the transform records how many layers it fused.
-pub const FUSED_LAYERS_PROPERTY: &str = "cellstream.fused_attention_layers";
-
-/// How the model's attention layers run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Attention {
-    /// As the graph spells it, on tract's own ops.
-    Tract,
-    /// Each layer as one [`FusedAttention`] with these kernels.
-    Fused(Kernels),
-}
-
-impl Attention {
-    /// The fastest on this CPU: fused where the vector kernel exists, tract's ops elsewhere
-    /// (the portable kernel is a reference, slower than tract).
-    pub fn best() -> Attention {
-        match Kernels::detect() {
-            Kernels::Portable => Attention::Tract,
-            vector => Attention::Fused(vector),
-        }
-    }
-
-    /// [`Attention::best`], unless `CELLSTREAM_ATTENTION` names another (`tract`,
-    /// `fused-portable`, `fused-avx512`): a knob for comparisons, not a setting.
-    pub fn from_env() -> Result<Attention, String> {
-        let Ok(name) = std::env::var("CELLSTREAM_ATTENTION") else {
-            return Ok(Attention::best());
-        };
-        Attention::available()
-            .into_iter()
-            .find(|a| a.name() == name)
-            .ok_or_else(|| {
-                let names: Vec<_> = Attention::available().iter().map(|a| a.name()).collect();
-                format!("CELLSTREAM_ATTENTION={name:?}: this CPU runs one of {names:?}")
-            })
-    }
-
-    /// Every way this CPU can run (for tests and benchmarks).
-    pub fn available() -> Vec<Attention> {
-        let fused = Kernels::available().into_iter().map(Attention::Fused);
-        std::iter::once(Attention::Tract).chain(fused).collect()
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Attention::Tract => "tract",
-            Attention::Fused(Kernels::Portable) => "fused-portable",
-            #[cfg(target_arch = "x86_64")]
-            Attention::Fused(Kernels::Avx512) => "fused-avx512",
-        }
-    }
-
-    /// The tract transform that fuses with these kernels, if any.
-    pub fn transform(self) -> Option<&'static str> {
-        match self {
-            Attention::Tract => None,
-            Attention::Fused(Kernels::Portable) => Some("cellstream_fused_attention_portable"),
-            #[cfg(target_arch = "x86_64")]
-            Attention::Fused(Kernels::Avx512) => Some("cellstream_fused_attention_avx512"),
-        }
-    }
-}
+use super::attention_kernel::{self as kernel, Dims, Kernels};
 
 /// Scores, mask, softmax and weighted sum of one attention layer, all heads.
 ///
@@ -175,57 +103,6 @@ impl TypedOp for FusedAttention {
     }
 }
 
-/// The model transform that finds each attention layer and fuses it, then records how many
-/// it fused in the model's properties ([`FUSED_LAYERS_PROPERTY`]).
-#[derive(Debug, Clone)]
-pub struct FuseAttention {
-    pub kernels: Kernels,
-}
-
-impl ModelTransform for FuseAttention {
-    fn name(&self) -> StaticName {
-        Attention::Fused(self.kernels)
-            .transform()
-            .unwrap_or_default()
-            .into()
-    }
-
-    fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
-        let kernels = self.kernels;
-        Rewriter::default()
-            .with_rule_for(
-                "fuse-attention",
-                move |_: &(), m: &TypedModel, n: &TypedNode, _: &str, op: &Softmax| {
-                    fuse(kernels, m, n, op)
-                },
-            )
-            .rewrite(&(), model)?;
-        let fused = model
-            .nodes()
-            .iter()
-            .filter(|n| n.op_is::<FusedAttention>())
-            .count();
-        model
-            .properties
-            .insert(FUSED_LAYERS_PROPERTY.into(), rctensor0(fused as i64));
-        Ok(())
-    }
-}
-
-register_simple_model_transform!(
-    "cellstream_fused_attention_portable",
-    FuseAttention {
-        kernels: Kernels::Portable
-    }
-);
-#[cfg(target_arch = "x86_64")]
-register_simple_model_transform!(
-    "cellstream_fused_attention_avx512",
-    FuseAttention {
-        kernels: Kernels::Avx512
-    }
-);
-
 /// Letters renamed in order of first appearance, so that an einsum reads the same whatever
 /// letters the exporter chose: `nqhd,nkhd->hqnk` is `abcd,aecd->cbae`.
 fn canonical(expr: &str) -> String {
@@ -255,7 +132,7 @@ fn einsum_is(node: &TypedNode, expr: &str) -> bool {
 
 /// The rule, anchored on the softmax: scores einsum → add (mask) → softmax (last axis) →
 /// weighted-sum einsum, each feeding only the next.
-fn fuse(
+pub(super) fn rule(
     kernels: Kernels,
     model: &TypedModel,
     softmax: &TypedNode,

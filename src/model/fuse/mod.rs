@@ -1,0 +1,145 @@
+//! Rewrites of the parsed graph into ops of our own, where tract's general ones cost more
+//! than the arithmetic (BENCHMARKS.md "Model forward"):
+//!
+//! - each attention layer (scores einsum, mask add, softmax, weighted-sum einsum) as one
+//!   [`attention::FusedAttention`], on an AVX-512 kernel chosen at run time;
+//! - each LayerNorm, as the export spells it (mean by a matmul, centring, `RmsNorm`, scale,
+//!   bias), as one [`layer_norm::FusedLayerNorm`].
+//!
+//! The ONNX file is unchanged (onnxruntime runs it as before); the rewrite is a tract model
+//! transform applied after parsing, and only where it pays ([`Fusion::best`]): on CPUs with
+//! the vector attention kernel. Elsewhere, or with `CELLSTREAM_FUSION=tract` in the
+//! environment (for comparisons), tract runs the graph as it is.
+
+mod attention;
+mod attention_kernel;
+mod layer_norm;
+
+use tract_core::internal::*;
+use tract_core::model::Rewriter;
+use tract_core::ops::nn::Softmax;
+use tract_core::transform::ModelTransform;
+
+pub use attention::FusedAttention;
+pub use attention_kernel::{Dims, Kernels};
+pub use layer_norm::FusedLayerNorm;
+
+/// The model properties where the transform records how many attention layers and
+/// LayerNorms it fused.
+pub const FUSED_ATTENTION_PROPERTY: &str = "cellstream.fused_attention_layers";
+pub const FUSED_LAYER_NORM_PROPERTY: &str = "cellstream.fused_layer_norms";
+
+/// Whether (and with which attention kernels) the graph is rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fusion {
+    /// As the graph spells it, on tract's own ops.
+    Tract,
+    /// Attention layers and LayerNorms fused, attention on these kernels.
+    Fused(Kernels),
+}
+
+impl Fusion {
+    /// The fastest on this CPU: fused where the vector kernel exists, tract's ops elsewhere
+    /// (the portable kernel is a reference, slower than tract).
+    pub fn best() -> Fusion {
+        match Kernels::detect() {
+            Kernels::Portable => Fusion::Tract,
+            vector => Fusion::Fused(vector),
+        }
+    }
+
+    /// [`Fusion::best`], unless `CELLSTREAM_FUSION` names another (`tract`,
+    /// `fused-portable`, `fused-avx512`): a knob for comparisons, not a setting.
+    pub fn from_env() -> Result<Fusion, String> {
+        let Ok(name) = std::env::var("CELLSTREAM_FUSION") else {
+            return Ok(Fusion::best());
+        };
+        Fusion::available()
+            .into_iter()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = Fusion::available().iter().map(|a| a.name()).collect();
+                format!("CELLSTREAM_FUSION={name:?}: this CPU runs one of {names:?}")
+            })
+    }
+
+    /// Every way this CPU can run (for tests and benchmarks).
+    pub fn available() -> Vec<Fusion> {
+        let fused = Kernels::available().into_iter().map(Fusion::Fused);
+        std::iter::once(Fusion::Tract).chain(fused).collect()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fusion::Tract => "tract",
+            Fusion::Fused(Kernels::Portable) => "fused-portable",
+            #[cfg(target_arch = "x86_64")]
+            Fusion::Fused(Kernels::Avx512) => "fused-avx512",
+        }
+    }
+
+    /// The tract transform that fuses with these kernels, if any.
+    pub fn transform(self) -> Option<&'static str> {
+        match self {
+            Fusion::Tract => None,
+            Fusion::Fused(Kernels::Portable) => Some("cellstream_fuse_portable"),
+            #[cfg(target_arch = "x86_64")]
+            Fusion::Fused(Kernels::Avx512) => Some("cellstream_fuse_avx512"),
+        }
+    }
+}
+
+/// The model transform: fuses every attention layer and LayerNorm it recognises, then records
+/// how many of each in the model's properties.
+#[derive(Debug, Clone)]
+pub struct FuseGraph {
+    pub kernels: Kernels,
+}
+
+impl ModelTransform for FuseGraph {
+    fn name(&self) -> StaticName {
+        Fusion::Fused(self.kernels)
+            .transform()
+            .unwrap_or_default()
+            .into()
+    }
+
+    fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
+        let kernels = self.kernels;
+        Rewriter::default()
+            .with_rule_for(
+                "fuse-attention",
+                move |_: &(), m: &TypedModel, n: &TypedNode, _: &str, op: &Softmax| {
+                    attention::rule(kernels, m, n, op)
+                },
+            )
+            .with_rule_for("fuse-layer-norm", layer_norm::rule)
+            .rewrite(&(), model)?;
+        let count = |model: &TypedModel, is: fn(&TypedNode) -> bool| {
+            rctensor0(model.nodes().iter().filter(|n| is(n)).count() as i64)
+        };
+        let attention = count(model, |n| n.op_is::<FusedAttention>());
+        let norms = count(model, |n| n.op_is::<FusedLayerNorm>());
+        model
+            .properties
+            .insert(FUSED_ATTENTION_PROPERTY.into(), attention);
+        model
+            .properties
+            .insert(FUSED_LAYER_NORM_PROPERTY.into(), norms);
+        Ok(())
+    }
+}
+
+register_simple_model_transform!(
+    "cellstream_fuse_portable",
+    FuseGraph {
+        kernels: Kernels::Portable
+    }
+);
+#[cfg(target_arch = "x86_64")]
+register_simple_model_transform!(
+    "cellstream_fuse_avx512",
+    FuseGraph {
+        kernels: Kernels::Avx512
+    }
+);
