@@ -69,6 +69,12 @@ impl EvalOp for FusedAttention {
             dims.n,
             dims.sk
         );
+        ensure!(
+            self.kernels.supports(dims.head_dim),
+            "{} kernels do not take heads of {}",
+            self.kernels.name(),
+            dims.head_dim
+        );
         let mut out = Tensor::zero::<f32>(qs)?;
         kernel::attend(
             self.kernels,
