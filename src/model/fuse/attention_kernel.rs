@@ -224,20 +224,21 @@ mod avx512 {
         s.keys_t.resize(dh * skp, 0.0);
         s.mask.resize(skp, 0.0);
         s.scores.resize(R * skp, 0.0);
+        // Padding keys are 0 (and masked by -inf), so every block is whole. The transposes
+        // below only write real keys, so the padding columns are cleared once per call.
+        for c in 0..dh {
+            s.keys_t[c * skp + d.sk..(c + 1) * skp].fill(0.0);
+        }
         for n in 0..d.n {
             s.mask[..d.sk].copy_from_slice(&mask[n * d.sk..][..d.sk]);
             s.mask[d.sk..].fill(f32::NEG_INFINITY);
             for h in 0..d.heads {
                 // Keys of this head transposed: a vector load then holds 16 keys' same feature.
-                // Padding keys are 0 (and masked by -inf), so every block is whole.
                 let kbase = n * d.sk * hd + h * dh;
                 for j in 0..d.sk {
                     for (c, &x) in k[kbase + j * hd..][..dh].iter().enumerate() {
                         s.keys_t[c * skp + j] = x;
                     }
-                }
-                for c in 0..dh {
-                    s.keys_t[c * skp + d.sk..(c + 1) * skp].fill(0.0);
                 }
                 let at = Head {
                     skp,
@@ -423,16 +424,12 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenize::rng::CellRng;
 
     /// Uniform in [-a, a), reproducible.
-    fn random(len: usize, a: f32, seed: &mut u64) -> Vec<f32> {
+    fn random(len: usize, a: f32, rng: &mut CellRng) -> Vec<f32> {
         (0..len)
-            .map(|_| {
-                *seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a
-            })
+            .map(|_| (rng.next_f64() as f32 * 2.0 - 1.0) * a)
             .collect()
     }
 
@@ -481,7 +478,7 @@ mod tests {
             (1, 256, 256, 1, 32),
             (2, 1, 256, 4, 16),
         ];
-        let mut seed = 7u64;
+        let mut rng = CellRng::for_cell(7, "attention kernels");
         for (n, sq, sk, heads, head_dim) in cases {
             let d = Dims {
                 n,
@@ -491,9 +488,9 @@ mod tests {
                 head_dim,
             };
             // Queries already scaled as the graph scales them; scores span about ±8.
-            let q = random(d.q_len(), 0.5, &mut seed);
-            let k = random(d.kv_len(), 1.0, &mut seed);
-            let v = random(d.kv_len(), 1.0, &mut seed);
+            let q = random(d.q_len(), 0.5, &mut rng);
+            let k = random(d.kv_len(), 1.0, &mut rng);
+            let v = random(d.kv_len(), 1.0, &mut rng);
             // Each row masks its last (row index) keys, never the first.
             let mut mask = vec![0f32; d.mask_len()];
             for row in 0..n {
@@ -528,10 +525,10 @@ mod tests {
             heads: 1,
             head_dim: 32,
         };
-        let mut seed = 3u64;
-        let q = random(d.q_len(), 0.5, &mut seed);
-        let k = random(d.kv_len(), 1.0, &mut seed);
-        let mut v = random(d.kv_len(), 1.0, &mut seed);
+        let mut rng = CellRng::for_cell(3, "masked keys");
+        let q = random(d.q_len(), 0.5, &mut rng);
+        let k = random(d.kv_len(), 1.0, &mut rng);
+        let mut v = random(d.kv_len(), 1.0, &mut rng);
         let mut mask = vec![0f32; 20];
         mask[10..].fill(f32::NEG_INFINITY);
         for kernels in Kernels::available() {

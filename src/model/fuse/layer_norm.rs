@@ -208,6 +208,7 @@ pub(super) fn rule(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenize::rng::CellRng;
 
     #[test]
     fn matches_the_formula_in_f64() {
@@ -218,13 +219,8 @@ mod tests {
 
     /// Rows of `d`: 37 takes the portable path, 128 the vector one where the CPU has it.
     fn check(d: usize) {
-        let mut seed = 11u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (seed >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 1.0
-        };
+        let mut rng = CellRng::for_cell(11, "layer norm");
+        let mut next = || rng.next_f64() as f32 * 4.0 - 1.0;
         let x: Vec<f32> = (0..5 * d).map(|_| next() * 3.0 + 2.0).collect();
         let gamma: Vec<f32> = (0..d).map(|_| next()).collect();
         let beta: Vec<f32> = (0..d).map(|_| next()).collect();
