@@ -23,7 +23,7 @@ echo "Machine: $(lscpu | grep 'Model name' | sed 's/.*: *//'), nproc $(nproc)"
 echo
 grep '^fusion ' "$log/rust.txt" || true
 echo
-echo "| bucket | threads | tract cells/s | onnxruntime cells/s | tract / ort | tract's own ops (unfused) cells/s | unfused / ort |"
+echo "| bucket | threads | tract cells/s | onnxruntime cells/s | tract / ort | tract's own ops and kernels (unfused) cells/s | unfused / ort |"
 echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 grep '^RESULT forward/tract/' "$log/rust.txt" | while read -r line; do
     key=$(sed 's/^RESULT forward\/tract\/\([^ ]*\).*/\1/' <<<"$line")

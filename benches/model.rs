@@ -6,7 +6,8 @@
 //! peer, `bench-data/ort_forward_peer.py`, runs the very same tensors), and prints
 //! `RESULT name cells=N median_s=S cells_per_s=X min_s=… max_s=…` lines. `forward/tract/…`
 //! rows run the graph as cellstream does (fused where this CPU has the kernels, see
-//! `src/model/fuse`); `forward/unfused/…` rows, one thread, the same graph on tract's own ops.
+//! `src/model/fuse`, and with `src/model/kernel_choice`'s matmul kernels);
+//! `forward/unfused/…` rows, one thread, the same graph on tract's own ops and kernel choice.
 //! `CELLSTREAM_MODEL=DIR` benchmarks another package; `CELLSTREAM_TOKEN_BUDGET=T` another
 //! token budget (default: the pipeline's).
 
@@ -19,6 +20,7 @@ use cellstream::batch::{read_batch, ReadOptions};
 use cellstream::config::DEFAULT_TOKEN_BUDGET;
 use cellstream::model::batching::{buckets, rows_for};
 use cellstream::model::fuse::Fusion;
+use cellstream::model::kernel_choice::KernelChoice;
 use cellstream::model::{Batch, ModelPackage, ModelRuntime, Worker};
 use cellstream::pipeline::{EmbedConfig, Embedder};
 use cellstream::tokenize::{Tokenizer, TokenizerConfig};
@@ -74,14 +76,16 @@ fn main() {
     let pkg = ModelPackage::load(&model_dir).unwrap();
     let rt = ModelRuntime::new(&pkg).unwrap();
     println!(
-        "fusion {} ({} attention layers, {} LayerNorms fused)",
+        "fusion {} ({} attention layers, {} LayerNorms fused), kernels {}",
         rt.fusion.name(),
         rt.fused.attention_layers,
-        rt.fused.layer_norms
+        rt.fused.layer_norms,
+        rt.kernels.name()
     );
-    // The same graph on tract's own ops alone, one thread: what the fused ops add.
-    let unfused = (rt.fusion != Fusion::Tract)
-        .then(|| ModelRuntime::with_fusion(&pkg, Fusion::Tract).unwrap());
+    // The same graph on tract's own ops and kernel choice alone, one thread: what the fused
+    // ops and the kernel choice add.
+    let unfused = (rt.fusion != Fusion::Tract || rt.kernels != KernelChoice::Tract)
+        .then(|| ModelRuntime::with(&pkg, Fusion::Tract, KernelChoice::Tract).unwrap());
     let input = repo.join("bench-data/pbmc3k");
     let batch = read_batch(&input, &ReadOptions::default()).unwrap();
     let genes = pkg.vocab.map_genes(&batch.gene_names);

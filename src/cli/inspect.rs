@@ -110,6 +110,7 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         "fusion": rt.fusion.name(),
         "fused_attention_layers": rt.fused.attention_layers,
         "fused_layer_norms": rt.fused.layer_norms,
+        "kernels": rt.kernels.name(),
     });
     if json {
         println!("{v}");
@@ -144,6 +145,7 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             rt.fused.attention_layers,
             rt.fused.layer_norms
         );
+        println!("kernels:      {}", rt.kernels.name());
     }
     Ok(())
 }

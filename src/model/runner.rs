@@ -15,6 +15,7 @@ use anyhow::{anyhow, bail, Context};
 use tract::prelude::*;
 
 use super::fuse::{Fusion, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY};
+use super::kernel_choice::KernelChoice;
 use super::package::{ModelError, ModelPackage};
 
 /// Padded model input for `n` rows of length `s`, and the outputs that came back.
@@ -53,27 +54,32 @@ pub struct ModelRuntime {
     /// Whether the graph was rewritten into fused ops, and how many of each it holds.
     pub fusion: Fusion,
     pub fused: Fused,
+    /// How tract's matmul kernels are chosen for the plans (process-wide).
+    pub kernels: KernelChoice,
     /// Optimized plans by (rows, length).
     plans: Mutex<HashMap<(usize, usize), Runnable>>,
 }
 
 impl ModelRuntime {
-    /// [`ModelRuntime::with_fusion`] with the fastest form on this CPU (or the one
-    /// `CELLSTREAM_FUSION` names).
+    /// [`ModelRuntime::with`] the fastest form and kernels on this CPU (or the ones
+    /// `CELLSTREAM_FUSION` and `CELLSTREAM_KERNELS` name).
     pub fn new(pkg: &ModelPackage) -> Result<Arc<ModelRuntime>, ModelError> {
-        let fusion = Fusion::from_env().map_err(|what| ModelError::Graph {
+        let env_err = |what| ModelError::Graph {
             path: pkg.dir.join("model.onnx"),
             what,
-        })?;
-        ModelRuntime::with_fusion(pkg, fusion)
+        };
+        let fusion = Fusion::from_env().map_err(env_err)?;
+        let kernels = KernelChoice::from_env().map_err(env_err)?;
+        ModelRuntime::with(pkg, fusion, kernels)
     }
 
     /// Maps the manifest's input and output names onto the graph's positions, then runs a
     /// probe inference (one `<cls>`-only row) that compiles the first plan and checks the
     /// output shapes.
-    pub fn with_fusion(
+    pub fn with(
         pkg: &ModelPackage,
         fusion: Fusion,
+        kernels: KernelChoice,
     ) -> Result<Arc<ModelRuntime>, ModelError> {
         let path = pkg.dir.join("model.onnx");
         let graph_err = |what: String| ModelError::Graph {
@@ -117,6 +123,7 @@ impl ModelRuntime {
             n_classes: pkg.labels.as_ref().map_or(0, Vec::len),
             fusion,
             fused,
+            kernels,
             plans: Mutex::new(HashMap::new()),
         });
         // Also checks the output widths against embedding_dim and labels.txt (run_state).
@@ -148,7 +155,7 @@ impl ModelRuntime {
         // it can prove (see the module comment).
         let runnable = model
             .transform(SetSymbols::new().value("N", n as i64).value("S", s as i64))
-            .and_then(|()| model.into_runnable())
+            .and_then(|()| self.kernels.planning(|| model.into_runnable()))
             .with_context(|| format!("optimizing {} for {n} × {s} tokens", self.path.display()))?;
         self.plans.lock().unwrap().insert((n, s), runnable.clone());
         Ok(runnable)

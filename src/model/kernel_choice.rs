@@ -1,0 +1,217 @@
+//! Which of tract's matrix-multiply kernels runs each product, where tract's own choice was
+//! measured wrong on this CPU.
+//!
+//! tract picks a kernel per product from a cost model fitted on one machine per vendor; its
+//! AMD AVX-512 model was fitted on Zen 5, which has full-width 512-bit FMA units. On Zen 4
+//! (family 19h with AVX-512: two 256-bit halves per 512-bit FMA) that model sends the
+//! products whose output is narrower than their token count (the 128-wide out projection,
+//! second feed-forward layer and value encoder) to the 16x12 kernel, which issues a broadcast
+//! load per FMA and runs them at 62–74 GFLOP/s, where the 32x6 kernel runs the same products
+//! at 90 (BENCHMARKS.md, "Kernel choice"). Every kernel sums each output over `k` in the same
+//! order, so the choice moves time, never a bit of the result (`tests/embed.rs`).
+//!
+//! The override is a tier in tract-linalg's dispatch ladder (`mmm_tiers`, its public
+//! extension point for per-chip opinions): asked before tract's own tiers, it answers only
+//! while cellstream builds a plan that asked for it ([`KernelChoice::planning`]), only where
+//! tract's answer would be the 16x12 kernel, and only on Zen 4; every other product, and
+//! every other CPU, is tract's. `CELLSTREAM_KERNELS=tract` turns it off (a knob for
+//! comparisons).
+
+use std::cell::Cell;
+
+#[cfg(target_arch = "x86_64")]
+use tract_linalg::isa::{Arch, Isa, IsaSet};
+#[cfg(target_arch = "x86_64")]
+use tract_linalg::mmm::{Query, Suitable};
+#[cfg(target_arch = "x86_64")]
+use tract_linalg::mmm_tiers::{self, MmmTier};
+
+/// Above every tier tract declares for x86-64 (they use 0–8).
+#[cfg(target_arch = "x86_64")]
+const PRECEDENCE: u8 = 100;
+
+/// tract's pick that Zen 4 runs slowly, and the one run instead.
+#[cfg(target_arch = "x86_64")]
+const SLOW_ON_ZEN4: &str = "avx512_mmm_f32_16x12";
+#[cfg(target_arch = "x86_64")]
+const INSTEAD_ON_ZEN4: &str = "avx512_mmm_f32_32x6";
+
+/// Below this many rows a 32-row tile would be mostly padding; tract's pick stands.
+#[cfg(target_arch = "x86_64")]
+const MIN_ROWS: usize = 64;
+
+/// How a plan's matmul kernels are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// tract's own choice everywhere.
+    Tract,
+    /// tract's choice, except the Zen 4 override above.
+    Zen4,
+}
+
+thread_local! {
+    /// The choice of the plan this thread is building, if cellstream is building one.
+    static PLANNING: Cell<Option<KernelChoice>> = const { Cell::new(None) };
+}
+
+impl KernelChoice {
+    /// The best on this CPU: the override where it is a Zen 4, tract's choice elsewhere.
+    pub fn best() -> KernelChoice {
+        if is_zen4() {
+            KernelChoice::Zen4
+        } else {
+            KernelChoice::Tract
+        }
+    }
+
+    /// [`KernelChoice::best`], unless `CELLSTREAM_KERNELS` names another this CPU can use
+    /// (`tract`, `zen4`): a knob for comparisons, not a setting.
+    pub fn from_env() -> Result<KernelChoice, String> {
+        let Ok(name) = std::env::var("CELLSTREAM_KERNELS") else {
+            return Ok(KernelChoice::best());
+        };
+        let available = KernelChoice::available();
+        available
+            .iter()
+            .copied()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| {
+                let names: Vec<_> = available.iter().map(|a| a.name()).collect();
+                format!("CELLSTREAM_KERNELS={name:?}: this CPU runs one of {names:?}")
+            })
+    }
+
+    /// Every choice this CPU can make.
+    pub fn available() -> Vec<KernelChoice> {
+        let mut all = vec![KernelChoice::Tract];
+        if is_zen4() {
+            all.push(KernelChoice::Zen4);
+        }
+        all
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelChoice::Tract => "tract",
+            KernelChoice::Zen4 => "zen4",
+        }
+    }
+
+    /// Runs `plan` (which optimizes a tract model on this thread) with this choice in force.
+    pub fn planning<R>(self, plan: impl FnOnce() -> R) -> R {
+        let before = PLANNING.replace(Some(self));
+        let result = plan();
+        PLANNING.set(before);
+        result
+    }
+}
+
+/// AMD family 19h with AVX-512F: Zen 4 (Zen 3, the same family, has no AVX-512).
+#[cfg(target_arch = "x86_64")]
+fn is_zen4() -> bool {
+    use std::arch::x86_64::__cpuid;
+    if !std::is_x86_feature_detected!("avx512f") {
+        return false;
+    }
+    // SAFETY: `cpuid` exists on every x86-64 CPU; leaves 0 and 1 always. (`unsafe` is needed
+    // on the minimum rustc, 1.91; newer ones deem it redundant.)
+    #[allow(unused_unsafe)]
+    let (vendor, signature) = unsafe { (__cpuid(0), __cpuid(1).eax) };
+    let amd = [vendor.ebx, vendor.edx, vendor.ecx] == [0x6874_7541, 0x6974_6e65, 0x444d_4163];
+    let family = ((signature >> 8) & 0xf) + ((signature >> 20) & 0xff);
+    amd && family == 0x19
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn is_zen4() -> bool {
+    false
+}
+
+/// The tier's answer: the replacement where tract's own tiers would answer [`SLOW_ON_ZEN4`].
+#[cfg(target_arch = "x86_64")]
+fn preferred(
+    isa: &IsaSet,
+    accumulator: tract_core::prelude::DatumType,
+    query: &Query,
+    suitable: &[Suitable],
+) -> Option<&'static str> {
+    if PLANNING.get() != Some(KernelChoice::Zen4) || query.m.is_some_and(|m| m < MIN_ROWS) {
+        return None;
+    }
+    let below: Vec<&MmmTier> = mmm_tiers::for_isa(isa)
+        .into_iter()
+        .filter(|t| t.precedence < PRECEDENCE)
+        .collect();
+    let tracts = mmm_tiers::preferred(isa, &below, accumulator, query, suitable)?;
+    (suitable[tracts].0.name() == SLOW_ON_ZEN4).then_some(INSTEAD_ON_ZEN4)
+}
+
+#[cfg(target_arch = "x86_64")]
+inventory::submit! {
+    MmmTier {
+        arch: Some(Arch::X86_64),
+        precedence: PRECEDENCE,
+        name: "cellstream-zen4",
+        applies: |isa| isa.has(Isa::X86_64Avx512f),
+        preferred,
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use tract_core::prelude::DatumType;
+    use tract_linalg::MmmDispatch;
+
+    fn query(m: usize, k: usize, n: usize) -> Query {
+        Query {
+            weight: DatumType::F32.into(),
+            activation: DatumType::F32,
+            accumulators: std::iter::once(DatumType::F32).collect(),
+            store: Some(DatumType::F32),
+            allow_extractor: true,
+            m: Some(m),
+            k: Some(k),
+            n: Some(n),
+        }
+    }
+
+    /// The product shapes of the shipped model at 256 tokens, and its classifier head's.
+    const SHAPES: [(usize, usize, usize); 4] = [
+        (256, 128, 128),
+        (256, 256, 128),
+        (384, 128, 256),
+        (16, 128, 8),
+    ];
+
+    fn picked(q: &Query) -> Option<String> {
+        let dispatch = MmmDispatch::native();
+        let suitable = dispatch.suitable(q);
+        dispatch
+            .preferred(q, &suitable)
+            .map(|s| s.0.name().to_string())
+    }
+
+    /// Whatever the CPU, the tier only ever swaps tract's 16x12 pick for the 32x6 one, and
+    /// only while a plan that asked for it is being built.
+    #[test]
+    fn answers_only_in_place_of_the_slow_kernel() {
+        for (m, k, n) in SHAPES {
+            let q = query(m, k, n);
+            let tracts = picked(&q);
+            for choice in KernelChoice::available() {
+                let ours = choice.planning(|| picked(&q));
+                if ours != tracts {
+                    assert_eq!(choice, KernelChoice::Zen4);
+                    assert_eq!(tracts.as_deref(), Some(SLOW_ON_ZEN4), "{m}x{k}x{n}");
+                    assert_eq!(ours.as_deref(), Some(INSTEAD_ON_ZEN4), "{m}x{k}x{n}");
+                    assert!(m >= MIN_ROWS, "{m}x{k}x{n}");
+                }
+                if choice == KernelChoice::Zen4 && m >= MIN_ROWS {
+                    assert_ne!(ours.as_deref(), Some(SLOW_ON_ZEN4), "{m}x{k}x{n}");
+                }
+            }
+            assert_eq!(picked(&q), tracts, "the choice outlives its plan");
+        }
+    }
+}
