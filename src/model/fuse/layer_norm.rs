@@ -3,7 +3,11 @@
 //! matmul by a constant 1/d column, a subtraction, `RMSNormalization` (tract's `RmsNorm`),
 //! then scale and bias. That is five ops and three passes over the activations, and the
 //! matmul repacks its operand first (about 10 µs for 256 rows of 128, three times what the
-//! whole norm costs in one loop). [`rule`] replaces the chain with [`FusedLayerNorm`].
+//! whole norm costs in one loop). [`rule`] replaces the chain with [`FusedLayerNorm`], and
+//! takes in the residual sum before it where there is one (the encoder is post-norm: each
+//! norm reads `x + sublayer(x)`): left in the graph, tract fuses that add into the matmul
+//! that produces `sublayer(x)`, where it reads the other operand a column of tiles at a time
+//! and costs about twice what it does in the norm's first pass (BENCHMARKS.md).
 
 use tract_core::internal::*;
 use tract_core::ops::binary::TypedBinOp;
@@ -12,9 +16,11 @@ use tract_core::ops::math::{Add, Mul, Sub};
 use tract_core::ops::nn::RmsNorm;
 use tract_core::{rule_if, rule_if_some};
 
-/// `(x - mean(x)) / sqrt(var(x) + eps) * gamma + beta` over the last axis.
+/// `(x - mean(x)) / sqrt(var(x) + eps) * gamma + beta` over the last axis, where `x` is the
+/// op's one input, or the sum of its two (the same shape) with `residual`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FusedLayerNorm {
+    pub residual: bool,
     /// Scalar f32.
     pub eps: Arc<Tensor>,
     /// f32, as long as the last axis.
@@ -34,8 +40,27 @@ impl EvalOp for FusedLayerNorm {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        // In place: the activation is the only user of its buffer in a plan, so this moves it.
-        let mut x = args_1!(inputs).into_tensor();
+        // In place: the first input's last user is this op, so this moves its buffer.
+        let mut inputs = inputs.into_iter();
+        let mut x = inputs.next().context("no input")?.into_tensor();
+        let other = inputs.next();
+        ensure!(
+            other.is_some() == self.residual,
+            "{} inputs",
+            1 + other.is_some() as usize
+        );
+        let other = match &other {
+            Some(o) => {
+                ensure!(
+                    o.shape() == x.shape(),
+                    "sum of {:?} and {:?}",
+                    x.shape(),
+                    o.shape()
+                );
+                Some(o.try_as_plain_ram()?.as_slice::<f32>()?)
+            }
+            None => None,
+        };
         let gamma = self.gamma.try_as_plain_ram()?;
         let beta = self.beta.try_as_plain_ram()?;
         let (gamma, beta) = (gamma.as_slice::<f32>()?, beta.as_slice::<f32>()?);
@@ -48,6 +73,7 @@ impl EvalOp for FusedLayerNorm {
         let eps = self.eps.cast_to_scalar::<f32>()?;
         normalise(
             x.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+            other,
             gamma,
             beta,
             eps,
@@ -60,23 +86,26 @@ impl TypedOp for FusedLayerNorm {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+        ensure!(inputs.len() == 1 + self.residual as usize);
+        ensure!(inputs.iter().all(|i| i.datum_type == f32::datum_type()));
+        ensure!(inputs.iter().all(|i| i.shape == inputs[0].shape));
         Ok(tvec!(f32::fact(inputs[0].shape.clone())))
     }
 }
 
-/// Every row of `x` (rows as long as `gamma`) normalised in place: with AVX-512 where the
-/// CPU has it and rows are whole vectors, else portably. The two differ by rounding only
-/// (fused multiply-adds, the order of the sums).
-pub fn normalise(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+/// Every row of `x` (plus `other`'s, where given; rows as long as `gamma`) normalised in
+/// place: with AVX-512 where the CPU has it and rows are whole vectors, else portably. The
+/// two differ by rounding only (fused multiply-adds, the order of the sums).
+pub fn normalise(x: &mut [f32], other: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32) {
     assert_eq!(gamma.len(), beta.len());
     assert_eq!(x.len() % gamma.len(), 0);
+    assert!(other.is_none_or(|o| o.len() == x.len()));
     #[cfg(target_arch = "x86_64")]
     if gamma.len().is_multiple_of(16) && std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F and rows are whole vectors.
-        return unsafe { avx512::rows(x, gamma, beta, eps) };
+        // SAFETY: the CPU has AVX-512F, rows are whole vectors, `other` is as long as `x`.
+        return unsafe { avx512::rows(x, other, gamma, beta, eps) };
     }
-    rows(x, gamma, beta, eps)
+    rows(x, other, gamma, beta, eps)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -84,18 +113,31 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     /// # Safety
-    /// AVX-512F; `gamma.len()` is a multiple of 16 and of `x.len()`; `beta` as long.
+    /// AVX-512F; `gamma.len()` is a multiple of 16 and of `x.len()`; `beta` as long as
+    /// `gamma`, `other` as `x`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn rows(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    pub unsafe fn rows(
+        x: &mut [f32],
+        other: Option<&[f32]>,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f32,
+    ) {
         let d = gamma.len();
         let (g, b) = (gamma.as_ptr(), beta.as_ptr());
-        for row in x.chunks_exact_mut(d) {
+        for (r, row) in x.chunks_exact_mut(d).enumerate() {
             let p = row.as_mut_ptr();
+            let o = other.map(|o| o[r * d..].as_ptr());
             // SAFETY (all loads and stores below): offsets c < d on rows of d.
             unsafe {
                 let mut sum = _mm512_setzero_ps();
                 for c in (0..d).step_by(16) {
-                    sum = _mm512_add_ps(sum, _mm512_loadu_ps(p.add(c)));
+                    let mut v = _mm512_loadu_ps(p.add(c));
+                    if let Some(o) = o {
+                        v = _mm512_add_ps(v, _mm512_loadu_ps(o.add(c)));
+                        _mm512_storeu_ps(p.add(c), v);
+                    }
+                    sum = _mm512_add_ps(sum, v);
                 }
                 let mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / d as f32);
                 let mut sq = _mm512_setzero_ps();
@@ -117,8 +159,11 @@ mod avx512 {
 }
 
 /// The portable reference.
-fn rows(x: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
+fn rows(x: &mut [f32], other: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32) {
     let d = gamma.len();
+    if let Some(other) = other {
+        x.iter_mut().zip(other).for_each(|(x, o)| *x += o);
+    }
     for x in x.chunks_exact_mut(d) {
         let mean = x.iter().sum::<f32>() / d as f32;
         let var = x.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
@@ -194,15 +239,42 @@ pub(super) fn rule(
     rule_if!(model.outlet_fact(add.id.into())?.shape == fact.shape);
     let eps = op.eps.cast_to::<f32>()?.into_owned().into_arc_tensor();
 
+    let inputs = residual_sum(model, x)?.unwrap_or_else(|| tvec![x]);
     let mut patch = TypedModelPatch::new(format!("fuse layer norm at {}", norm.name));
-    let input = patch.tap_model(model, x)?;
-    let out = patch.wire_node(
-        format!("{}.fused_layer_norm", norm.name),
-        FusedLayerNorm { eps, gamma, beta },
-        &[input],
-    )?;
+    let taps = patch.taps(model, &inputs)?;
+    let op = FusedLayerNorm {
+        residual: inputs.len() == 2,
+        eps,
+        gamma,
+        beta,
+    };
+    let out = patch.wire_node(format!("{}.fused_layer_norm", norm.name), op, &taps)?;
     patch.shunt_outside(model, add.id.into(), out[0])?;
     Ok(Some(patch))
+}
+
+/// The two terms of `x` where `x` is an add of two same-shape, non-constant tensors used by
+/// the norm's chain alone (its centring and its mean): the one only the add reads first, so
+/// that the op can take over its buffer.
+fn residual_sum(model: &TypedModel, x: OutletId) -> TractResult<Option<TVec<OutletId>>> {
+    let add = model.node(x.node);
+    rule_if!(model.outlet_fact(x)?.konst.is_none());
+    rule_if!(add.outputs.len() == 1 && add.outputs[0].successors.len() == 2);
+    rule_if!(add.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>()));
+    let [a, b] = add.inputs[..] else {
+        return Ok(None);
+    };
+    let fact = model.outlet_fact(x)?;
+    for term in [a, b] {
+        let f = model.outlet_fact(term)?;
+        rule_if!(f.konst.is_none() && f.datum_type == fact.datum_type && f.shape == fact.shape);
+    }
+    let sole_use = |o: OutletId| model.outlet_successors(o).len() == 1;
+    Ok(Some(if sole_use(b) && !sole_use(a) {
+        tvec![b, a]
+    } else {
+        tvec![a, b]
+    }))
 }
 
 #[cfg(test)]
@@ -225,7 +297,17 @@ mod tests {
         let gamma: Vec<f32> = (0..d).map(|_| next()).collect();
         let beta: Vec<f32> = (0..d).map(|_| next()).collect();
         let mut out = x.clone();
-        normalise(&mut out, &gamma, &beta, 1e-5);
+        normalise(&mut out, None, &gamma, &beta, 1e-5);
+        compare(&x, &out, &gamma, &beta);
+        // The same rows as the sum of two terms.
+        let half: Vec<f32> = x.iter().map(|v| v * 0.25).collect();
+        let mut sum: Vec<f32> = x.iter().zip(&half).map(|(v, h)| v - h).collect();
+        normalise(&mut sum, Some(&half), &gamma, &beta, 1e-5);
+        compare(&x, &sum, &gamma, &beta);
+    }
+
+    fn compare(x: &[f32], out: &[f32], gamma: &[f32], beta: &[f32]) {
+        let d = gamma.len();
         for (row, got) in x.chunks(d).zip(out.chunks(d)) {
             let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
             let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
