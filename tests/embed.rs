@@ -240,6 +240,30 @@ fn embed_writes_one_record_per_cell_in_order() {
     assert_eq!(records, again);
 }
 
+/// Inputs are read ahead of the model on their own thread; the output is still each batch in
+/// input order, and a broken input stops the run there (exit 2, naming it) with every batch
+/// before it written and none after.
+#[test]
+fn several_inputs_come_out_in_order_and_a_broken_one_stops_the_run_there() {
+    let input = common::repo().join("bench-data/pbmc68k_reduced");
+    let input = input.to_str().unwrap();
+    let n = common::read(Path::new(input)).n_cells();
+    let (out, twice) = embed(&["embed", input, input, "--threads", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, once) = embed(&["embed", input, "--threads", "2"]);
+    assert_eq!(twice.len(), 2 * n);
+    assert_eq!(twice[..n], once[..]);
+    assert_eq!(twice[n..], once[..]);
+
+    let broken = tempfile::tempdir().unwrap();
+    std::fs::write(broken.path().join("matrix.mtx"), "not a matrix\n").unwrap();
+    let broken_path = broken.path().to_str().unwrap();
+    let (out, records) = embed(&["embed", input, broken_path, input, "--threads", "2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains(broken_path), "{}", stderr(&out));
+    assert_eq!(records, once);
+}
+
 /// Standard base64 with padding, as `embed --embedding base64` writes it.
 fn base64_decode(s: &str) -> Vec<u8> {
     let value = |c: u8| match c {

@@ -3,11 +3,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use cellstream::batch::{read_batch, ReadOptions};
+use cellstream::batch::{read_batch, BatchError, CountBatch, ReadOptions};
 use cellstream::config::EmbeddingEncoding;
 use cellstream::model::{default_model_dir, ModelPackage};
 use cellstream::pipeline::{EmbedConfig, Embedder};
 use cellstream::sink::ndjson;
+use crossbeam_channel::{bounded, Receiver};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -33,6 +34,36 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let start = Instant::now();
+    // The inputs are read one ahead on their own thread, from before the model loads: while
+    // batch k runs through the inference workers, batch k+1 is parsed, so the workers do not
+    // wait for the reader between batches. A failed read stops the run at that input, in
+    // order, as a sequential loop would.
+    let (batches, ready) = bounded(0);
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("read".into())
+            .spawn_scoped(scope, || {
+                for input in &args.inputs {
+                    let read = read_batch(input, &ReadOptions::default());
+                    let failed = read.is_err();
+                    if batches.send(read).is_err() || failed {
+                        break;
+                    }
+                }
+                drop(batches);
+            })
+            .context("spawning the reader thread")?;
+        embed_all(&args, start, ready)
+    })
+}
+
+/// Embeds the batches `ready` delivers, in input order, writing each as it completes.
+fn embed_all(
+    args: &Args,
+    start: Instant,
+    ready: Receiver<Result<CountBatch, BatchError>>,
+) -> anyhow::Result<()> {
     let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
     let package = ModelPackage::load(&model_dir)?;
     let cfg = EmbedConfig {
@@ -44,10 +75,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let mut w = super::open_output(&args.out)?;
     let progress = std::io::stderr().is_terminal();
-    let start = Instant::now();
     let mut cells = 0usize;
-    for (k, input) in args.inputs.iter().enumerate() {
-        let batch = read_batch(input, &ReadOptions::default())?;
+    for (k, batch) in ready.iter().enumerate() {
+        let batch = batch?;
         let mut done = 0usize;
         let mut show = |n: usize| {
             done += n;
