@@ -39,19 +39,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // batch k runs through the inference workers, batch k+1 is parsed, so the workers do not
     // wait for the reader between batches. A failed read stops the run at that input, in
     // order, as a sequential loop would.
+    // The sender moves into the reader thread: its end ends the consumer's loop.
     let (batches, ready) = bounded(0);
+    let inputs = &args.inputs;
     std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("read".into())
-            .spawn_scoped(scope, || {
-                for input in &args.inputs {
+            .spawn_scoped(scope, move || {
+                for input in inputs {
                     let read = read_batch(input, &ReadOptions::default());
                     let failed = read.is_err();
                     if batches.send(read).is_err() || failed {
                         break;
                     }
                 }
-                drop(batches);
             })
             .context("spawning the reader thread")?;
         embed_all(&args, start, ready)

@@ -67,18 +67,12 @@ impl KernelChoice {
     /// [`KernelChoice::best`], unless `CELLSTREAM_KERNELS` names another this CPU can use
     /// (`tract`, `zen4`): a knob for comparisons, not a setting.
     pub fn from_env() -> Result<KernelChoice, String> {
-        let Ok(name) = std::env::var("CELLSTREAM_KERNELS") else {
-            return Ok(KernelChoice::best());
-        };
-        let available = KernelChoice::available();
-        available
-            .iter()
-            .copied()
-            .find(|a| a.name() == name)
-            .ok_or_else(|| {
-                let names: Vec<_> = available.iter().map(|a| a.name()).collect();
-                format!("CELLSTREAM_KERNELS={name:?}: this CPU runs one of {names:?}")
-            })
+        super::knob(
+            "CELLSTREAM_KERNELS",
+            KernelChoice::best(),
+            &KernelChoice::available(),
+            KernelChoice::name,
+        )
     }
 
     /// Every choice this CPU can make.
@@ -99,10 +93,16 @@ impl KernelChoice {
 
     /// Runs `plan` (which optimizes a tract model on this thread) with this choice in force.
     pub fn planning<R>(self, plan: impl FnOnce() -> R) -> R {
-        let before = PLANNING.replace(Some(self));
-        let result = plan();
-        PLANNING.set(before);
-        result
+        /// Puts the previous choice back when dropped, a panicking build included (the
+        /// inference workers catch panics and carry on with the same thread).
+        struct Restore(Option<KernelChoice>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                PLANNING.set(self.0);
+            }
+        }
+        let _restore = Restore(PLANNING.replace(Some(self)));
+        plan()
     }
 }
 

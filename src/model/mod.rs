@@ -10,4 +10,26 @@ pub mod package;
 pub mod runner;
 
 pub use package::{default_model_dir, Manifest, ModelError, ModelPackage};
+
+/// The choice the environment variable `var` names among `available` (by `name`), or `best`
+/// where it is unset: the knobs for comparisons (`CELLSTREAM_FUSION`, `CELLSTREAM_KERNELS`),
+/// not settings.
+fn knob<T: Copy>(
+    var: &str,
+    best: T,
+    available: &[T],
+    name: fn(T) -> &'static str,
+) -> Result<T, String> {
+    let Ok(wanted) = std::env::var(var) else {
+        return Ok(best);
+    };
+    available
+        .iter()
+        .copied()
+        .find(|&a| name(a) == wanted)
+        .ok_or_else(|| {
+            let names: Vec<_> = available.iter().map(|&a| name(a)).collect();
+            format!("{var}={wanted:?}: this CPU runs one of {names:?}")
+        })
+}
 pub use runner::{Batch, Fused, ModelRuntime, Outputs, Worker};

@@ -54,7 +54,7 @@ pub struct ModelRuntime {
     /// Whether the graph was rewritten into fused ops, and how many of each it holds.
     pub fusion: Fusion,
     pub fused: Fused,
-    /// How tract's matmul kernels are chosen for the plans (process-wide).
+    /// How tract's matmul kernels are chosen for this runtime's plans.
     pub kernels: KernelChoice,
     /// Optimized plans by (rows, length).
     plans: Mutex<HashMap<(usize, usize), Runnable>>,

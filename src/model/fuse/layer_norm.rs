@@ -17,10 +17,9 @@ use tract_core::ops::nn::RmsNorm;
 use tract_core::{rule_if, rule_if_some};
 
 /// `(x - mean(x)) / sqrt(var(x) + eps) * gamma + beta` over the last axis, where `x` is the
-/// op's one input, or the sum of its two (the same shape) with `residual`.
+/// op's one input, or the sum of its two (the same shape).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FusedLayerNorm {
-    pub residual: bool,
     /// Scalar f32.
     pub eps: Arc<Tensor>,
     /// f32, as long as the last axis.
@@ -44,11 +43,7 @@ impl EvalOp for FusedLayerNorm {
         let mut inputs = inputs.into_iter();
         let mut x = inputs.next().context("no input")?.into_tensor();
         let other = inputs.next();
-        ensure!(
-            other.is_some() == self.residual,
-            "{} inputs",
-            1 + other.is_some() as usize
-        );
+        ensure!(inputs.next().is_none(), "more than two inputs");
         let other = match &other {
             Some(o) => {
                 ensure!(
@@ -86,7 +81,7 @@ impl TypedOp for FusedLayerNorm {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(inputs.len() == 1 + self.residual as usize);
+        ensure!(inputs.len() == 1 || inputs.len() == 2);
         ensure!(inputs.iter().all(|i| i.datum_type == f32::datum_type()));
         ensure!(inputs.iter().all(|i| i.shape == inputs[0].shape));
         Ok(tvec!(f32::fact(inputs[0].shape.clone())))
@@ -242,12 +237,7 @@ pub(super) fn rule(
     let inputs = residual_sum(model, x)?.unwrap_or_else(|| tvec![x]);
     let mut patch = TypedModelPatch::new(format!("fuse layer norm at {}", norm.name));
     let taps = patch.taps(model, &inputs)?;
-    let op = FusedLayerNorm {
-        residual: inputs.len() == 2,
-        eps,
-        gamma,
-        beta,
-    };
+    let op = FusedLayerNorm { eps, gamma, beta };
     let out = patch.wire_node(format!("{}.fused_layer_norm", norm.name), op, &taps)?;
     patch.shunt_outside(model, add.id.into(), out[0])?;
     Ok(Some(patch))

@@ -51,16 +51,12 @@ impl Fusion {
     /// [`Fusion::best`], unless `CELLSTREAM_FUSION` names another (`tract`,
     /// `fused-portable`, `fused-avx512`): a knob for comparisons, not a setting.
     pub fn from_env() -> Result<Fusion, String> {
-        let Ok(name) = std::env::var("CELLSTREAM_FUSION") else {
-            return Ok(Fusion::best());
-        };
-        Fusion::available()
-            .into_iter()
-            .find(|a| a.name() == name)
-            .ok_or_else(|| {
-                let names: Vec<_> = Fusion::available().iter().map(|a| a.name()).collect();
-                format!("CELLSTREAM_FUSION={name:?}: this CPU runs one of {names:?}")
-            })
+        super::knob(
+            "CELLSTREAM_FUSION",
+            Fusion::best(),
+            &Fusion::available(),
+            Fusion::name,
+        )
     }
 
     /// Every way this CPU can run (for tests and benchmarks).
