@@ -6,7 +6,7 @@ mod common;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
-use cellstream::model::fuse::Fusion;
+use cellstream::model::fuse::{Fusion, TokenTables};
 use cellstream::model::kernel_choice::KernelChoice;
 use cellstream::model::{Batch, Fused, ModelPackage, ModelRuntime, Worker};
 use common::{cellstream, stderr};
@@ -99,18 +99,21 @@ fn tract_reproduces_onnxruntime_on_real_cells() {
 /// The same with each form this CPU runs: the graph on tract's own ops, and fused with the
 /// attention op's portable reference kernel (on 32 cells: it is slow in a test build) and
 /// its vector kernel. The fusion must find all four attention layers of the shipped model
-/// and its ten LayerNorms (two at the input, two per layer).
+/// and its ten LayerNorms (two at the input, two per layer), and fold two outputs into token
+/// tables (the encoders' sum, the first layer's input, and its q/k/v projection).
 #[test]
 fn every_fusion_reproduces_onnxruntime() {
     let pkg = ModelPackage::load(&model_dir()).unwrap();
     for fusion in Fusion::available() {
-        let rt = ModelRuntime::with(&pkg, fusion, KernelChoice::best()).unwrap();
+        let rt =
+            ModelRuntime::with(&pkg, fusion, TokenTables::Folded, KernelChoice::best()).unwrap();
         let fused = if fusion == Fusion::Tract {
             Fused::default()
         } else {
             Fused {
                 attention_layers: 4,
                 layer_norms: 10,
+                token_tables: 2,
             }
         };
         assert_eq!(rt.fused, fused, "{}", fusion.name());
@@ -133,7 +136,7 @@ fn the_kernel_choice_changes_no_bit_of_the_output() {
     let cells = reference();
     let mut outputs = Vec::new();
     for kernels in KernelChoice::available() {
-        let rt = ModelRuntime::with(&pkg, Fusion::best(), kernels).unwrap();
+        let rt = ModelRuntime::with(&pkg, Fusion::best(), TokenTables::Folded, kernels).unwrap();
         assert_eq!(rt.kernels, kernels);
         let mut batch = Batch::new(4, rt.max_len);
         for (row, c) in cells.iter().take(4).enumerate() {
@@ -155,6 +158,46 @@ fn the_kernel_choice_changes_no_bit_of_the_output() {
             kernels.name(),
             outputs[0].0.name()
         );
+    }
+}
+
+/// Token tables compute the functions they replace: the same outputs, to rounding, as the
+/// fused graph without them, on values with a table row (bins, the pad value) and on values
+/// without one (fractions, out of the keyed range: the op runs the folded graph for those).
+#[test]
+fn token_tables_compute_what_they_fold_keyed_or_not() {
+    let pkg = ModelPackage::load(&model_dir()).unwrap();
+    let cells = reference();
+    let run = |tables: TokenTables, odd: bool| {
+        let rt = ModelRuntime::with(&pkg, Fusion::best(), tables, KernelChoice::best()).unwrap();
+        let mut batch = Batch::new(4, rt.max_len);
+        for (row, c) in cells.iter().take(4).enumerate() {
+            let mut values = c.values.clone();
+            if odd {
+                for (i, v) in values.iter_mut().enumerate().skip(1).step_by(7) {
+                    *v = [0.5, 300.0, -17.0, 1e6, 12.25][i % 5];
+                }
+            }
+            batch.set_row(row, &c.gene_ids, &values, rt.pad_id, rt.pad_value);
+        }
+        let out = Worker::new(rt.clone()).run(&batch).unwrap();
+        (rt.fused.token_tables, out.embedding, out.logits.unwrap())
+    };
+    for odd in [false, true] {
+        let (folded, emb, logits) = run(TokenTables::Folded, odd);
+        let (computed, emb0, logits0) = run(TokenTables::Computed, odd);
+        if Fusion::best() != Fusion::Tract {
+            assert_eq!((folded, computed), (2, 0));
+        }
+        let worst = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        let (e, l) = (worst(&emb, &emb0), worst(&logits, &logits0));
+        eprintln!("odd values {odd}: max abs diff embedding {e:e}, logits {l:e}");
+        assert!(e <= 1e-5 && l <= 1e-5, "embedding {e}, logits {l}");
     }
 }
 

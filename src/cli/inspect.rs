@@ -110,6 +110,7 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         "fusion": rt.fusion.name(),
         "fused_attention_layers": rt.fused.attention_layers,
         "fused_layer_norms": rt.fused.layer_norms,
+        "token_tables": rt.fused.token_tables,
         "kernels": rt.kernels.name(),
     });
     if json {
@@ -140,10 +141,11 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             pkg.onnx.len()
         );
         println!(
-            "fusion:       {} ({} attention layers, {} LayerNorms fused)",
+            "fusion:       {} ({} attention layers, {} LayerNorms fused, {} token tables)",
             rt.fusion.name(),
             rt.fused.attention_layers,
-            rt.fused.layer_norms
+            rt.fused.layer_norms,
+            rt.fused.token_tables
         );
         println!("kernels:      {}", rt.kernels.name());
     }

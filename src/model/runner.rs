@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context};
 use tract::prelude::*;
 
-use super::fuse::{Fusion, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY};
+use super::fuse::{
+    Fusion, TokenTables, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY, TOKEN_TABLES_PROPERTY,
+};
 use super::kernel_choice::KernelChoice;
 use super::package::{ModelError, ModelPackage};
 
@@ -62,23 +64,26 @@ pub struct ModelRuntime {
 
 impl ModelRuntime {
     /// [`ModelRuntime::with`] the fastest form and kernels on this CPU (or the ones
-    /// `CELLSTREAM_FUSION` and `CELLSTREAM_KERNELS` name).
+    /// `CELLSTREAM_FUSION`, `CELLSTREAM_TOKEN_TABLES` and `CELLSTREAM_KERNELS` name).
     pub fn new(pkg: &ModelPackage) -> Result<Arc<ModelRuntime>, ModelError> {
         let env_err = |what| ModelError::Graph {
             path: pkg.dir.join("model.onnx"),
             what,
         };
         let fusion = Fusion::from_env().map_err(env_err)?;
+        let tables = TokenTables::from_env().map_err(env_err)?;
         let kernels = KernelChoice::from_env().map_err(env_err)?;
-        ModelRuntime::with(pkg, fusion, kernels)
+        ModelRuntime::with(pkg, fusion, tables, kernels)
     }
 
     /// Maps the manifest's input and output names onto the graph's positions, then runs a
     /// probe inference (one `<cls>`-only row) that compiles the first plan and checks the
-    /// output shapes.
+    /// output shapes. Token tables are folded only into a fused graph (they look for the
+    /// fused LayerNorm).
     pub fn with(
         pkg: &ModelPackage,
         fusion: Fusion,
+        tables: TokenTables,
         kernels: KernelChoice,
     ) -> Result<Arc<ModelRuntime>, ModelError> {
         let path = pkg.dir.join("model.onnx");
@@ -107,7 +112,7 @@ impl ModelRuntime {
             .as_deref()
             .map(|l| find(&outputs, l, "output"))
             .transpose()?;
-        let (model, fused) = load(&pkg.onnx, input_pos, fusion)
+        let (model, fused) = load(&pkg.onnx, input_pos, fusion, tables)
             .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?;
         let rt = Arc::new(ModelRuntime {
             model: Mutex::new(Some(model)),
@@ -175,10 +180,17 @@ impl ModelRuntime {
 pub struct Fused {
     pub attention_layers: usize,
     pub layer_norms: usize,
+    /// Functions of one token's input computed as tables (`fuse/token_tables.rs`).
+    pub token_tables: usize,
 }
 
-/// The parsed, decluttered graph with symbolic rows and length, fused as asked.
-fn load(bytes: &[u8], [ids, vals]: [usize; 2], fusion: Fusion) -> anyhow::Result<(Model, Fused)> {
+/// The parsed, decluttered graph with symbolic rows and length, fused and folded as asked.
+fn load(
+    bytes: &[u8],
+    [ids, vals]: [usize; 2],
+    fusion: Fusion,
+    tables: TokenTables,
+) -> anyhow::Result<(Model, Fused)> {
     // Exported graphs carry value_info shapes traced at one length; ignore them so that
     // the batch and sequence dimensions are the symbols each plan sets.
     let mut model =
@@ -190,13 +202,19 @@ fn load(bytes: &[u8], [ids, vals]: [usize; 2], fusion: Fusion) -> anyhow::Result
         return Ok((model, Fused::default()));
     };
     model.transform(transform)?;
+    if let Some(fold) = tables.transform() {
+        model.transform(fold)?;
+    }
     let count = |name: &str| -> anyhow::Result<usize> {
-        let t = model.property(name)?;
+        let Ok(t) = model.property(name) else {
+            return Ok(0);
+        };
         Ok(t.as_shape_and_slice::<i64>()?.1[0] as usize)
     };
     let fused = Fused {
         attention_layers: count(FUSED_ATTENTION_PROPERTY)?,
         layer_norms: count(FUSED_LAYER_NORM_PROPERTY)?,
+        token_tables: count(TOKEN_TABLES_PROPERTY)?,
     };
     Ok((model, fused))
 }

@@ -6,6 +6,10 @@
 //! - each LayerNorm, as the export spells it (mean by a matmul, centring, `RmsNorm`, scale,
 //!   bias), as one [`layer_norm::FusedLayerNorm`].
 //!
+//! - the functions of one token's own input (gene encoder, value encoder, the first layer's
+//!   projection of their sum) as [`TokenTable`] lookups, computed for every possible input
+//!   when the model loads ([`TokenTables`], a separate transform).
+//!
 //! The ONNX file is unchanged (onnxruntime runs it as before); the rewrite is a tract model
 //! transform applied after parsing, and only where it pays ([`Fusion::best`]): on CPUs with
 //! the vector attention kernel. Elsewhere, or with `CELLSTREAM_FUSION=tract` in the
@@ -14,6 +18,7 @@
 mod attention;
 mod attention_kernel;
 mod layer_norm;
+mod token_tables;
 
 use tract_core::internal::*;
 use tract_core::model::Rewriter;
@@ -23,6 +28,7 @@ use tract_core::transform::ModelTransform;
 pub use attention::FusedAttention;
 pub use attention_kernel::{Dims, Kernels};
 pub use layer_norm::FusedLayerNorm;
+pub use token_tables::{TokenTable, TOKEN_TABLES_PROPERTY, VALUE_KEYS};
 
 /// The model properties where the transform records how many attention layers and
 /// LayerNorms it fused.
@@ -139,3 +145,57 @@ register_simple_model_transform!(
         kernels: Kernels::Avx512
     }
 );
+
+/// Whether the functions of one token's input are folded into tables (`token_tables.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenTables {
+    Folded,
+    Computed,
+}
+
+impl TokenTables {
+    /// Folded, unless `CELLSTREAM_TOKEN_TABLES=computed` (a knob for comparisons).
+    pub fn from_env() -> Result<TokenTables, String> {
+        super::knob(
+            "CELLSTREAM_TOKEN_TABLES",
+            TokenTables::Folded,
+            &[TokenTables::Folded, TokenTables::Computed],
+            TokenTables::name,
+        )
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenTables::Folded => "folded",
+            TokenTables::Computed => "computed",
+        }
+    }
+
+    /// The tract transform that folds, if any.
+    pub fn transform(self) -> Option<&'static str> {
+        match self {
+            TokenTables::Folded => Some("cellstream_token_tables"),
+            TokenTables::Computed => None,
+        }
+    }
+}
+
+/// The model transform: folds what it can into token tables, then records how many.
+#[derive(Debug, Clone)]
+pub struct FoldTokenTables;
+
+impl ModelTransform for FoldTokenTables {
+    fn name(&self) -> StaticName {
+        "cellstream_token_tables".into()
+    }
+
+    fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
+        let count = token_tables::fold(model)?;
+        model
+            .properties
+            .insert(TOKEN_TABLES_PROPERTY.into(), rctensor0(count as i64));
+        Ok(())
+    }
+}
+
+register_simple_model_transform!("cellstream_token_tables", FoldTokenTables);

@@ -1,0 +1,744 @@
+//! Token tables: the parts of the graph that are a function of one token's own input, computed
+//! once per possible input when the model loads instead of once per token at every batch.
+//!
+//! scGPT's encoder starts with two such functions: the gene encoder (embedding row, then
+//! LayerNorm) of the token's gene id, and the value encoder (clamp, `Linear(1, d)`, ReLU,
+//! `Linear(d, d)`, LayerNorm) of its binned value. Their sum is the first layer's input, and
+//! that layer's q/k/v projection is linear, so it splits over the sum:
+//! `(g + v)·W + b = (g·W + b) + v·W`, each term again a function of one input. Ids range over
+//! the embedding's rows; binned values are small integers (0..n_bins and scGPT's pad value
+//! -2). [`fold`] finds those functions in the graph, evaluates them on every possible input
+//! (every id; every integer in [`VALUE_KEYS`]), and replaces them with [`TokenTable`], which
+//! copies rows. A value with no row (not an integer in range: never from cellstream's
+//! tokenizer, but the op does not rely on that) is run through the folded part of the graph
+//! itself. Results differ from the unfolded graph by rounding alone (the split sum adds in
+//! another order; the tables come from other matmul shapes).
+//!
+//! What counts as "a function of one token's input" is decided op by op ([`kind_of`]): row
+//! gathers from a constant, element-wise ops with constants broadcast along the feature axes
+//! only, einsums against a constant that keep the row and token axes, and our LayerNorm (over
+//! the last axis). Anything else ends the search.
+
+use std::collections::HashMap;
+use std::ops::RangeInclusive;
+
+use tract_core::internal::*;
+use tract_core::ops::array::Gather;
+use tract_core::ops::binary::TypedBinOp;
+use tract_core::ops::einsum::EinSum;
+use tract_core::ops::element_wise::ElementWiseOp;
+use tract_core::ops::konst::Const;
+use tract_core::ops::math::Add;
+
+use super::FusedLayerNorm;
+
+/// The model property where [`fold`] records how many tables it built.
+pub const TOKEN_TABLES_PROPERTY: &str = "cellstream.token_tables";
+
+/// The f32 inputs with a table row: integers in this range (scGPT's bins are 0..n_bins, its
+/// pad value -2).
+pub const VALUE_KEYS: RangeInclusive<i32> = -16..=255;
+
+/// No table above this size is built: a whole-transcriptome vocabulary times a wide
+/// projection would cost more memory than it saves time.
+const MAX_TABLE_BYTES: usize = 16 << 20;
+
+/// Which inputs a table has rows for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// i64 ids `0..count` (the rows of the embedding they index).
+    Ids(usize),
+    /// f32 values that are integers in `lo..=hi`.
+    Integers { lo: i32, hi: i32 },
+}
+
+impl Keys {
+    fn count(self) -> usize {
+        match self {
+            Keys::Ids(count) => count,
+            Keys::Integers { lo, hi } => (hi - lo + 1) as usize,
+        }
+    }
+
+    /// Every key, in row order, as a `[1, count]` input.
+    fn probe(self) -> TractResult<Tensor> {
+        let count = self.count();
+        match self {
+            Keys::Ids(_) => Tensor::from_shape(&[1, count], &(0..count as i64).collect::<Vec<_>>()),
+            Keys::Integers { lo, hi } => Tensor::from_shape(
+                &[1, count],
+                &(lo..=hi).map(|k| k as f32).collect::<Vec<_>>(),
+            ),
+        }
+    }
+}
+
+/// One input's tables: row `r` of `tables[f]` is folded function `f` of key `r`.
+#[derive(Debug, Clone)]
+pub struct KeyedInput {
+    pub keys: Keys,
+    /// `[keys, ..row]`, f32.
+    pub tables: Vec<Arc<Tensor>>,
+    /// The folded functions as a graph of their own (input `[1, M]`, outputs `[1, M, ..row]`),
+    /// for f32 inputs without a row.
+    fallback: Arc<TypedSimplePlan>,
+}
+
+impl PartialEq for KeyedInput {
+    fn eq(&self, other: &Self) -> bool {
+        self.keys == other.keys
+            && self.tables.len() == other.tables.len()
+            && self
+                .tables
+                .iter()
+                .zip(&other.tables)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+            && Arc::ptr_eq(&self.fallback, &other.fallback)
+    }
+}
+
+impl KeyedInput {
+    /// Each token's row, `None` for an f32 input without one.
+    fn rows(&self, input: &Tensor) -> TractResult<Vec<Option<usize>>> {
+        let input = input.try_as_plain_ram()?;
+        match self.keys {
+            Keys::Ids(count) => input
+                .as_slice::<i64>()?
+                .iter()
+                .enumerate()
+                .map(|(token, &id)| {
+                    ensure!(
+                        (0..count as i64).contains(&id),
+                        "id {id} at token {token} is outside the table's 0..{count}"
+                    );
+                    Ok(Some(id as usize))
+                })
+                .collect(),
+            Keys::Integers { lo, hi } => Ok(input
+                .as_slice::<f32>()?
+                .iter()
+                .map(|&v| {
+                    let keyed = v.fract() == 0.0 && v >= lo as f32 && v <= hi as f32;
+                    keyed.then(|| (v as i32 - lo) as usize)
+                })
+                .collect()),
+        }
+    }
+}
+
+/// Table lookups, summed: output `j` at each token is the sum over its terms `(i, f)` of
+/// row (input `i` at that token) of `inputs[i].tables[f]`, shaped `tokens ++ row`. One pass
+/// writes each output once (a sum of separate lookups cost as much again in the add).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenTable {
+    pub inputs: Vec<KeyedInput>,
+    pub outputs: Vec<Vec<(usize, usize)>>,
+}
+
+impl Eq for TokenTable {}
+
+impl Op for TokenTable {
+    fn name(&self) -> StaticName {
+        "CellstreamTokenTable".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(self
+            .inputs
+            .iter()
+            .map(|i| {
+                let rows: Vec<_> = i
+                    .tables
+                    .iter()
+                    .map(|t| format!("{:?}", t.shape()))
+                    .collect();
+                format!("keys {:?}: tables {}", i.keys, rows.join(", "))
+            })
+            .chain(std::iter::once(format!("outputs: {:?}", self.outputs)))
+            .collect())
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for TokenTable {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == self.inputs.len(), "{} inputs", inputs.len());
+        let rows = self
+            .inputs
+            .iter()
+            .zip(&inputs)
+            .map(|(k, t)| k.rows(t))
+            .collect::<TractResult<Vec<_>>>()?;
+        let tokens = inputs[0].shape();
+        let mut outputs = TVec::new();
+        for terms in &self.outputs {
+            let (i, f) = terms[0];
+            let table = &self.inputs[i].tables[f];
+            let shape: TVec<usize> = tokens.iter().chain(&table.shape()[1..]).copied().collect();
+            let mut out = Tensor::zero::<f32>(&shape)?;
+            self.sum_rows(&mut out, terms, &rows)?;
+            outputs.push(out);
+        }
+        // Rows no table has: the folded graph, on those tokens alone.
+        for (i, input) in self.inputs.iter().enumerate() {
+            let missing: Vec<usize> = (0..rows[i].len())
+                .filter(|&t| rows[i][t].is_none())
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let values = inputs[i].try_as_plain_ram()?;
+            let values = values.as_slice::<f32>()?;
+            let odd: Vec<f32> = missing.iter().map(|&t| values[t]).collect();
+            let probe = Tensor::from_shape(&[1, odd.len()], &odd)?;
+            let computed = input.fallback.run(tvec!(probe.into_tvalue()))?;
+            for (out, terms) in outputs.iter_mut().zip(&self.outputs) {
+                for &(_, f) in terms.iter().filter(|t| t.0 == i) {
+                    add_rows(out, &computed[f], &missing)?;
+                }
+            }
+        }
+        Ok(outputs.into_iter().map(|t| t.into_tvalue()).collect())
+    }
+}
+
+impl TokenTable {
+    /// Writes each token's sum of its terms' rows (a missing row counts as zero).
+    fn sum_rows(
+        &self,
+        out: &mut Tensor,
+        terms: &[(usize, usize)],
+        rows: &[Vec<Option<usize>>],
+    ) -> TractResult<()> {
+        let views = terms
+            .iter()
+            .map(|&(i, f)| self.inputs[i].tables[f].try_as_plain_ram())
+            .collect::<TractResult<Vec<_>>>()?;
+        let tables = views
+            .iter()
+            .map(|v| v.as_slice::<f32>())
+            .collect::<TractResult<Vec<_>>>()?;
+        let w = out.shape()[2..].iter().product::<usize>();
+        let mut out = out.try_as_plain_ram_mut()?;
+        let out = out.as_slice_mut::<f32>()?;
+        let row = |term: usize, token: usize| {
+            let r = (*rows[terms[term].0].get(token)?)?;
+            Some(&tables[term][r * w..][..w])
+        };
+        // The first term's row copied (a memcpy keeps many cache lines in flight: the big
+        // tables are read from memory), the others added to it where it is hot.
+        for (token, dst) in out.chunks_exact_mut(w).enumerate() {
+            if let Some(next) = row(0, token + PREFETCH_AHEAD) {
+                prefetch(next);
+            }
+            let mut terms = (0..terms.len()).filter_map(|term| row(term, token));
+            match terms.next() {
+                Some(first) => dst.copy_from_slice(first),
+                None => dst.fill(0.0),
+            }
+            for more in terms {
+                dst.iter_mut().zip(more).for_each(|(d, x)| *d += x);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many tokens ahead [`TokenTable::sum_rows`] asks for the first term's row.
+const PREFETCH_AHEAD: usize = 2;
+
+/// Asks the CPU to start loading `row` into cache.
+fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        // SAFETY: a prefetch is a hint and cannot fault; SSE is part of x86_64.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            );
+        }
+    }
+}
+
+/// Adds row `i` of `rows` (`[1, M, ..row]`) into `out` at token `tokens[i]`.
+fn add_rows(out: &mut Tensor, rows: &TValue, tokens: &[usize]) -> TractResult<()> {
+    let w = rows.len() / tokens.len();
+    let rows = rows.try_as_plain_ram()?;
+    let rows = rows.as_slice::<f32>()?;
+    let mut out = out.try_as_plain_ram_mut()?;
+    let out = out.as_slice_mut::<f32>()?;
+    for (i, &t) in tokens.iter().enumerate() {
+        out[t * w..][..w]
+            .iter_mut()
+            .zip(&rows[i * w..][..w])
+            .for_each(|(d, x)| *d += x);
+    }
+    Ok(())
+}
+
+impl TypedOp for TokenTable {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == self.inputs.len(), "{} inputs", inputs.len());
+        let tokens = &inputs[0].shape;
+        ensure!(
+            inputs.iter().all(|f| f.shape == *tokens),
+            "inputs of different shapes"
+        );
+        Ok(self
+            .outputs
+            .iter()
+            .map(|terms| {
+                let (i, f) = terms[0];
+                let mut shape = tokens.to_tvec();
+                shape.extend(
+                    self.inputs[i].tables[f].shape()[1..]
+                        .iter()
+                        .map(|&d| d.to_dim()),
+                );
+                f32::fact(shape)
+            })
+            .collect())
+    }
+}
+
+/// What a node's output is, as far as folding goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Const,
+    /// A row per token of the model's inputs (its first two axes are theirs), each a function
+    /// of that token's entries in the inputs set in `inputs` (bit `i`: model input `i`);
+    /// `computes` once an einsum or LayerNorm is on the way (a table then saves work).
+    Token {
+        inputs: u32,
+        computes: bool,
+    },
+    Other,
+}
+
+/// The kind of every node, in node order.
+fn classify(model: &TypedModel) -> TractResult<Vec<Kind>> {
+    let mut kinds = vec![Kind::Other; model.nodes().len()];
+    let Some(first) = model.inputs.first() else {
+        return Ok(kinds);
+    };
+    let tokens: TVec<TDim> = model.outlet_fact(*first)?.shape.to_tvec();
+    if tokens.len() != 2 {
+        return Ok(kinds);
+    }
+    for id in model.eval_order()? {
+        kinds[id] = kind_of(model, model.node(id), &kinds, &tokens)?;
+    }
+    Ok(kinds)
+}
+
+fn kind_of(
+    model: &TypedModel,
+    node: &TypedNode,
+    kinds: &[Kind],
+    tokens: &[TDim],
+) -> TractResult<Kind> {
+    if node.op_is::<Const>() {
+        return Ok(Kind::Const);
+    }
+    let fact = &node.outputs[0].fact;
+    if node.outputs.len() != 1 || fact.rank() < 2 || fact.shape[..2] != *tokens {
+        return Ok(Kind::Other);
+    }
+    if let Some(pos) = model.inputs.iter().position(|o| o.node == node.id) {
+        let token = fact.rank() == 2 && pos < 32;
+        return Ok(if token {
+            Kind::Token {
+                inputs: 1 << pos,
+                computes: false,
+            }
+        } else {
+            Kind::Other
+        });
+    }
+    let ins: TVec<Kind> = node.inputs.iter().map(|i| kinds[i.node]).collect();
+    let (mut inputs, mut computes) = (0, false);
+    for k in &ins {
+        match *k {
+            Kind::Token {
+                inputs: i,
+                computes: c,
+            } => {
+                inputs |= i;
+                computes |= c;
+            }
+            Kind::Const => {}
+            Kind::Other => return Ok(Kind::Other),
+        }
+    }
+    if inputs == 0 {
+        return Ok(Kind::Other);
+    }
+    // A constant broadcast over the feature axes only (its token axes are 1).
+    let feature_const = |i: usize| -> TractResult<bool> {
+        let f = model.outlet_fact(node.inputs[i])?;
+        Ok(f.rank() == fact.rank() && f.shape[0].is_one() && f.shape[1].is_one())
+    };
+    let token_wise = if let Some(g) = node.op_as::<Gather>() {
+        g.axis == 0 && ins[0] == Kind::Const
+    } else if node.op_is::<TypedBinOp>() || node.op_is::<ElementWiseOp>() {
+        let mut ok = true;
+        for (i, k) in ins.iter().enumerate() {
+            ok &= *k != Kind::Const || feature_const(i)?;
+        }
+        ok
+    } else if let Some(e) = node.op_as::<EinSum>() {
+        computes = true;
+        keeps_token_axes(e, &ins)
+    } else if node.op_is::<FusedLayerNorm>() {
+        computes = true;
+        fact.rank() >= 3
+    } else {
+        false
+    };
+    Ok(if token_wise {
+        Kind::Token { inputs, computes }
+    } else {
+        Kind::Other
+    })
+}
+
+/// An f32 product of one token-wise input and one constant that maps the input's first two
+/// axes to the output's first two and leaves them out of the constant.
+fn keeps_token_axes(e: &EinSum, ins: &[Kind]) -> bool {
+    if e.q_params.is_some() || ins.len() != 2 {
+        return false;
+    }
+    let Some(t) = ins.iter().position(|k| matches!(k, Kind::Token { .. })) else {
+        return false;
+    };
+    if ins[1 - t] != Kind::Const {
+        return false;
+    }
+    (0..2).all(|pos| {
+        e.axes
+            .axis((InOut::In(t), pos))
+            .is_ok_and(|axis| axis.outputs[0].as_slice() == [pos] && axis.inputs[1 - t].is_empty())
+    })
+}
+
+/// One function of one input that gets a table.
+#[derive(Debug, Clone)]
+enum Folded {
+    /// A node of the graph.
+    Node(OutletId),
+    /// `frontier · W (+ bias)`: this input's term of an einsum (and its bias add) that reads a
+    /// sum of two inputs' functions.
+    Split {
+        frontier: OutletId,
+        einsum: usize,
+        bias: Option<usize>,
+    },
+}
+
+/// Single-input functions worth a table whose users are not all functions of that input:
+/// (input position, outlet).
+fn frontiers(model: &TypedModel, kinds: &[Kind]) -> Vec<(usize, OutletId)> {
+    let mut found = Vec::new();
+    for node in model.nodes() {
+        let Kind::Token {
+            inputs,
+            computes: true,
+        } = kinds[node.id]
+        else {
+            continue;
+        };
+        let fact = &node.outputs[0].fact;
+        if inputs.count_ones() != 1 || fact.datum_type != f32::datum_type() || fact.rank() < 3 {
+            continue;
+        }
+        let outlet = OutletId::new(node.id, 0);
+        let ends = model.outputs.contains(&outlet)
+            || node.outputs[0]
+                .successors
+                .iter()
+                .any(|s| kinds[s.node] != kinds[node.id]);
+        if ends {
+            found.push((inputs.trailing_zeros() as usize, outlet));
+        }
+    }
+    found
+}
+
+fn is_add(node: &TypedNode) -> bool {
+    node.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>())
+}
+
+/// A sum of two frontiers of different inputs: (sum node, [(input, frontier); 2]).
+type Sum = (usize, [(usize, OutletId); 2]);
+
+fn sums(model: &TypedModel, frontiers: &[(usize, OutletId)]) -> Vec<Sum> {
+    let frontier = |o: &OutletId| frontiers.iter().find(|f| f.1 == *o).copied();
+    model
+        .nodes()
+        .iter()
+        .filter(|n| is_add(n) && n.inputs.len() == 2)
+        .filter_map(|n| match (frontier(&n.inputs[0]), frontier(&n.inputs[1])) {
+            (Some(a), Some(b)) if a.0 != b.0 => Some((n.id, [a, b])),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The einsums that read a sum, each with its bias add if that is its one user: (einsum,
+/// bias add).
+fn split_einsums(model: &TypedModel, kinds: &[Kind], sum: usize) -> Vec<(usize, Option<usize>)> {
+    let mut found = Vec::new();
+    for user in &model.node(sum).outputs[0].successors {
+        let einsum = model.node(user.node);
+        if !einsum.op_is::<EinSum>() || !matches!(kinds[einsum.id], Kind::Token { .. }) {
+            continue;
+        }
+        let bias = match einsum.outputs[0].successors.as_slice() {
+            [next] => {
+                let next = model.node(next.node);
+                let consts = next
+                    .inputs
+                    .iter()
+                    .filter(|i| kinds[i.node] == Kind::Const)
+                    .count();
+                (is_add(next) && consts == 1 && kinds[next.id] != Kind::Other).then_some(next.id)
+            }
+            _ => None,
+        };
+        found.push((einsum.id, bias));
+    }
+    found
+}
+
+/// Wires `folded` into `model` (a scratch copy) and returns the outlet computing it.
+fn wire(model: &mut TypedModel, folded: &Folded) -> TractResult<OutletId> {
+    let (frontier, einsum, bias) = match *folded {
+        Folded::Node(o) => return Ok(o),
+        Folded::Split {
+            frontier,
+            einsum,
+            bias,
+        } => (frontier, einsum, bias),
+    };
+    // A copy of node `id` reading `to` where it read `from`.
+    let rewire = |model: &mut TypedModel, id: usize, from: OutletId, to: OutletId| {
+        let node = model.node(id).clone();
+        let inputs: TVec<OutletId> = node
+            .inputs
+            .iter()
+            .map(|&i| if i == from { to } else { i })
+            .collect();
+        Ok::<_, TractError>(model.wire_node(format!("{}.split", node.name), node.op, &inputs)?[0])
+    };
+    let sum = model
+        .node(einsum)
+        .inputs
+        .iter()
+        .copied()
+        .find(|i| !model.node(i.node).op_is::<Const>());
+    let sum = sum.context("einsum without a computed input")?;
+    let product = rewire(model, einsum, sum, frontier)?;
+    match bias {
+        Some(b) => rewire(model, b, OutletId::new(einsum, 0), product),
+        None => Ok(product),
+    }
+}
+
+/// A model of `outputs` and what they need, nothing else.
+fn extract(model: &TypedModel, outputs: &[OutletId]) -> TractResult<TypedModel> {
+    let mut keep = vec![false; model.nodes().len()];
+    let mut stack: Vec<usize> = outputs.iter().map(|o| o.node).collect();
+    while let Some(n) = stack.pop() {
+        if !std::mem::replace(&mut keep[n], true) {
+            stack.extend(model.node(n).inputs.iter().map(|i| i.node));
+        }
+    }
+    let mut part = TypedModel {
+        symbols: model.symbols.clone(),
+        ..TypedModel::default()
+    };
+    let mut map = HashMap::<OutletId, OutletId>::new();
+    let inputs: Vec<usize> = model.inputs.iter().map(|o| o.node).collect();
+    let wanted: Vec<usize> = outputs.iter().map(|o| o.node).collect();
+    let order =
+        tract_core::model::order::eval_order_for_nodes(model.nodes(), &inputs, &wanted, &[])?;
+    for id in order.into_iter().filter(|&id| keep[id]) {
+        let node = model.node(id);
+        let outs = if model.inputs.iter().any(|i| i.node == id) {
+            tvec!(part.add_source(&node.name, node.outputs[0].fact.clone())?)
+        } else {
+            let inputs: TVec<OutletId> = node.inputs.iter().map(|i| map[i]).collect();
+            part.wire_node(&node.name, node.op.clone(), &inputs)?
+        };
+        for (slot, o) in outs.into_iter().enumerate() {
+            map.insert(OutletId::new(id, slot), o);
+        }
+    }
+    part.select_output_outlets(&outputs.iter().map(|o| map[o]).collect::<Vec<_>>())?;
+    Ok(part)
+}
+
+/// The rows each input can have: every row of the embedding an i64 input indexes, the
+/// integers of [`VALUE_KEYS`] for an f32 input.
+fn keys(model: &TypedModel, input: OutletId) -> TractResult<Option<Keys>> {
+    let fact = model.outlet_fact(input)?;
+    if fact.datum_type == f32::datum_type() {
+        return Ok(Some(Keys::Integers {
+            lo: *VALUE_KEYS.start(),
+            hi: *VALUE_KEYS.end(),
+        }));
+    }
+    if fact.datum_type != i64::datum_type() {
+        return Ok(None);
+    }
+    let mut rows = None;
+    for user in model.outlet_successors(input) {
+        let node = model.node(user.node);
+        if node.op_is::<Gather>() && user.slot == 1 {
+            let n = model.outlet_fact(node.inputs[0])?.shape[0].to_usize()?;
+            rows = Some(rows.map_or(n, |r: usize| r.min(n)));
+        }
+    }
+    Ok(rows.map(Keys::Ids))
+}
+
+/// One input's tables, by running its folded functions on every key; `None` where the input
+/// has no key set or a table would be too large.
+fn build(model: &TypedModel, input: OutletId, folds: &[Folded]) -> TractResult<Option<KeyedInput>> {
+    let Some(keys) = keys(model, input)? else {
+        return Ok(None);
+    };
+    let mut scratch = model.clone();
+    let outputs = folds
+        .iter()
+        .map(|f| wire(&mut scratch, f))
+        .collect::<TractResult<Vec<_>>>()?;
+    for o in &outputs {
+        let shape = &scratch.outlet_fact(*o)?.shape;
+        let row = shape[2..]
+            .iter()
+            .map(|d| d.to_usize())
+            .product::<Result<usize, _>>()?;
+        if row * keys.count() * 4 > MAX_TABLE_BYTES {
+            return Ok(None);
+        }
+    }
+    let part = extract(&scratch, &outputs)?;
+    ensure!(
+        part.inputs.len() == 1,
+        "folded functions of {} inputs",
+        part.inputs.len()
+    );
+    let fallback = SimplePlan::new(part.into_optimized()?)?;
+    let tables = fallback
+        .run(tvec!(keys.probe()?.into_tvalue()))?
+        .into_iter()
+        .map(|t| {
+            let mut t = t.into_tensor();
+            t.remove_axis(0)?;
+            Ok(t.into_arc_tensor())
+        })
+        .collect::<TractResult<Vec<_>>>()?;
+    Ok(Some(KeyedInput {
+        keys,
+        tables,
+        fallback,
+    }))
+}
+
+/// Replaces every single-input function worth it, every sum of two of them, and every
+/// projection of such a sum with one [`TokenTable`]. Returns how many outputs it has.
+pub fn fold(model: &mut TypedModel) -> TractResult<usize> {
+    let kinds = classify(model)?;
+    let frontiers = frontiers(model, &kinds);
+    let sums = sums(model, &frontiers);
+    // What each input's tables hold, and each replaced outlet's terms as (input, fold).
+    let mut folds: Vec<Vec<Folded>> = vec![Vec::new(); model.inputs.len()];
+    let term = |folds: &mut Vec<Vec<Folded>>, input: usize, f: Folded| {
+        folds[input].push(f);
+        (input, folds[input].len() - 1)
+    };
+    let mut outputs: Vec<(OutletId, Vec<(usize, usize)>)> = Vec::new();
+    let mut frontier_terms = HashMap::new();
+    for &(input, outlet) in &frontiers {
+        frontier_terms.insert(outlet, term(&mut folds, input, Folded::Node(outlet)));
+    }
+    for &(sum, pair) in &sums {
+        outputs.push((
+            OutletId::new(sum, 0),
+            pair.iter().map(|p| frontier_terms[&p.1]).collect(),
+        ));
+        for (einsum, bias) in split_einsums(model, &kinds, sum) {
+            let terms = pair
+                .iter()
+                .enumerate()
+                .map(|(k, &(input, frontier))| {
+                    // One term takes the bias.
+                    let bias = bias.filter(|_| k == 0);
+                    term(
+                        &mut folds,
+                        input,
+                        Folded::Split {
+                            frontier,
+                            einsum,
+                            bias,
+                        },
+                    )
+                })
+                .collect();
+            outputs.push((OutletId::new(bias.unwrap_or(einsum), 0), terms));
+        }
+    }
+    // A frontier read by anything but the sums keeps an output of its own.
+    for &(_, outlet) in &frontiers {
+        let in_sums = |s: &InletId| sums.iter().any(|(sum, _)| *sum == s.node);
+        let succ = &model.outlet_successors(outlet);
+        if model.outputs.contains(&outlet) || !succ.iter().all(in_sums) {
+            outputs.push((outlet, vec![frontier_terms[&outlet]]));
+        }
+    }
+
+    let mut built = Vec::new();
+    for (input, f) in folds.iter().enumerate() {
+        built.push(if f.is_empty() {
+            None
+        } else {
+            build(model, model.inputs[input], f)?
+        });
+    }
+    // Outputs whose every input got its tables; inputs renumbered among those.
+    let used: Vec<usize> = (0..built.len()).filter(|&i| built[i].is_some()).collect();
+    let outputs: Vec<_> = outputs
+        .into_iter()
+        .filter(|(_, terms)| terms.iter().all(|t| built[t.0].is_some()))
+        .map(|(o, terms)| {
+            let terms = terms
+                .iter()
+                .map(|&(i, f)| (used.iter().position(|&u| u == i).unwrap(), f));
+            (o, terms.collect::<Vec<_>>())
+        })
+        .collect();
+    if outputs.is_empty() {
+        return Ok(0);
+    }
+    let op = TokenTable {
+        inputs: built.into_iter().flatten().collect(),
+        outputs: outputs.iter().map(|o| o.1.clone()).collect(),
+    };
+    let mut patch = TypedModelPatch::new("token tables");
+    let taps = used
+        .iter()
+        .map(|&i| patch.tap_model(model, model.inputs[i]))
+        .collect::<TractResult<TVec<_>>>()?;
+    let wired = patch.wire_node("token_tables", op, &taps)?;
+    for ((replaced, _), new) in outputs.iter().zip(wired) {
+        patch.shunt_outside(model, *replaced, new)?;
+    }
+    patch.apply(model)?;
+    Ok(outputs.len())
+}
