@@ -3,6 +3,8 @@
 //!
 //! - each attention layer (scores einsum, mask add, softmax, weighted-sum einsum) as one
 //!   [`attention::FusedAttention`], on an AVX-512 kernel chosen at run time;
+//! - the last layer's one-query attention as [`ClsAttention`], which never computes the
+//!   keys and values of every token (`cls_attention.rs`);
 //! - each LayerNorm, as the export spells it (mean by a matmul, centring, `RmsNorm`, scale,
 //!   bias), as one [`layer_norm::FusedLayerNorm`].
 //!
@@ -17,8 +19,11 @@
 
 mod attention;
 mod attention_kernel;
+mod cls_attention;
 mod layer_norm;
 mod token_tables;
+
+use std::collections::HashMap;
 
 use tract_core::internal::*;
 use tract_core::model::Rewriter;
@@ -27,6 +32,7 @@ use tract_core::transform::ModelTransform;
 
 pub use attention::FusedAttention;
 pub use attention_kernel::{Dims, Kernels};
+pub use cls_attention::ClsAttention;
 pub use layer_norm::FusedLayerNorm;
 pub use token_tables::{TokenTable, TOKEN_TABLES_PROPERTY, VALUE_KEYS};
 
@@ -116,11 +122,14 @@ impl ModelTransform for FuseGraph {
                 },
             )
             .with_rule_for("fuse-layer-norm", layer_norm::rule)
+            .with_rule_for("one-query-attention", cls_attention::rule)
             .rewrite(&(), model)?;
         let count = |model: &TypedModel, is: fn(&TypedNode) -> bool| {
             rctensor0(model.nodes().iter().filter(|n| is(n)).count() as i64)
         };
-        let attention = count(model, |n| n.op_is::<FusedAttention>());
+        let attention = count(model, |n| {
+            n.op_is::<FusedAttention>() || n.op_is::<ClsAttention>()
+        });
         let norms = count(model, |n| n.op_is::<FusedLayerNorm>());
         model
             .properties
@@ -145,6 +154,59 @@ register_simple_model_transform!(
         kernels: Kernels::Avx512
     }
 );
+
+/// A model computing `outputs` from `sources` (outlets of `model`, each made an input of the
+/// new model with its fact), holding only the nodes in between.
+pub(crate) fn extract(
+    model: &TypedModel,
+    sources: &[OutletId],
+    outputs: &[OutletId],
+) -> TractResult<TypedModel> {
+    let mut keep = vec![false; model.nodes().len()];
+    let mut stack: Vec<usize> = outputs.iter().map(|o| o.node).collect();
+    while let Some(n) = stack.pop() {
+        if !std::mem::replace(&mut keep[n], true) && !sources.iter().any(|s| s.node == n) {
+            stack.extend(model.node(n).inputs.iter().map(|i| i.node));
+        }
+    }
+    let mut part = TypedModel {
+        symbols: model.symbols.clone(),
+        ..TypedModel::default()
+    };
+    let mut map = HashMap::<OutletId, OutletId>::new();
+    for s in sources {
+        let name = format!("{}.source", model.node(s.node).name);
+        map.insert(*s, part.add_source(name, model.outlet_fact(*s)?.clone())?);
+    }
+    let wanted: Vec<usize> = outputs.iter().map(|o| o.node).collect();
+    let inputs: Vec<usize> = model.inputs.iter().map(|o| o.node).collect();
+    let order =
+        tract_core::model::order::eval_order_for_nodes(model.nodes(), &inputs, &wanted, &[])?;
+    for id in order.into_iter().filter(|&id| keep[id]) {
+        let node = model.node(id);
+        if sources.iter().any(|s| s.node == id) {
+            continue;
+        }
+        let inputs = node
+            .inputs
+            .iter()
+            .map(|i| {
+                map.get(i)
+                    .copied()
+                    .with_context(|| format!("{} reads outside the part", node.name))
+            })
+            .collect::<TractResult<TVec<_>>>()?;
+        for (slot, o) in part
+            .wire_node(&node.name, node.op.clone(), &inputs)?
+            .into_iter()
+            .enumerate()
+        {
+            map.insert(OutletId::new(id, slot), o);
+        }
+    }
+    part.select_output_outlets(&outputs.iter().map(|o| map[o]).collect::<Vec<_>>())?;
+    Ok(part)
+}
 
 /// Whether the functions of one token's input are folded into tables (`token_tables.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -549,40 +549,6 @@ fn wire(model: &mut TypedModel, folded: &Folded) -> TractResult<OutletId> {
     }
 }
 
-/// A model of `outputs` and what they need, nothing else.
-fn extract(model: &TypedModel, outputs: &[OutletId]) -> TractResult<TypedModel> {
-    let mut keep = vec![false; model.nodes().len()];
-    let mut stack: Vec<usize> = outputs.iter().map(|o| o.node).collect();
-    while let Some(n) = stack.pop() {
-        if !std::mem::replace(&mut keep[n], true) {
-            stack.extend(model.node(n).inputs.iter().map(|i| i.node));
-        }
-    }
-    let mut part = TypedModel {
-        symbols: model.symbols.clone(),
-        ..TypedModel::default()
-    };
-    let mut map = HashMap::<OutletId, OutletId>::new();
-    let inputs: Vec<usize> = model.inputs.iter().map(|o| o.node).collect();
-    let wanted: Vec<usize> = outputs.iter().map(|o| o.node).collect();
-    let order =
-        tract_core::model::order::eval_order_for_nodes(model.nodes(), &inputs, &wanted, &[])?;
-    for id in order.into_iter().filter(|&id| keep[id]) {
-        let node = model.node(id);
-        let outs = if model.inputs.iter().any(|i| i.node == id) {
-            tvec!(part.add_source(&node.name, node.outputs[0].fact.clone())?)
-        } else {
-            let inputs: TVec<OutletId> = node.inputs.iter().map(|i| map[i]).collect();
-            part.wire_node(&node.name, node.op.clone(), &inputs)?
-        };
-        for (slot, o) in outs.into_iter().enumerate() {
-            map.insert(OutletId::new(id, slot), o);
-        }
-    }
-    part.select_output_outlets(&outputs.iter().map(|o| map[o]).collect::<Vec<_>>())?;
-    Ok(part)
-}
-
 /// The rows each input can have: every row of the embedding an i64 input indexes, the
 /// integers of [`VALUE_KEYS`] for an f32 input.
 fn keys(model: &TypedModel, input: OutletId) -> TractResult<Option<Keys>> {
@@ -628,12 +594,8 @@ fn build(model: &TypedModel, input: OutletId, folds: &[Folded]) -> TractResult<O
             return Ok(None);
         }
     }
-    let part = extract(&scratch, &outputs)?;
-    ensure!(
-        part.inputs.len() == 1,
-        "folded functions of {} inputs",
-        part.inputs.len()
-    );
+    // Fails if they read anything but this input (they cannot: they are its functions).
+    let part = super::extract(&scratch, &[input], &outputs)?;
     let fallback = SimplePlan::new(part.into_optimized()?)?;
     let tables = fallback
         .run(tvec!(keys.probe()?.into_tvalue()))?
