@@ -9,7 +9,10 @@ The model's shapes (d_model 128, 4 heads, FFN 256, 4 layers: models/pbmc-compact
 the value encoder's S x d x d, then per layer and cell of S tokens, Q/K/V and output
 projections S x d x 4d, the FFN S x d x 2 dff, attention scores and weighted sum 2 x heads x S
 x S x d/heads; the last layer as exported: keys and values for S tokens, everything else for the
-<cls> row alone. 2 FLOPs per multiply-add; the FLOPs counted are those the graph executes.
+<cls> row alone. 2 FLOPs per multiply-add. The share of peak counts the FLOPs cellstream's plan
+executes: the graph's, less the products its token tables replace (value encoder, first layer's
+Q/K/V projection) and with the last layer's keys and values replaced by the one-query attention
+(src/model/fuse/token_tables.rs, cls_attention.rs); the graph's count is printed beside it.
 Prints `SGEMM shape=... gflops=...` lines, then `PEAK gflops=...` and, given a throughput,
 `ACHIEVED gflops=... percent_of_peak=...`.
 """
@@ -39,11 +42,15 @@ def gflops(m, k, n, seconds=0.5):
 
 
 def forward_flops(s, d=128, heads=4, dff=256, layers=4):
+    """(FLOPs the graph spells, FLOPs cellstream's plan executes) per cell at length s."""
     def layer(rows):  # `rows` query rows against s keys
         keys_values = 2 * s * d * 2 * d
         rest = 2 * rows * (2 * d * d + 2 * d * dff) + 2 * 2 * rows * s * d
         return keys_values + rest
-    return 2 * s * d * d + (layers - 1) * layer(s) + layer(1)
+    graph = 2 * s * d * d + (layers - 1) * layer(s) + layer(1)
+    folded = 2 * s * d * d + 2 * s * d * 3 * d
+    one_query = 2 * heads * (2 * s * d + 2 * d * (d // heads))
+    return graph, graph - folded - 2 * s * d * 2 * d + one_query
 
 
 def main():
@@ -60,9 +67,10 @@ def main():
         peak = max(peak, g)
         print(f"SGEMM shape={m}x{k}x{n} gflops={g:.1f}")
     print(f"PEAK gflops={peak:.1f}")
-    print(f"FORWARD s={s} flops_per_cell={forward_flops(s)}")
+    graph, executed = forward_flops(s)
+    print(f"FORWARD s={s} flops_per_cell={executed} graph_flops_per_cell={graph}")
     if args.tract_cells_per_s:
-        achieved = forward_flops(s) * args.tract_cells_per_s / 1e9
+        achieved = executed * args.tract_cells_per_s / 1e9
         print(f"ACHIEVED gflops={achieved:.1f} percent_of_peak={100 * achieved / peak:.0f}")
 
 
