@@ -80,8 +80,9 @@ pub struct KeyedInput {
     /// `[keys, ..row]`, f32.
     pub tables: Vec<Arc<Tensor>>,
     /// The folded functions as a graph of their own (input `[1, M]`, outputs `[1, M, ..row]`),
-    /// for f32 inputs without a row.
-    fallback: Arc<TypedSimplePlan>,
+    /// for f32 inputs without a row; not kept for ids, which all have one (an id out of range
+    /// is an error, as in the gather it replaces).
+    fallback: Option<Arc<TypedSimplePlan>>,
 }
 
 impl PartialEq for KeyedInput {
@@ -93,7 +94,10 @@ impl PartialEq for KeyedInput {
                 .iter()
                 .zip(&other.tables)
                 .all(|(a, b)| Arc::ptr_eq(a, b))
-            && Arc::ptr_eq(&self.fallback, &other.fallback)
+            && match (&self.fallback, &other.fallback) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            }
     }
 }
 
@@ -194,7 +198,8 @@ impl EvalOp for TokenTable {
             let values = values.as_slice::<f32>()?;
             let odd: Vec<f32> = missing.iter().map(|&t| values[t]).collect();
             let probe = Tensor::from_shape(&[1, odd.len()], &odd)?;
-            let computed = input.fallback.run(tvec!(probe.into_tvalue()))?;
+            let fallback = input.fallback.as_ref().context("rows missing for ids")?;
+            let computed = fallback.run(tvec!(probe.into_tvalue()))?;
             for (out, terms) in outputs.iter_mut().zip(&self.outputs) {
                 for &(_, f) in terms.iter().filter(|t| t.0 == i) {
                     add_rows(out, &computed[f], &missing)?;
@@ -606,6 +611,7 @@ fn build(model: &TypedModel, input: OutletId, folds: &[Folded]) -> TractResult<O
             Ok(t.into_arc_tensor())
         })
         .collect::<TractResult<Vec<_>>>()?;
+    let fallback = matches!(keys, Keys::Integers { .. }).then_some(fallback);
     Ok(Some(KeyedInput {
         keys,
         tables,
