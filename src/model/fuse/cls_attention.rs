@@ -26,7 +26,7 @@ use tract_core::ops::konst::Const;
 use tract_core::ops::math::{Add, Mul};
 use tract_core::{rule_if, rule_if_some};
 
-use super::FusedAttention;
+use super::{FusedAttention, Kernels};
 
 /// Attention of one query per row against keys `x·Wk` and values `x·Wv + bv`, computed
 /// without them (module comment).
@@ -35,6 +35,8 @@ use super::FusedAttention;
 /// additive key mask `[1, 1, N, S]`. Output `[N, heads, d]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClsAttention {
+    /// Those of the attention op it replaces (the fusion's choice for this CPU).
+    pub kernels: Kernels,
     pub heads: usize,
     pub head_dim: usize,
     /// `[D, heads·d]`: key `j` is `x_j · wk` (its constant part dropped).
@@ -82,24 +84,29 @@ impl EvalOp for ClsAttention {
             mask.shape()
         );
         let mut out = Tensor::zero::<f32>(q.shape())?;
-        let slice = |t: &TValue| -> TractResult<Vec<f32>> {
-            Ok(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
-        };
         let (wk, wv, bv) = (
             self.wk.try_as_plain_ram()?,
             self.wv.try_as_plain_ram()?,
             self.bv.try_as_plain_ram()?,
         );
         let weights = Weights {
+            kernels: self.kernels,
             heads: self.heads,
             head_dim: self.head_dim,
             wk: wk.as_slice::<f32>()?,
             wv: wv.as_slice::<f32>()?,
             bv: bv.as_slice::<f32>()?,
         };
-        let (q, mask) = (slice(&q)?, slice(&mask)?);
-        let x = x.try_as_plain_ram()?;
-        let x = x.as_slice::<f32>()?;
+        let (q, x, mask) = (
+            q.try_as_plain_ram()?,
+            x.try_as_plain_ram()?,
+            mask.try_as_plain_ram()?,
+        );
+        let (q, x, mask) = (
+            q.as_slice::<f32>()?,
+            x.as_slice::<f32>()?,
+            mask.as_slice::<f32>()?,
+        );
         {
             let mut o = out.try_as_plain_ram_mut()?;
             let o = o.as_slice_mut::<f32>()?;
@@ -137,6 +144,7 @@ impl TypedOp for ClsAttention {
 
 /// The op's constants as slices.
 struct Weights<'a> {
+    kernels: Kernels,
     heads: usize,
     head_dim: usize,
     wk: &'a [f32],
@@ -183,15 +191,15 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl Weights<'_> {
-    /// One row: `q` `[heads·d]`, `x` `[S, D]`, `mask` `[S]` into `out` `[heads·d]`; compiled
-    /// for AVX-512 too, taken where the CPU has it (same arithmetic, same order).
+    /// One row: `q` `[heads·d]`, `x` `[S, D]`, `mask` `[S]` into `out` `[heads·d]`; the same
+    /// loops compiled for AVX-512 with the vector kernels (same arithmetic, same order).
     fn attend(&self, q: &[f32], x: &[f32], mask: &[f32], out: &mut [f32], sc: &mut Scratch) {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has the feature the function is compiled for.
-            return unsafe { self.attend_avx512(q, x, mask, out, sc) };
+        match self.kernels {
+            Kernels::Portable => self.attend_any(q, x, mask, out, sc),
+            // SAFETY: `Avx512` is only detected where the CPU has AVX-512F.
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512 => unsafe { self.attend_avx512(q, x, mask, out, sc) },
         }
-        self.attend_any(q, x, mask, out, sc)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -288,13 +296,7 @@ fn affine_source(model: &TypedModel, from: OutletId) -> TractResult<Option<Outle
             let other = model.outlet_fact(node.inputs[1 - input])?;
             (b.0.is::<Add>() || b.0.is::<Mul>()) && other.shape.iter().take(2).all(|d| d.is_one())
         } else if let Some(e) = node.op_as::<EinSum>() {
-            e.q_params.is_none()
-                && node.inputs.len() == 2
-                && (0..2).all(|pos| {
-                    e.axes.axis((InOut::In(input), pos)).is_ok_and(|axis| {
-                        axis.outputs[0].as_slice() == [pos] && axis.inputs[1 - input].is_empty()
-                    })
-                })
+            super::keeps_token_axes(e, node.inputs.len(), input)
         } else {
             false
         };
@@ -346,7 +348,7 @@ pub(super) fn rule(
     model: &TypedModel,
     node: &TypedNode,
     _name: &str,
-    _op: &FusedAttention,
+    attention: &FusedAttention,
 ) -> TractResult<Option<TypedModelPatch>> {
     let [q, k, v, mask] = node.inputs[..] else {
         return Ok(None);
@@ -365,6 +367,7 @@ pub(super) fn rule(
     let ((wk, _), (wv, bv)) = (maps.next().context("keys")?, maps.next().context("values")?);
     rule_if!(wk.shape()[1] == (heads * head_dim) as usize);
     let op = ClsAttention {
+        kernels: attention.kernels,
         heads: heads as usize,
         head_dim: head_dim as usize,
         wk: wk.into_arc_tensor(),
@@ -383,9 +386,15 @@ mod tests {
     use super::*;
 
     /// The reassociated products give the attention of explicit keys and values, computed
-    /// in f64 from the formula, to 1e-5.
+    /// in f64 from the formula, to 1e-5, with every kernel this CPU runs.
     #[test]
     fn matches_attention_over_explicit_keys_and_values() {
+        for kernels in Kernels::available() {
+            check(kernels);
+        }
+    }
+
+    fn check(kernels: Kernels) {
         let (h, dh, d, s) = (4, 8, 24, 37);
         let hd = h * dh;
         let mut seed = 7u64;
@@ -407,6 +416,7 @@ mod tests {
             .map(|j| if j % 5 == 3 { f32::NEG_INFINITY } else { 0.0 })
             .collect();
         let w = Weights {
+            kernels,
             heads: h,
             head_dim: dh,
             wk: &wk,
@@ -441,7 +451,8 @@ mod tests {
                 let got = out[c] as f64;
                 assert!(
                     (got - want).abs() <= 1e-5,
-                    "head {head} col {c}: {got} vs {want}"
+                    "{}: head {head} col {c}: {got} vs {want}",
+                    kernels.name()
                 );
             }
         }

@@ -27,6 +27,7 @@ use std::collections::HashMap;
 
 use tract_core::internal::*;
 use tract_core::model::Rewriter;
+use tract_core::ops::einsum::EinSum;
 use tract_core::ops::nn::Softmax;
 use tract_core::transform::ModelTransform;
 
@@ -154,6 +155,19 @@ register_simple_model_transform!(
         kernels: Kernels::Avx512
     }
 );
+
+/// An f32 product of two inputs, `input` the computed one, that keeps its row and token axes
+/// (the first two) as the output's first two and leaves them out of the other input: a
+/// product token by token, like a projection against a constant.
+pub(crate) fn keeps_token_axes(e: &EinSum, inputs: usize, input: usize) -> bool {
+    e.q_params.is_none()
+        && inputs == 2
+        && (0..2).all(|pos| {
+            e.axes.axis((InOut::In(input), pos)).is_ok_and(|axis| {
+                axis.outputs[0].as_slice() == [pos] && axis.inputs[1 - input].is_empty()
+            })
+        })
+}
 
 /// A model computing `outputs` from `sources` (outlets of `model`, each made an input of the
 /// new model with its fact), holding only the nodes in between.

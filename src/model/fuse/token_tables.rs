@@ -412,23 +412,12 @@ fn kind_of(
     })
 }
 
-/// An f32 product of one token-wise input and one constant that maps the input's first two
-/// axes to the output's first two and leaves them out of the constant.
+/// A product of one token-wise input and one constant that keeps the token axes.
 fn keeps_token_axes(e: &EinSum, ins: &[Kind]) -> bool {
-    if e.q_params.is_some() || ins.len() != 2 {
-        return false;
-    }
     let Some(t) = ins.iter().position(|k| matches!(k, Kind::Token { .. })) else {
         return false;
     };
-    if ins[1 - t] != Kind::Const {
-        return false;
-    }
-    (0..2).all(|pos| {
-        e.axes
-            .axis((InOut::In(t), pos))
-            .is_ok_and(|axis| axis.outputs[0].as_slice() == [pos] && axis.inputs[1 - t].is_empty())
-    })
+    ins.len() == 2 && ins[1 - t] == Kind::Const && super::keeps_token_axes(e, ins.len(), t)
 }
 
 /// One function of one input that gets a table.
