@@ -216,23 +216,27 @@ fn batch_loop(
         seed: cfg.pipeline.seed,
     };
     let loaded = Instant::now();
-    let mut embedder = match Embedder::new(package, embed_cfg).and_then(|e| {
-        e.warm_up()?;
+    let (mut embedder, packed) = match Embedder::new(package, embed_cfg).and_then(|e| {
+        let packed = e.warm_up()?;
         // Optimizing the plans left megabytes of freed scratch in this thread's heap.
         release_free_memory();
-        Ok(e)
+        Ok((e, packed))
     }) {
-        Ok(e) => e,
+        Ok(loaded) => loaded,
         Err(e) => {
             shared.set_fatal(e.context("loading the model"));
             return;
         }
     };
+    let mib = |bytes: usize| bytes as f64 / (1 << 20) as f64;
     log::info(&format!(
-        "model {} loaded and warmed in {:.2} s; {} inference thread(s)",
+        "model {} loaded and warmed in {:.2} s; {} inference thread(s); packed weights {:.1} MiB ({:.1} MiB of the plans' {:.1} MiB shared)",
         embedder.package.dir.display(),
         loaded.elapsed().as_secs_f64(),
-        cfg.pipeline.threads
+        cfg.pipeline.threads,
+        mib(packed.bytes - packed.shared),
+        mib(packed.shared),
+        mib(packed.bytes),
     ));
     shared.set_ready();
     for c in claimed {

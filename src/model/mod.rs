@@ -8,6 +8,7 @@ pub mod kernel_choice;
 mod onnx_names;
 pub mod package;
 pub mod runner;
+pub mod shared_weights;
 
 pub use package::{default_model_dir, Manifest, ModelError, ModelPackage};
 

@@ -19,6 +19,7 @@ use super::fuse::{
 };
 use super::kernel_choice::KernelChoice;
 use super::package::{ModelError, ModelPackage};
+use super::shared_weights::{self, PackedUsage, PACKED_BYTES_PROPERTY, SHARED_BYTES_PROPERTY};
 
 /// Padded model input for `n` rows of length `s`, and the outputs that came back.
 pub struct Batch {
@@ -157,13 +158,29 @@ impl ModelRuntime {
             anyhow!("no plan for {n} × {s} tokens was built before the parsed graph was released")
         })?;
         // Concrete sizes, then tract's optimizer: it picks vectorised kernels only for sizes
-        // it can prove (see the module comment).
+        // it can prove (see the module comment). Our runtime is tract's CPU one, sharing
+        // packed weights with the plans built before (`shared_weights.rs`).
+        let runtime = tract::runtime_for_name(shared_weights::RUNTIME_NAME)?;
         let runnable = model
             .transform(SetSymbols::new().value("N", n as i64).value("S", s as i64))
-            .and_then(|()| self.kernels.planning(|| model.into_runnable()))
+            .and_then(|()| self.kernels.planning(|| runtime.prepare(model)))
             .with_context(|| format!("optimizing {} for {n} × {s} tokens", self.path.display()))?;
         self.plans.lock().unwrap().insert((n, s), runnable.clone());
         Ok(runnable)
+    }
+
+    /// The packed weights of the plans built so far (the probe's excepted), and how much of
+    /// them each plan shares with the plans built before it.
+    pub fn packed_weights(&self) -> anyhow::Result<PackedUsage> {
+        let mut usage = PackedUsage::default();
+        for plan in self.plans.lock().unwrap().values() {
+            let bytes = |name| -> anyhow::Result<usize> {
+                Ok(plan.property(name)?.as_shape_and_slice::<i64>()?.1[0] as usize)
+            };
+            usage.bytes += bytes(PACKED_BYTES_PROPERTY)?;
+            usage.shared += bytes(SHARED_BYTES_PROPERTY)?;
+        }
+        Ok(usage)
     }
 
     /// Drops the parsed graph once every plan the caller needs exists: each optimized plan

@@ -10,6 +10,7 @@ use crossbeam_channel::unbounded;
 
 use crate::batch::CountBatch;
 use crate::model::batching::{buckets, plan_chunks, rows_for};
+use crate::model::shared_weights::PackedUsage;
 use crate::model::{Batch, ModelPackage, ModelRuntime};
 use crate::qc::{cell_qc, mito_mask, CellQc};
 use crate::tokenize::{GeneMap, TokenBatch, Tokenizer, TokenizerConfig};
@@ -213,12 +214,12 @@ impl Embedder {
     /// for it (the daemon calls this before it reports ready), then releases the parsed
     /// graph: these are the only shapes `infer` runs (one per bucket, its rows fixed by the
     /// token budget), and the plans hold all they need.
-    pub fn warm_up(&self) -> anyhow::Result<()> {
+    pub fn warm_up(&self) -> anyhow::Result<PackedUsage> {
         for &s in &self.buckets {
             self.rt.plan(rows_for(s, self.cfg.token_budget), s)?;
         }
         self.rt.release_graph();
-        Ok(())
+        self.rt.packed_weights()
     }
 
     /// Runs every tokenized cell through the model.
