@@ -28,7 +28,7 @@ use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::element_wise::ElementWiseOp;
 use tract_core::ops::konst::Const;
-use tract_core::ops::math::Add;
+use tract_core::ops::math::{Add, Mul};
 
 use super::FusedLayerNorm;
 
@@ -102,30 +102,46 @@ impl PartialEq for KeyedInput {
 }
 
 impl KeyedInput {
-    /// Each token's row, `None` for an f32 input without one.
-    fn rows(&self, input: &Tensor) -> TractResult<Vec<Option<usize>>> {
+    /// The input's keys, read in place; ids checked against the table here.
+    fn view<'a>(&self, input: &'a Tensor) -> TractResult<KeyView<'a>> {
         let input = input.try_as_plain_ram()?;
         match self.keys {
-            Keys::Ids(count) => input
-                .as_slice::<i64>()?
-                .iter()
-                .enumerate()
-                .map(|(token, &id)| {
-                    ensure!(
-                        (0..count as i64).contains(&id),
-                        "id {id} at token {token} is outside the table's 0..{count}"
+            Keys::Ids(count) => {
+                let ids = input.as_slice::<i64>()?;
+                if let Some(token) = ids.iter().position(|&id| !(0..count as i64).contains(&id)) {
+                    bail!(
+                        "id {} at token {token} is outside the table's 0..{count}",
+                        ids[token]
                     );
-                    Ok(Some(id as usize))
-                })
-                .collect(),
-            Keys::Integers { lo, hi } => Ok(input
-                .as_slice::<f32>()?
-                .iter()
-                .map(|&v| {
-                    let keyed = v.fract() == 0.0 && v >= lo as f32 && v <= hi as f32;
-                    keyed.then(|| (v as i32 - lo) as usize)
-                })
-                .collect()),
+                }
+                Ok(KeyView::Ids(ids))
+            }
+            Keys::Integers { lo, hi } => Ok(KeyView::Integers {
+                values: input.as_slice::<f32>()?,
+                lo,
+                hi,
+            }),
+        }
+    }
+}
+
+/// One input's keys in place: each token's row is computed when asked for, so a call
+/// allocates nothing but its outputs.
+enum KeyView<'a> {
+    Ids(&'a [i64]),
+    Integers { values: &'a [f32], lo: i32, hi: i32 },
+}
+
+impl KeyView<'_> {
+    /// Token `token`'s row, `None` for a value without one (or past the last token).
+    fn row(&self, token: usize) -> Option<usize> {
+        match *self {
+            KeyView::Ids(ids) => ids.get(token).map(|&id| id as usize),
+            KeyView::Integers { values, lo, hi } => {
+                let v = *values.get(token)?;
+                let keyed = v.fract() == 0.0 && v >= lo as f32 && v <= hi as f32;
+                keyed.then(|| (v as i32 - lo) as usize)
+            }
         }
     }
 }
@@ -170,35 +186,39 @@ impl EvalOp for TokenTable {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         ensure!(inputs.len() == self.inputs.len(), "{} inputs", inputs.len());
-        let rows = self
+        let keys = self
             .inputs
             .iter()
             .zip(&inputs)
-            .map(|(k, t)| k.rows(t))
-            .collect::<TractResult<Vec<_>>>()?;
+            .map(|(k, t)| k.view(t))
+            .collect::<TractResult<TVec<_>>>()?;
         let tokens = inputs[0].shape();
         let mut outputs = TVec::new();
         for terms in &self.outputs {
             let (i, f) = terms[0];
             let table = &self.inputs[i].tables[f];
             let shape: TVec<usize> = tokens.iter().chain(&table.shape()[1..]).copied().collect();
-            let mut out = Tensor::zero::<f32>(&shape)?;
-            self.sum_rows(&mut out, terms, &rows)?;
+            // SAFETY: f32 has no invalid bit patterns, and sum_rows writes every row.
+            let mut out = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+            self.sum_rows(&mut out, terms, &keys)?;
             outputs.push(out);
         }
-        // Rows no table has: the folded graph, on those tokens alone.
+        // Rows no table has (never from cellstream's tokenizer): the folded graph, on those
+        // tokens alone.
+        let n_tokens = inputs[0].len();
         for (i, input) in self.inputs.iter().enumerate() {
-            let missing: Vec<usize> = (0..rows[i].len())
-                .filter(|&t| rows[i][t].is_none())
-                .collect();
-            if missing.is_empty() {
+            if (0..n_tokens).all(|t| keys[i].row(t).is_some()) {
                 continue;
             }
-            let values = inputs[i].try_as_plain_ram()?;
-            let values = values.as_slice::<f32>()?;
+            let missing: Vec<usize> = (0..n_tokens)
+                .filter(|&t| keys[i].row(t).is_none())
+                .collect();
+            let KeyView::Integers { values, .. } = keys[i] else {
+                bail!("rows missing for ids");
+            };
             let odd: Vec<f32> = missing.iter().map(|&t| values[t]).collect();
             let probe = Tensor::from_shape(&[1, odd.len()], &odd)?;
-            let fallback = input.fallback.as_ref().context("rows missing for ids")?;
+            let fallback = input.fallback.as_ref().context("no fallback plan")?;
             let computed = fallback.run(tvec!(probe.into_tvalue()))?;
             for (out, terms) in outputs.iter_mut().zip(&self.outputs) {
                 for &(_, f) in terms.iter().filter(|t| t.0 == i) {
@@ -216,7 +236,7 @@ impl TokenTable {
         &self,
         out: &mut Tensor,
         terms: &[(usize, usize)],
-        rows: &[Vec<Option<usize>>],
+        keys: &[KeyView],
     ) -> TractResult<()> {
         let views = terms
             .iter()
@@ -230,7 +250,7 @@ impl TokenTable {
         let mut out = out.try_as_plain_ram_mut()?;
         let out = out.as_slice_mut::<f32>()?;
         let row = |term: usize, token: usize| {
-            let r = (*rows[terms[term].0].get(token)?)?;
+            let r = keys[terms[term].0].row(token)?;
             Some(&tables[term][r * w..][..w])
         };
         // The first term's row copied (a memcpy keeps many cache lines in flight: the big
@@ -425,12 +445,16 @@ fn keeps_token_axes(e: &EinSum, ins: &[Kind]) -> bool {
 enum Folded {
     /// A node of the graph.
     Node(OutletId),
-    /// `frontier · W (+ bias)`: this input's term of an einsum (and its bias add) that reads a
-    /// sum of two inputs' functions.
+    /// `L(frontier · W (+ bias))`: this input's term of an einsum (and its bias add, taken
+    /// by one term only) that reads a sum of two inputs' functions, then of the linear maps
+    /// `L` after it: `path`, which reads node `after` (the einsum, or its bias add in the
+    /// graph), see [`linear_paths`].
     Split {
         frontier: OutletId,
         einsum: usize,
         bias: Option<usize>,
+        after: usize,
+        path: Vec<usize>,
     },
 }
 
@@ -509,15 +533,79 @@ fn split_einsums(model: &TypedModel, kinds: &[Kind], sum: usize) -> Vec<(usize, 
     found
 }
 
+/// The per-token linear maps after a split projection `start`, which distribute over its
+/// sum as the projection does: reshapes and selections along the feature axes, products with
+/// a feature constant (scGPT's q/k/v: split the 3·d projection in three, view each as heads,
+/// scale q). Returns the path (node ids after `start`) to each end: a node read by anything
+/// else, or a model output. `[[]]` when `start` is itself the end.
+fn linear_paths(model: &TypedModel, kinds: &[Kind], start: usize) -> Vec<Vec<usize>> {
+    let mut paths = Vec::new();
+    let mut stack = vec![(start, Vec::new())];
+    while let Some((id, path)) = stack.pop() {
+        let outlet = OutletId::new(id, 0);
+        let users = model.outlet_successors(outlet);
+        let through = !model.outputs.contains(&outlet)
+            && !users.is_empty()
+            && users.iter().all(|u| is_linear(model, kinds, *u));
+        if !through {
+            paths.push(path);
+            continue;
+        }
+        for u in users {
+            let mut longer = path.clone();
+            longer.push(u.node);
+            stack.push((u.node, longer));
+        }
+    }
+    paths
+}
+
+/// A linear map of the value at `inlet`, token by token (constants aside, that value is
+/// its one input).
+fn is_linear(model: &TypedModel, kinds: &[Kind], inlet: InletId) -> bool {
+    let node = model.node(inlet.node);
+    let others_const = node
+        .inputs
+        .iter()
+        .enumerate()
+        .all(|(slot, i)| slot == inlet.slot || kinds[i.node] == Kind::Const);
+    if node.outputs.len() != 1 || !others_const {
+        return false;
+    }
+    let feature_axis = |axis: usize| axis >= 2;
+    if let Some(op) = node.op_as::<AxisOp>() {
+        match op {
+            AxisOp::Reshape(at, _, _) | AxisOp::Add(at) | AxisOp::Rm(at) => feature_axis(*at),
+            AxisOp::Move(from, to) => feature_axis(*from) && feature_axis(*to),
+        }
+    } else if let Some(g) = node.op_as::<Gather>() {
+        inlet.slot == 0 && feature_axis(g.axis)
+    } else if let Some(b) = node.op_as::<TypedBinOp>() {
+        // (a + b)·c = a·c + b·c, for c constant over the tokens.
+        let fact = &node.outputs[0].fact;
+        b.0.is::<Mul>()
+            && node.inputs.len() == 2
+            && model
+                .outlet_fact(node.inputs[1 - inlet.slot])
+                .is_ok_and(|c| {
+                    c.rank() == fact.rank() && c.shape[0].is_one() && c.shape[1].is_one()
+                })
+    } else {
+        false
+    }
+}
+
 /// Wires `folded` into `model` (a scratch copy) and returns the outlet computing it.
 fn wire(model: &mut TypedModel, folded: &Folded) -> TractResult<OutletId> {
-    let (frontier, einsum, bias) = match *folded {
-        Folded::Node(o) => return Ok(o),
+    let (frontier, einsum, bias, after, path) = match folded {
+        Folded::Node(o) => return Ok(*o),
         Folded::Split {
             frontier,
             einsum,
             bias,
-        } => (frontier, einsum, bias),
+            after,
+            path,
+        } => (*frontier, *einsum, *bias, *after, path),
     };
     // A copy of node `id` reading `to` where it read `from`.
     let rewire = |model: &mut TypedModel, id: usize, from: OutletId, to: OutletId| {
@@ -527,7 +615,10 @@ fn wire(model: &mut TypedModel, folded: &Folded) -> TractResult<OutletId> {
             .iter()
             .map(|&i| if i == from { to } else { i })
             .collect();
-        Ok::<_, TractError>(model.wire_node(format!("{}.split", node.name), node.op, &inputs)?[0])
+        let name = model
+            .unique_name(format!("{}.split", node.name))
+            .into_owned();
+        Ok::<_, TractError>(model.wire_node(name, node.op, &inputs)?[0])
     };
     let sum = model
         .node(einsum)
@@ -536,11 +627,16 @@ fn wire(model: &mut TypedModel, folded: &Folded) -> TractResult<OutletId> {
         .copied()
         .find(|i| !model.node(i.node).op_is::<Const>());
     let sum = sum.context("einsum without a computed input")?;
-    let product = rewire(model, einsum, sum, frontier)?;
-    match bias {
-        Some(b) => rewire(model, b, OutletId::new(einsum, 0), product),
-        None => Ok(product),
+    let mut term = rewire(model, einsum, sum, frontier)?;
+    if let Some(b) = bias {
+        term = rewire(model, b, OutletId::new(einsum, 0), term)?;
     }
+    let mut last = after;
+    for &next in path {
+        term = rewire(model, next, OutletId::new(last, 0), term)?;
+        last = next;
+    }
+    Ok(term)
 }
 
 /// The rows each input can have: every row of the embedding an i64 input indexes, the
@@ -631,24 +727,28 @@ pub fn fold(model: &mut TypedModel) -> TractResult<usize> {
             pair.iter().map(|p| frontier_terms[&p.1]).collect(),
         ));
         for (einsum, bias) in split_einsums(model, &kinds, sum) {
-            let terms = pair
-                .iter()
-                .enumerate()
-                .map(|(k, &(input, frontier))| {
-                    // One term takes the bias.
-                    let bias = bias.filter(|_| k == 0);
-                    term(
-                        &mut folds,
-                        input,
-                        Folded::Split {
+            let after = bias.unwrap_or(einsum);
+            for path in linear_paths(model, &kinds, after) {
+                let end = *path.last().unwrap_or(&after);
+                let terms = pair
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &(input, frontier))| {
+                        // One term takes the bias.
+                        let bias = bias.filter(|_| k == 0);
+                        let path = path.clone();
+                        let split = Folded::Split {
                             frontier,
                             einsum,
                             bias,
-                        },
-                    )
-                })
-                .collect();
-            outputs.push((OutletId::new(bias.unwrap_or(einsum), 0), terms));
+                            after,
+                            path,
+                        };
+                        term(&mut folds, input, split)
+                    })
+                    .collect();
+                outputs.push((OutletId::new(end, 0), terms));
+            }
         }
     }
     // A frontier read by anything but the sums keeps an output of its own.
