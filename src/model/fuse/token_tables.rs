@@ -5,7 +5,11 @@
 //! LayerNorm) of the token's gene id, and the value encoder (clamp, `Linear(1, d)`, ReLU,
 //! `Linear(d, d)`, LayerNorm) of its binned value. Their sum is the first layer's input, and
 //! that layer's q/k/v projection is linear, so it splits over the sum:
-//! `(g + v)·W + b = (g·W + b) + v·W`, each term again a function of one input. Ids range over
+//! `(g + v)·W + b = (g·W + b) + v·W`, each term again a function of one input; so do the
+//! linear maps after it (split in q, k and v, each viewed as heads, q scaled), so the op
+//! writes q, k and v as the attention reads them (ending at the 3·d projection instead left
+//! tract a reshape copy and three selects per call, and their allocations fragmented the
+//! workers' heaps: BENCHMARKS.md, serve memory). Ids range over
 //! the embedding's rows; binned values are small integers (0..n_bins and scGPT's pad value
 //! -2). [`fold`] finds those functions in the graph, evaluates them on every possible input
 //! (every id; every integer in [`VALUE_KEYS`]), and replaces them with [`TokenTable`], which
