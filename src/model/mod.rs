@@ -11,6 +11,7 @@ pub mod runner;
 pub mod shared_weights;
 
 pub use package::{default_model_dir, Manifest, ModelError, ModelPackage};
+pub use runner::{Batch, Fused, ModelRuntime, Outputs, Worker};
 
 /// The choice the environment variable `var` names among `available` (by `name`), or `best`
 /// where it is unset: the knobs for comparisons (`CELLSTREAM_FUSION`, `CELLSTREAM_KERNELS`),
@@ -33,4 +34,3 @@ fn knob<T: Copy>(
             format!("{var}={wanted:?}: this CPU runs one of {names:?}")
         })
 }
-pub use runner::{Batch, Fused, ModelRuntime, Outputs, Worker};

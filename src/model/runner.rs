@@ -174,18 +174,16 @@ impl ModelRuntime {
     pub fn packed_weights(&self) -> anyhow::Result<PackedUsage> {
         let mut usage = PackedUsage::default();
         for plan in self.plans.lock().unwrap().values() {
-            let bytes = |name| -> anyhow::Result<usize> {
-                Ok(plan.property(name)?.as_shape_and_slice::<i64>()?.1[0] as usize)
-            };
-            usage.bytes += bytes(PACKED_BYTES_PROPERTY)?;
-            usage.shared += bytes(SHARED_BYTES_PROPERTY)?;
+            usage.bytes += count_of(plan.property(PACKED_BYTES_PROPERTY)?)?;
+            usage.shared += count_of(plan.property(SHARED_BYTES_PROPERTY)?)?;
         }
         Ok(usage)
     }
 
-    /// Drops the parsed graph once every plan the caller needs exists: each optimized plan
-    /// holds its own packed copy of the matmul weights, so the graph's unpacked ones (about
-    /// half the model file) were only kept for plans not built yet. `plan` fails for a new
+    /// Drops the parsed graph once every plan the caller needs exists: the optimized plans
+    /// hold the matmul weights packed (shared between them, `shared_weights.rs`), so the
+    /// graph's unpacked ones (about half the model file) were only kept for plans not built
+    /// yet. `plan` fails for a new
     /// shape afterwards.
     pub fn release_graph(&self) {
         self.model.lock().unwrap().take();
@@ -222,18 +220,18 @@ fn load(
     if let Some(fold) = tables.transform() {
         model.transform(fold)?;
     }
-    let count = |name: &str| -> anyhow::Result<usize> {
-        let Ok(t) = model.property(name) else {
-            return Ok(0);
-        };
-        Ok(t.as_shape_and_slice::<i64>()?.1[0] as usize)
-    };
+    let count = |name: &str| model.property(name).map_or(Ok(0), count_of);
     let fused = Fused {
         attention_layers: count(FUSED_ATTENTION_PROPERTY)?,
         layer_norms: count(FUSED_LAYER_NORM_PROPERTY)?,
         token_tables: count(TOKEN_TABLES_PROPERTY)?,
     };
     Ok((model, fused))
+}
+
+/// A count our transforms and runtime record as a property (an i64 scalar).
+fn count_of(property: Tensor) -> anyhow::Result<usize> {
+    Ok(property.as_shape_and_slice::<i64>()?.1[0] as usize)
 }
 
 impl Batch {

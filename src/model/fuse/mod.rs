@@ -6,8 +6,7 @@
 //! - the last layer's one-query attention as [`ClsAttention`], which never computes the
 //!   keys and values of every token (`cls_attention.rs`);
 //! - each LayerNorm, as the export spells it (mean by a matmul, centring, `RmsNorm`, scale,
-//!   bias), as one [`layer_norm::FusedLayerNorm`].
-//!
+//!   bias), as one [`layer_norm::FusedLayerNorm`];
 //! - the functions of one token's own input (gene encoder, value encoder, the first layer's
 //!   projection of their sum) as [`TokenTable`] lookups, computed for every possible input
 //!   when the model loads ([`TokenTables`], a separate transform).

@@ -5,13 +5,12 @@
 //! LayerNorm) of the token's gene id, and the value encoder (clamp, `Linear(1, d)`, ReLU,
 //! `Linear(d, d)`, LayerNorm) of its binned value. Their sum is the first layer's input, and
 //! that layer's q/k/v projection is linear, so it splits over the sum:
-//! `(g + v)·W + b = (g·W + b) + v·W`, each term again a function of one input; so do the
-//! linear maps after it (split in q, k and v, each viewed as heads, q scaled), so the op
-//! writes q, k and v as the attention reads them (ending at the 3·d projection instead left
-//! tract a reshape copy and three selects per call, and their allocations fragmented the
-//! workers' heaps: BENCHMARKS.md, serve memory). Ids range over
-//! the embedding's rows; binned values are small integers (0..n_bins and scGPT's pad value
-//! -2). [`fold`] finds those functions in the graph, evaluates them on every possible input
+//! `(g + v)·W + b = (g·W + b) + v·W`, each term again a function of one input. The linear
+//! maps after the projection (split in q, k and v, each viewed as heads, q scaled) distribute
+//! over the sum too, so the op writes q, k and v as the attention reads them: ending at the
+//! 3·d projection left tract a reshape copy and three selects per call, whose allocations
+//! fragmented the workers' heaps (BENCHMARKS.md, serve memory). Ids range over the
+//! embedding's rows; binned values are small integers (0..n_bins and scGPT's pad value -2). [`fold`] finds those functions in the graph, evaluates them on every possible input
 //! (every id; every integer in [`VALUE_KEYS`]), and replaces them with [`TokenTable`], which
 //! copies rows. A value with no row (not an integer in range: never from cellstream's
 //! tokenizer, but the op does not rely on that) is run through the folded part of the graph
@@ -199,9 +198,11 @@ impl EvalOp for TokenTable {
         let tokens = inputs[0].shape();
         let mut outputs = TVec::new();
         for terms in &self.outputs {
-            let (i, f) = terms[0];
-            let table = &self.inputs[i].tables[f];
-            let shape: TVec<usize> = tokens.iter().chain(&table.shape()[1..]).copied().collect();
+            let shape: TVec<usize> = tokens
+                .iter()
+                .chain(self.row_shape(terms))
+                .copied()
+                .collect();
             // SAFETY: f32 has no invalid bit patterns, and sum_rows writes every row.
             let mut out = unsafe { Tensor::uninitialized::<f32>(&shape)? };
             self.sum_rows(&mut out, terms, &keys)?;
@@ -209,17 +210,17 @@ impl EvalOp for TokenTable {
         }
         // Rows no table has (never from cellstream's tokenizer): the folded graph, on those
         // tokens alone.
-        let n_tokens = inputs[0].len();
         for (i, input) in self.inputs.iter().enumerate() {
-            if (0..n_tokens).all(|t| keys[i].row(t).is_some()) {
+            // Ids all have rows (`view` checked them).
+            let KeyView::Integers { values, .. } = keys[i] else {
+                continue;
+            };
+            if (0..values.len()).all(|t| keys[i].row(t).is_some()) {
                 continue;
             }
-            let missing: Vec<usize> = (0..n_tokens)
+            let missing: Vec<usize> = (0..values.len())
                 .filter(|&t| keys[i].row(t).is_none())
                 .collect();
-            let KeyView::Integers { values, .. } = keys[i] else {
-                bail!("rows missing for ids");
-            };
             let odd: Vec<f32> = missing.iter().map(|&t| values[t]).collect();
             let probe = Tensor::from_shape(&[1, odd.len()], &odd)?;
             let fallback = input.fallback.as_ref().context("no fallback plan")?;
@@ -235,6 +236,12 @@ impl EvalOp for TokenTable {
 }
 
 impl TokenTable {
+    /// The shape of one token's row of the output whose terms are `terms`.
+    fn row_shape(&self, terms: &[(usize, usize)]) -> &[usize] {
+        let (i, f) = terms[0];
+        &self.inputs[i].tables[f].shape()[1..]
+    }
+
     /// Writes each token's sum of its terms' rows (a missing row counts as zero).
     fn sum_rows(
         &self,
@@ -245,11 +252,11 @@ impl TokenTable {
         let views = terms
             .iter()
             .map(|&(i, f)| self.inputs[i].tables[f].try_as_plain_ram())
-            .collect::<TractResult<Vec<_>>>()?;
+            .collect::<TractResult<TVec<_>>>()?;
         let tables = views
             .iter()
             .map(|v| v.as_slice::<f32>())
-            .collect::<TractResult<Vec<_>>>()?;
+            .collect::<TractResult<TVec<_>>>()?;
         let w = out.shape()[2..].iter().product::<usize>();
         let mut out = out.try_as_plain_ram_mut()?;
         let out = out.as_slice_mut::<f32>()?;
@@ -322,13 +329,8 @@ impl TypedOp for TokenTable {
             .outputs
             .iter()
             .map(|terms| {
-                let (i, f) = terms[0];
                 let mut shape = tokens.to_tvec();
-                shape.extend(
-                    self.inputs[i].tables[f].shape()[1..]
-                        .iter()
-                        .map(|&d| d.to_dim()),
-                );
+                shape.extend(self.row_shape(terms).iter().map(|&d| d.to_dim()));
                 f32::fact(shape)
             })
             .collect())
