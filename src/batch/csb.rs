@@ -1,4 +1,5 @@
-//! The native `.csb` format (docs/FORMAT.md): read in place from a memory map, validated first.
+//! The native `.csb` format (docs/FORMAT.md): read in place from a memory map or a copy of the
+//! file, validated first.
 
 use std::io::Write;
 use std::ops::Range;

@@ -2,8 +2,9 @@
 //!
 //! A [`CountBatch`] is cells × genes of raw UMI counts in CSR form (one row per cell), with the
 //! gene symbols, optional feature ids and cell barcodes. Readers differ only in where the three
-//! CSR arrays live: the native `.csb` reader leaves them in the memory-mapped file (zero-copy),
-//! the others build them on the heap.
+//! CSR arrays live: the native `.csb` reader leaves them in the file's bytes (memory-mapped in
+//! the one-shot commands, copied into one aligned buffer by the daemon), the others build them
+//! on the heap.
 
 mod csb;
 mod dense;
@@ -52,7 +53,7 @@ impl Default for ReadOptions {
 pub enum Format {
     /// 10x Matrix Market directory (v2 `genes.tsv` or v3 `features.tsv`, gzipped or not).
     Mtx,
-    /// Native `.csb`, memory-mapped.
+    /// Native `.csb`, memory-mapped or copied (`ReadOptions::memory_map`).
     Csb,
     /// `.csb` compressed with zstd.
     CsbZst,

@@ -27,10 +27,12 @@ impl Image {
     /// Maps `file` read-only.
     ///
     /// SAFETY contract (the reason this is `unsafe` in memmap2): the mapping reflects later writes
-    /// to the file, and truncation by another process would fault on access. cellstream maps only
-    /// files that a producer renamed complete into the spool and that the daemon then renamed
-    /// into its own `processing/` folder, so no one writes them any more; the one-shot commands
-    /// map files named by the user, who owns them for the duration of the command.
+    /// to the file, and truncation by another process would fault on access. The daemon never
+    /// maps a spool file, since a producer that breaks the protocol could still truncate it:
+    /// it copies spool files into memory (`ReadOptions::memory_map = false`, `read_capped`).
+    /// It maps only the scratch `.csb` its own HDF5 child wrote into `$TMPDIR` (private under
+    /// systemd's `PrivateTmp=`), which no one writes any more (`batch::isolated`); the one-shot
+    /// commands map files named by the user, who owns them for the duration of the command.
     pub fn map(path: &Path) -> Result<Image, BatchError> {
         let file = open_regular(path)?;
         // SAFETY: see the contract above; the map is read-only and every offset is validated
@@ -100,7 +102,6 @@ impl Image {
     }
 }
 
-/// The first `n` bytes of a file (fewer when it is shorter).
 /// Opens a member of a batch for reading, refusing anything but a regular file: opening a
 /// FIFO would block the reader forever, and a device is never a batch. The open itself
 /// does not block (O_NONBLOCK, harmless for regular files); the type is checked on the
@@ -125,6 +126,7 @@ pub fn open_regular(path: &Path) -> Result<File, BatchError> {
     }
 }
 
+/// The first `n` bytes of a file (fewer when it is shorter).
 pub fn read_head(path: &Path, n: usize) -> Result<Vec<u8>, BatchError> {
     let file = open_regular(path)?;
     let mut head = Vec::with_capacity(n);
