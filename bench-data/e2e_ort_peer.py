@@ -4,14 +4,15 @@ scGPT's tokenization and onnxruntime, on the same .csb batches and the same mode
 
 Per batch: read the .csb (numpy views of its sections; no validation), map the genes to the
 model's vocabulary, and per cell do what scgpt 0.2.4's `Dataset.__getitem__` +
-`DataCollator(do_padding=True, pad_value=-2, do_binning=True, max_length=256, sampling=True,
-keep_first_n_tokens=1)` do: <cls> first, bin the non-zero counts with scGPT's own `binning`
-(loaded unmodified, as bench-data/scgpt_tokenize_peer.py does), sample cells longer than
-max_length, pad the rest to max_length. Then onnxruntime on the shipped ONNX, `--threads`
-single-threaded sessions running batches of `--batch` cells in parallel threads (onnxruntime
-releases the GIL; this was its fastest way to use two cores, see BENCHMARKS.md), and the
-L2-normalised <cls> embedding and the argmax label per cell. The timed region is everything
-from opening the first file to the last cell's label; session creation is excluded.
+`DataCollator(do_padding=True, pad_value=-2, do_binning=True, max_length=<the manifest's max_len:
+256 for the compact model, 1200 for scGPT whole-human>, sampling=True, keep_first_n_tokens=1)`
+do: <cls> first, bin the non-zero counts with scGPT's own `binning` (loaded unmodified, as
+bench-data/scgpt_tokenize_peer.py does), sample cells longer than max_length, pad the rest to
+max_length. Then onnxruntime on the package's ONNX (`--model`), `--threads` single-threaded
+sessions running batches of `--batch` cells in parallel threads (onnxruntime releases the GIL;
+this was its fastest way to use two cores, see BENCHMARKS.md), and the L2-normalised <cls>
+embedding and, when the model has a `logits` output, the argmax label per cell. The timed region
+is everything from opening the first file to the last cell's label; session creation is excluded.
 
 Prints `PEER e2e/python-ort/<name> cells=N seconds=S cells_per_s=X`.
 """
@@ -65,16 +66,18 @@ def tokenize(path, vocab, cls_id, pad_id, max_len, pad_value, n_bins, binning, r
 
 
 def infer(sessions, ids, vals, batch):
-    """Embeddings (L2-normalised) and labels of every row, sessions in parallel threads."""
+    """Embeddings (L2-normalised) and labels of every row (-1 where the model has no classifier
+    head, e.g. a pretrained scGPT), sessions in parallel threads."""
     n = len(ids)
-    emb, labels = [None] * n, np.empty(n, dtype=np.int64)
+    emb, labels = [None] * n, np.full(n, -1, dtype=np.int64)
     starts = list(range(0, n, batch))
 
     def work(k):
         for s in starts[k :: len(sessions)]:
-            e, logits = sessions[k].run(None, {"gene_ids": ids[s : s + batch], "values": vals[s : s + batch]})
+            e, *logits = sessions[k].run(None, {"gene_ids": ids[s : s + batch], "values": vals[s : s + batch]})
             emb[s : s + batch] = list(e / np.linalg.norm(e, axis=1, keepdims=True))
-            labels[s : s + batch] = logits.argmax(axis=1)
+            if logits:
+                labels[s : s + batch] = logits[0].argmax(axis=1)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(len(sessions))]
     [t.start() for t in threads]
@@ -86,7 +89,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("batches", nargs="+", type=Path, help=".csb files")
     ap.add_argument("--name", default="run")
-    ap.add_argument("--model", type=Path, default=REPO / "models/pbmc-compact")
+    ap.add_argument("--model", type=Path, default=REPO / "models/pbmc-compact",
+                    help="model package directory (e.g. bench-data/generated/scgpt-whole-human); its "
+                         "manifest gives max_len, n_bins, pad_value, the <cls> and <pad> tokens")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=2, help="cells per onnxruntime call")
     args = ap.parse_args()

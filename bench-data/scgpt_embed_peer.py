@@ -23,6 +23,9 @@ The architecture maps one to one: models/train/common.py builds the compact mode
 GeneEncoder, ContinuousValueEncoder (clamp 512), post-norm nn.TransformerEncoder and ClsDecoder
 with the same parameter names; every parameter `_encode` uses is loaded (checked below).
 
+With `--checkpoint DIR` the model is a scGPT checkpoint directory instead (e.g. the whole-human-shaped
+one bench-data/whole_human.sh generates), built and loaded as embed_data does.
+
 Runs in the training venv (models/train/requirements.txt: torch 2.15.0) plus
 `pip install --no-deps scgpt==0.2.4` and tqdm (bench-data/requirements-torch-peer.txt).
 Prints `PEER e2e/scgpt-torch/<name> cells=N seconds=S cells_per_s=X`.
@@ -31,7 +34,7 @@ import os
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # scGPT's progress bar, on stderr
 
-import argparse, base64, hashlib, importlib.util, json, logging, sys, time, tomllib, types, warnings
+import argparse, base64, contextlib, hashlib, importlib.util, json, logging, sys, time, tomllib, types, warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +46,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tools/export-scgpt"))
 from e2e_ort_peer import read_csb  # noqa: E402
+import export_scgpt  # noqa: E402
 from export_scgpt import ENCODE_PREFIXES, load_scgpt_model_module  # noqa: E402
 
 PEER_FILES = ["preprocess.py", "data_collator.py", "tasks/cell_emb.py"]
@@ -112,6 +116,23 @@ def build(model_mod, package):
     return model, vocab, configs, manifest["max_len"]
 
 
+def build_from_checkpoint(model_mod, ckpt_dir):
+    """TransformerModel from a scGPT checkpoint directory (best_model.pt, args.json, vocab.json) as
+    embed_data builds and loads it: vocabulary + appended specials, embed_data's constructor
+    arguments, load_pretrained's non-strict load (flash-attn `Wqkv.` -> `in_proj_`); max_length =
+    args.json max_seq_len (embed_data's default, 1200, for whole-human). Through
+    tools/export-scgpt, which refuses what embed_data would silently mis-load (and builds a
+    pre-norm checkpoint's layers as scGPT's pre-norm FlashTransformerEncoderLayer, where embed_data
+    would build post-norm ones)."""
+    args, vocab, _appended, state, _info = export_scgpt.read_checkpoint(ckpt_dir)
+    plan = export_scgpt.plan_export(args, state, embedding_only=True)
+    model = export_scgpt.build_model(model_mod, args, vocab, plan["norm_scheme"])
+    export_scgpt.load_weights(model, state)
+    model.eval()
+    configs = {"pad_token": args["pad_token"], "pad_value": args["pad_value"], "embsize": args["embsize"]}
+    return model, vocab, configs, int(args.get("max_seq_len", 1200))
+
+
 class Batch:
     """What get_batch_cell_embeddings reads of an AnnData: X (cells x in-vocabulary genes)."""
 
@@ -127,7 +148,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("batches", nargs="+", type=Path, help=".csb files")
     ap.add_argument("--name", default="run")
-    ap.add_argument("--model", type=Path, default=REPO / "models/pbmc-compact")
+    ap.add_argument("--model", type=Path, default=REPO / "models/pbmc-compact",
+                    help="cellstream package whose manifest and vocabulary to use, with the compact "
+                         "model's weights from models/train/checkpoint.pt (not read with --checkpoint)")
+    ap.add_argument("--checkpoint", type=Path,
+                    help="a scGPT checkpoint directory (best_model.pt, args.json, vocab.json), e.g. "
+                         "bench-data/generated/scgpt-whole-human-ckpt: model, vocabulary and max_length "
+                         "from it, as embed_data loads them")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--check", type=Path, help="cellstream embed NDJSON of the same batches: "
                     "report the cosine of each cell's embedding with cellstream's")
@@ -137,7 +164,11 @@ def main():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model_mod, cell_emb = load_cell_emb()
-    model, vocab, configs, max_len = build(model_mod, args.model)
+    if args.checkpoint:
+        with contextlib.redirect_stdout(sys.stderr):  # the weight-loading report
+            model, vocab, configs, max_len = build_from_checkpoint(model_mod, args.checkpoint)
+    else:
+        model, vocab, configs, max_len = build(model_mod, args.model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); scgpt get_batch_cell_embeddings, "
           f"max_length {max_len}, batch_size 64; {len(args.batches)} batch file(s)", flush=True)
 
