@@ -19,9 +19,7 @@ use std::time::Instant;
 use cellstream::batch::{read_batch, ReadOptions};
 use cellstream::config::DEFAULT_TOKEN_BUDGET;
 use cellstream::model::batching::{buckets, rows_for};
-use cellstream::model::fuse::{Fusion, TokenTables};
-use cellstream::model::kernel_choice::KernelChoice;
-use cellstream::model::{Batch, ModelPackage, ModelRuntime, Worker};
+use cellstream::model::{Batch, ModelPackage, ModelRuntime, Options, Worker};
 use cellstream::pipeline::{EmbedConfig, Embedder};
 use cellstream::tokenize::{Tokenizer, TokenizerConfig};
 
@@ -76,24 +74,18 @@ fn main() {
     let pkg = ModelPackage::load(&model_dir).unwrap();
     let rt = ModelRuntime::new(&pkg).unwrap();
     println!(
-        "fusion {} ({} attention layers, {} LayerNorms fused, {} token tables), kernels {}",
-        rt.fusion.name(),
+        "fusion {} ({} attention layers, {} LayerNorms fused, {} token tables), kernels {} (matmuls {})",
+        rt.options.fusion.name(),
         rt.fused.attention_layers,
         rt.fused.layer_norms,
         rt.fused.token_tables,
-        rt.kernels.name()
+        rt.options.simd.name(),
+        rt.options.kernels.name()
     );
-    // The same graph on tract's own ops and kernel choice alone, one thread: what the fused
-    // ops and the kernel choice add.
-    let unfused = (rt.fusion != Fusion::Tract || rt.kernels != KernelChoice::Tract).then(|| {
-        ModelRuntime::with(
-            &pkg,
-            Fusion::Tract,
-            TokenTables::Computed,
-            KernelChoice::Tract,
-        )
-        .unwrap()
-    });
+    // The same graph on tract's own ops and kernel choice alone at the same tier, one
+    // thread: what the fused ops and the kernel choice add.
+    let unfused = Options::unfused(rt.options.simd);
+    let unfused = (rt.options != unfused).then(|| ModelRuntime::with(&pkg, unfused).unwrap());
     let input = repo.join("bench-data/pbmc3k");
     let batch = read_batch(&input, &ReadOptions::default()).unwrap();
     let genes = pkg.vocab.map_genes(&batch.gene_names);

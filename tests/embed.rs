@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use cellstream::model::fuse::{Fusion, TokenTables};
 use cellstream::model::kernel_choice::KernelChoice;
-use cellstream::model::{Batch, Fused, ModelPackage, ModelRuntime, Worker};
+use cellstream::model::{Batch, Fused, ModelPackage, ModelRuntime, Options, Worker};
+use cellstream::simd::Simd;
 use common::{cellstream, stderr};
 use serde::Deserialize;
 
@@ -92,39 +93,43 @@ fn tract_reproduces_onnxruntime_on_real_cells() {
     let worst = check_reference(&rt, usize::MAX);
     eprintln!(
         "{}: max abs embedding diff vs onnxruntime {worst:e}",
-        rt.fusion.name()
+        rt.options.fusion.name()
     );
 }
 
-/// The same with each form this CPU runs: the graph on tract's own ops, and fused with the
-/// attention op's portable reference kernel (on 32 cells: it is slow in a test build) and
-/// its vector kernel. The fusion must find all four attention layers of the shipped model
-/// and its ten LayerNorms (two at the input, two per layer), and fold two outputs into token
-/// tables (the encoders' sum, the first layer's input, and its q/k/v projection).
+/// The same with each form this CPU runs: the graph on tract's own ops, and fused on every
+/// kernel tier (the portable one on 32 cells: it is slow in a test build). The fusion must
+/// find all four attention layers of the shipped model and its ten LayerNorms (two at the
+/// input, two per layer), and fold four outputs into token tables (the encoders' sum, the
+/// first layer's input, and its q, k and v).
 #[test]
 fn every_fusion_reproduces_onnxruntime() {
     let pkg = ModelPackage::load(&model_dir()).unwrap();
-    for fusion in Fusion::available() {
-        let rt =
-            ModelRuntime::with(&pkg, fusion, TokenTables::Folded, KernelChoice::best()).unwrap();
-        let fused = if fusion == Fusion::Tract {
-            Fused::default()
+    let mut forms = vec![Options::unfused(Simd::detect())];
+    forms.extend(Simd::available().into_iter().map(|simd| Options {
+        simd,
+        ..Options::best()
+    }));
+    eprintln!("kernel tiers covered: {:?}", Simd::available());
+    for options in forms {
+        let rt = ModelRuntime::with(&pkg, options).unwrap();
+        let name = format!("{}/{}", options.fusion.name(), options.simd.name());
+        let f = rt.fused;
+        let counts = (f.attention_layers, f.layer_norms, f.token_tables);
+        if options.fusion == Fusion::Tract {
+            assert_eq!(f, Fused::default(), "{name}");
         } else {
-            Fused {
-                attention_layers: 4,
-                layer_norms: 10,
-                // The first layer's input, and its q, k and v.
-                token_tables: 4,
-            }
-        };
-        assert_eq!(rt.fused, fused, "{}", fusion.name());
-        let take = if fusion.name() == "fused-portable" {
+            assert_eq!(counts, (4, 10, 4), "{name}");
+            // The gene embedding (3,036 × 128) is replaced by its table.
+            assert_eq!(f.token_table_replaced_bytes, 3036 * 128 * 4, "{name}");
+        }
+        let take = if options.simd == Simd::Portable {
             32
         } else {
             96
         };
         let worst = check_reference(&rt, take);
-        eprintln!("{}: max abs embedding diff {worst:e}", fusion.name());
+        eprintln!("{name}: max abs embedding diff {worst:e}");
     }
 }
 
@@ -137,8 +142,12 @@ fn the_kernel_choice_changes_no_bit_of_the_output() {
     let cells = reference();
     let mut outputs = Vec::new();
     for kernels in KernelChoice::available() {
-        let rt = ModelRuntime::with(&pkg, Fusion::best(), TokenTables::Folded, kernels).unwrap();
-        assert_eq!(rt.kernels, kernels);
+        let options = Options {
+            kernels,
+            ..Options::best()
+        };
+        let rt = ModelRuntime::with(&pkg, options).unwrap();
+        assert_eq!(rt.options.kernels, kernels);
         let mut batch = Batch::new(4, rt.max_len);
         for (row, c) in cells.iter().take(4).enumerate() {
             batch.set_row(row, &c.gene_ids, &c.values, rt.pad_id, rt.pad_value);
@@ -170,7 +179,11 @@ fn token_tables_compute_what_they_fold_keyed_or_not() {
     let pkg = ModelPackage::load(&model_dir()).unwrap();
     let cells = reference();
     let run = |tables: TokenTables, odd: bool| {
-        let rt = ModelRuntime::with(&pkg, Fusion::best(), tables, KernelChoice::best()).unwrap();
+        let options = Options {
+            tables,
+            ..Options::best()
+        };
+        let rt = ModelRuntime::with(&pkg, options).unwrap();
         let mut batch = Batch::new(4, rt.max_len);
         for (row, c) in cells.iter().take(4).enumerate() {
             let mut values = c.values.clone();
@@ -187,9 +200,7 @@ fn token_tables_compute_what_they_fold_keyed_or_not() {
     for odd in [false, true] {
         let (folded, emb, logits) = run(TokenTables::Folded, odd);
         let (computed, emb0, logits0) = run(TokenTables::Computed, odd);
-        if Fusion::best() != Fusion::Tract {
-            assert_eq!((folded, computed), (4, 0));
-        }
+        assert_eq!((folded, computed), (4, 0));
         let worst = |a: &[f32], b: &[f32]| {
             a.iter()
                 .zip(b)

@@ -107,11 +107,14 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         "onnx_sha256": m.onnx_sha256,
         "probe": "ok",
         "classes": rt.n_classes,
-        "fusion": rt.fusion.name(),
+        "fusion": rt.options.fusion.name(),
+        "simd": rt.options.simd.name(),
         "fused_attention_layers": rt.fused.attention_layers,
         "fused_layer_norms": rt.fused.layer_norms,
         "token_tables": rt.fused.token_tables,
-        "kernels": rt.kernels.name(),
+        "token_table_bytes": rt.fused.token_table_bytes,
+        "token_table_replaced_bytes": rt.fused.token_table_replaced_bytes,
+        "kernels": rt.options.kernels.name(),
     });
     if json {
         println!("{v}");
@@ -142,12 +145,23 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         );
         println!(
             "fusion:       {} ({} attention layers, {} LayerNorms fused, {} token tables)",
-            rt.fusion.name(),
+            rt.options.fusion.name(),
             rt.fused.attention_layers,
             rt.fused.layer_norms,
             rt.fused.token_tables
         );
-        println!("kernels:      {}", rt.kernels.name());
+        if rt.fused.token_tables > 0 {
+            println!(
+                "token tables: {:.1} MB, replacing {:.1} MB of the graph's constants",
+                rt.fused.token_table_bytes as f64 / 1e6,
+                rt.fused.token_table_replaced_bytes as f64 / 1e6
+            );
+        }
+        println!(
+            "kernels:      {} (matmuls: {})",
+            rt.options.simd.name(),
+            rt.options.kernels.name()
+        );
     }
     Ok(())
 }

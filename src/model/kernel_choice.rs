@@ -1,23 +1,30 @@
-//! Which of tract's matrix-multiply kernels runs each product, where tract's own choice was
-//! measured wrong on this CPU.
+//! Which of tract's matrix-multiply kernels runs each product: capped to the runtime's
+//! [`Simd`] tier, and corrected where tract's own choice was measured wrong on this CPU.
 //!
-//! tract picks a kernel per product from a cost model fitted on one machine per vendor; its
-//! AMD AVX-512 model was fitted on Zen 5, which has full-width 512-bit FMA units. On Zen 4
-//! (family 19h with AVX-512: two 256-bit halves per 512-bit FMA) that model sends the
+//! **The cap.** With `CELLSTREAM_SIMD=avx2` (or `portable`) on an AVX-512 machine, our ops
+//! run their AVX2 kernels, and so must tract's matmuls, or a benchmark of "what an AVX2-only
+//! CPU gets" would measure AVX-512 products. While a plan is built for a lower tier, the tier
+//! below answers with the kernel tract itself would pick on a machine of that tier
+//! (tract-linalg's dispatch for `IsaSet::ladder(x86_64, level)`).
+//!
+//! **Zen 4.** tract picks a kernel per product from a cost model fitted on one machine per
+//! vendor; its AMD AVX-512 model was fitted on Zen 5, which has full-width 512-bit FMA units.
+//! On Zen 4 (family 19h with AVX-512: two 256-bit halves per 512-bit FMA) that model sends the
 //! products whose output is narrower than their token count (the 128-wide out projection,
 //! second feed-forward layer and value encoder) to the 16x12 kernel, which issues a broadcast
 //! load per FMA and runs them at 62–74 GFLOP/s, where the 32x6 kernel runs the same products
 //! at 90 (BENCHMARKS.md, "Kernel choice"). Every kernel sums each output over `k` in the same
 //! order, so the choice moves time, never a bit of the result (`tests/embed.rs`).
 //!
-//! The override is a tier in tract-linalg's dispatch ladder (`mmm_tiers`, its public
-//! extension point for per-chip opinions): asked before tract's own tiers, it answers only
-//! while cellstream builds a plan that asked for it ([`KernelChoice::planning`]), only where
-//! tract's answer would be the 16x12 kernel, and only on Zen 4; every other product, and
-//! every other CPU, is tract's. `CELLSTREAM_KERNELS=tract` turns it off (a knob for
-//! comparisons).
+//! Both are a tier in tract-linalg's dispatch ladder (`mmm_tiers`, its public extension point
+//! for per-chip opinions): asked before tract's own tiers, it answers only while cellstream
+//! builds a plan ([`KernelChoice::planning`]); the Zen 4 override only where tract's answer
+//! would be the 16x12 kernel, and only on Zen 4; every other product, and every other CPU, is
+//! tract's. `CELLSTREAM_KERNELS=tract` turns the override off (a knob for comparisons).
 
 use std::cell::Cell;
+
+use crate::simd::Simd;
 
 #[cfg(target_arch = "x86_64")]
 use tract_linalg::isa::{Arch, Isa, IsaSet};
@@ -25,6 +32,8 @@ use tract_linalg::isa::{Arch, Isa, IsaSet};
 use tract_linalg::mmm::{Query, Suitable};
 #[cfg(target_arch = "x86_64")]
 use tract_linalg::mmm_tiers::{self, MmmTier};
+#[cfg(target_arch = "x86_64")]
+use tract_linalg::MmmDispatch;
 
 /// Above every tier tract declares for x86-64 (they use 0–8).
 #[cfg(target_arch = "x86_64")]
@@ -50,8 +59,8 @@ pub enum KernelChoice {
 }
 
 thread_local! {
-    /// The choice of the plan this thread is building, if cellstream is building one.
-    static PLANNING: Cell<Option<KernelChoice>> = const { Cell::new(None) };
+    /// The choice and tier of the plan this thread is building, if cellstream is building one.
+    static PLANNING: Cell<Option<(KernelChoice, Simd)>> = const { Cell::new(None) };
 }
 
 impl KernelChoice {
@@ -91,17 +100,18 @@ impl KernelChoice {
         }
     }
 
-    /// Runs `plan` (which optimizes a tract model on this thread) with this choice in force.
-    pub fn planning<R>(self, plan: impl FnOnce() -> R) -> R {
+    /// Runs `plan` (which optimizes a tract model on this thread) with this choice in force
+    /// and tract's matmul kernels kept to `simd`'s tier.
+    pub fn planning<R>(self, simd: Simd, plan: impl FnOnce() -> R) -> R {
         /// Puts the previous choice back when dropped, a panicking build included (the
         /// inference workers catch panics and carry on with the same thread).
-        struct Restore(Option<KernelChoice>);
+        struct Restore(Option<(KernelChoice, Simd)>);
         impl Drop for Restore {
             fn drop(&mut self) {
                 PLANNING.set(self.0);
             }
         }
-        let _restore = Restore(PLANNING.replace(Some(self)));
+        let _restore = Restore(PLANNING.replace(Some((self, simd))));
         plan()
     }
 }
@@ -127,7 +137,21 @@ fn is_zen4() -> bool {
     false
 }
 
-/// The tier's answer: the replacement where tract's own tiers would answer [`SLOW_ON_ZEN4`].
+/// tract-linalg's ladder level of the x86-64 kernels a tier may run (`Isa::level`: AVX2 and
+/// FMA are 2), `None` for no cap. The portable tier caps nothing: tract answers every x86-64
+/// product with a kernel of its own (its portable Rust kernels are never preferred to one),
+/// so no plan can be held to them; that tier exists to test our portable kernels.
+#[cfg(target_arch = "x86_64")]
+fn cap(simd: Simd) -> Option<u8> {
+    match simd {
+        Simd::Avx2 => Some(2),
+        Simd::Portable | Simd::Avx512 => None,
+    }
+}
+
+/// The tier's answer: tract's own pick for the capped instruction set where the plan's tier is
+/// below the machine's; else the replacement where tract's own tiers would answer
+/// [`SLOW_ON_ZEN4`].
 #[cfg(target_arch = "x86_64")]
 fn preferred(
     isa: &IsaSet,
@@ -135,7 +159,25 @@ fn preferred(
     query: &Query,
     suitable: &[Suitable],
 ) -> Option<&'static str> {
-    if PLANNING.get() != Some(KernelChoice::Zen4) || query.m.is_some_and(|m| m < MIN_ROWS) {
+    let (choice, simd) = PLANNING.get()?;
+    if let Some(level) = cap(simd) {
+        // Asked again by the capped dispatch below (its set is at the level): tract's tiers.
+        if isa.level() <= level {
+            return None;
+        }
+        let capped = MmmDispatch::for_isa(IsaSet::ladder(Arch::X86_64, level));
+        let (kernel, ..) = capped.pick(query)?;
+        // The same kernel among this machine's, whose names live as long as the program.
+        return MmmDispatch::native()
+            .runnable()
+            .iter()
+            .map(|k| k.name())
+            .find(|&name| name == kernel.name());
+    }
+    if choice != KernelChoice::Zen4
+        || !isa.has(Isa::X86_64Avx512f)
+        || query.m.is_some_and(|m| m < MIN_ROWS)
+    {
         return None;
     }
     let below: Vec<&MmmTier> = mmm_tiers::for_isa(isa)
@@ -151,8 +193,8 @@ inventory::submit! {
     MmmTier {
         arch: Some(Arch::X86_64),
         precedence: PRECEDENCE,
-        name: "cellstream-zen4",
-        applies: |isa| isa.has(Isa::X86_64Avx512f),
+        name: "cellstream",
+        applies: |_| true,
         preferred,
     }
 }
@@ -192,15 +234,16 @@ mod tests {
             .map(|s| s.0.name().to_string())
     }
 
-    /// Whatever the CPU, the tier only ever swaps tract's 16x12 pick for the 32x6 one, and
-    /// only while a plan that asked for it is being built.
+    /// Whatever the CPU, the tier only ever swaps tract's 16x12 pick for the 32x6 one at the
+    /// machine's own tier, and only while a plan that asked for it is being built.
     #[test]
     fn answers_only_in_place_of_the_slow_kernel() {
+        let top = Simd::detect();
         for (m, k, n) in SHAPES {
             let q = query(m, k, n);
             let tracts = picked(&q);
             for choice in KernelChoice::available() {
-                let ours = choice.planning(|| picked(&q));
+                let ours = choice.planning(top, || picked(&q));
                 if ours != tracts {
                     assert_eq!(choice, KernelChoice::Zen4);
                     assert_eq!(tracts.as_deref(), Some(SLOW_ON_ZEN4), "{m}x{k}x{n}");
@@ -212,6 +255,23 @@ mod tests {
                 }
             }
             assert_eq!(picked(&q), tracts, "the choice outlives its plan");
+        }
+    }
+
+    /// A plan built for the AVX2 tier runs tract's kernels for that tier: no AVX-512 kernel.
+    #[test]
+    fn a_lower_tier_caps_the_matmul_kernels() {
+        for simd in Simd::available() {
+            for (m, k, n) in SHAPES {
+                let q = query(m, k, n);
+                for choice in KernelChoice::available() {
+                    let name = choice.planning(simd, || picked(&q)).unwrap();
+                    match simd {
+                        Simd::Avx2 => assert!(name.starts_with("fma_"), "{name} for avx2"),
+                        Simd::Portable | Simd::Avx512 => {}
+                    }
+                }
+            }
         }
     }
 }

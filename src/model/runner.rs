@@ -15,11 +15,13 @@ use anyhow::{anyhow, bail, Context};
 use tract::prelude::*;
 
 use super::fuse::{
-    Fusion, TokenTables, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY, TOKEN_TABLES_PROPERTY,
+    Fusion, TokenTables, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY,
+    TOKEN_TABLES_PROPERTY, TOKEN_TABLE_BYTES_PROPERTY, TOKEN_TABLE_REPLACED_PROPERTY,
 };
 use super::kernel_choice::KernelChoice;
 use super::package::{ModelError, ModelPackage};
 use super::shared_weights::{self, PackedUsage, PACKED_BYTES_PROPERTY, SHARED_BYTES_PROPERTY};
+use crate::simd::Simd;
 
 /// Padded model input for `n` rows of length `s`, and the outputs that came back.
 pub struct Batch {
@@ -35,6 +37,53 @@ pub struct Outputs {
     pub embedding: Vec<f32>,
     /// [n, n_classes] when the model classifies.
     pub logits: Option<Vec<f32>>,
+}
+
+/// How a runtime runs its graph: rewritten or not, on which kernels. The fastest on this CPU
+/// by default; the environment's knobs (`CELLSTREAM_FUSION`, `CELLSTREAM_TOKEN_TABLES`,
+/// `CELLSTREAM_SIMD`, `CELLSTREAM_KERNELS`) pick others for comparisons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    pub fusion: Fusion,
+    /// Token tables are folded only into a fused graph (they look for the fused LayerNorm).
+    pub tables: TokenTables,
+    /// The tier of our ops' kernels, and the cap on tract's matmul kernels.
+    pub simd: Simd,
+    /// How tract's matmul kernels are chosen within that tier.
+    pub kernels: KernelChoice,
+}
+
+impl Options {
+    /// The fastest on this CPU.
+    pub fn best() -> Options {
+        Options {
+            fusion: Fusion::best(),
+            tables: TokenTables::Folded,
+            simd: Simd::detect(),
+            kernels: KernelChoice::best(),
+        }
+    }
+
+    /// The graph as exported, on tract's own ops and kernel choice, at tier `simd`: the
+    /// benchmarks' "unfused" rows.
+    pub fn unfused(simd: Simd) -> Options {
+        Options {
+            fusion: Fusion::Tract,
+            tables: TokenTables::Computed,
+            simd,
+            kernels: KernelChoice::Tract,
+        }
+    }
+
+    /// [`Options::best`], except what the environment's knobs name.
+    pub fn from_env() -> Result<Options, String> {
+        Ok(Options {
+            fusion: Fusion::from_env()?,
+            tables: TokenTables::from_env()?,
+            simd: Simd::from_env()?,
+            kernels: KernelChoice::from_env()?,
+        })
+    }
 }
 
 /// The loaded model: its parsed graph, where its inputs and outputs are, and the plan cache.
@@ -54,39 +103,28 @@ pub struct ModelRuntime {
     pub max_len: usize,
     pub embedding_dim: usize,
     pub n_classes: usize,
-    /// Whether the graph was rewritten into fused ops, and how many of each it holds.
-    pub fusion: Fusion,
+    /// How the graph runs, and how many fused ops of each kind it holds.
+    pub options: Options,
     pub fused: Fused,
-    /// How tract's matmul kernels are chosen for this runtime's plans.
-    pub kernels: KernelChoice,
     /// Optimized plans by (rows, length).
     plans: Mutex<HashMap<(usize, usize), Runnable>>,
 }
 
 impl ModelRuntime {
-    /// [`ModelRuntime::with`] the fastest form and kernels on this CPU (or the ones
-    /// `CELLSTREAM_FUSION`, `CELLSTREAM_TOKEN_TABLES` and `CELLSTREAM_KERNELS` name).
+    /// [`ModelRuntime::with`] the fastest form and kernels on this CPU (or the ones the
+    /// environment's knobs name, [`Options::from_env`]).
     pub fn new(pkg: &ModelPackage) -> Result<Arc<ModelRuntime>, ModelError> {
-        let env_err = |what| ModelError::Graph {
+        let options = Options::from_env().map_err(|what| ModelError::Graph {
             path: pkg.dir.join("model.onnx"),
             what,
-        };
-        let fusion = Fusion::from_env().map_err(env_err)?;
-        let tables = TokenTables::from_env().map_err(env_err)?;
-        let kernels = KernelChoice::from_env().map_err(env_err)?;
-        ModelRuntime::with(pkg, fusion, tables, kernels)
+        })?;
+        ModelRuntime::with(pkg, options)
     }
 
     /// Maps the manifest's input and output names onto the graph's positions, then runs a
     /// probe inference (one `<cls>`-only row) that compiles the first plan and checks the
-    /// output shapes. Token tables are folded only into a fused graph (they look for the
-    /// fused LayerNorm).
-    pub fn with(
-        pkg: &ModelPackage,
-        fusion: Fusion,
-        tables: TokenTables,
-        kernels: KernelChoice,
-    ) -> Result<Arc<ModelRuntime>, ModelError> {
+    /// output shapes.
+    pub fn with(pkg: &ModelPackage, options: Options) -> Result<Arc<ModelRuntime>, ModelError> {
         let path = pkg.dir.join("model.onnx");
         let graph_err = |what: String| ModelError::Graph {
             path: path.clone(),
@@ -113,7 +151,7 @@ impl ModelRuntime {
             .as_deref()
             .map(|l| find(&outputs, l, "output"))
             .transpose()?;
-        let (model, fused) = load(&pkg.onnx, input_pos, fusion, tables)
+        let (model, fused) = load(&pkg.onnx, input_pos, options)
             .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?;
         let rt = Arc::new(ModelRuntime {
             model: Mutex::new(Some(model)),
@@ -127,9 +165,8 @@ impl ModelRuntime {
             max_len: m.max_len,
             embedding_dim: m.embedding_dim,
             n_classes: pkg.labels.as_ref().map_or(0, Vec::len),
-            fusion,
+            options,
             fused,
-            kernels,
             plans: Mutex::new(HashMap::new()),
         });
         // Also checks the output widths against embedding_dim and labels.txt (run_state).
@@ -163,7 +200,10 @@ impl ModelRuntime {
         let runtime = tract::runtime_for_name(shared_weights::RUNTIME_NAME)?;
         let runnable = model
             .transform(SetSymbols::new().value("N", n as i64).value("S", s as i64))
-            .and_then(|()| self.kernels.planning(|| runtime.prepare(model)))
+            .and_then(|()| {
+                let Options { kernels, simd, .. } = self.options;
+                kernels.planning(simd, || runtime.prepare(model))
+            })
             .with_context(|| format!("optimizing {} for {n} × {s} tokens", self.path.display()))?;
         self.plans.lock().unwrap().insert((n, s), runnable.clone());
         Ok(runnable)
@@ -195,17 +235,16 @@ impl ModelRuntime {
 pub struct Fused {
     pub attention_layers: usize,
     pub layer_norms: usize,
-    /// Functions of one token's input computed as tables (`fuse/token_tables.rs`).
+    /// Functions of one token's input computed as tables (`fuse/token_tables.rs`): outputs
+    /// of the table op, the tables' bytes, and the bytes of the graph's constants they
+    /// replaced (the gene embedding).
     pub token_tables: usize,
+    pub token_table_bytes: usize,
+    pub token_table_replaced_bytes: usize,
 }
 
 /// The parsed, decluttered graph with symbolic rows and length, fused and folded as asked.
-fn load(
-    bytes: &[u8],
-    [ids, vals]: [usize; 2],
-    fusion: Fusion,
-    tables: TokenTables,
-) -> anyhow::Result<(Model, Fused)> {
+fn load(bytes: &[u8], [ids, vals]: [usize; 2], options: Options) -> anyhow::Result<(Model, Fused)> {
     // Exported graphs carry value_info shapes traced at one length; ignore them so that
     // the batch and sequence dimensions are the symbols each plan sets.
     let mut model =
@@ -213,11 +252,11 @@ fn load(
     model.set_input_fact(ids, "N,S,i64")?;
     model.set_input_fact(vals, "N,S,f32")?;
     let mut model = model.into_model()?;
-    let Some(transform) = fusion.transform() else {
+    let Some(transform) = options.fusion.transform(options.simd) else {
         return Ok((model, Fused::default()));
     };
     model.transform(transform)?;
-    if let Some(fold) = tables.transform() {
+    if let Some(fold) = options.tables.transform() {
         model.transform(fold)?;
     }
     let count = |name: &str| model.property(name).map_or(Ok(0), count_of);
@@ -225,6 +264,8 @@ fn load(
         attention_layers: count(FUSED_ATTENTION_PROPERTY)?,
         layer_norms: count(FUSED_LAYER_NORM_PROPERTY)?,
         token_tables: count(TOKEN_TABLES_PROPERTY)?,
+        token_table_bytes: count(TOKEN_TABLE_BYTES_PROPERTY)?,
+        token_table_replaced_bytes: count(TOKEN_TABLE_REPLACED_PROPERTY)?,
     };
     Ok((model, fused))
 }

@@ -14,7 +14,8 @@ use tract_core::ops::math::Add;
 use tract_core::ops::nn::{Softmax, SoftmaxKind};
 use tract_core::{rule_if, rule_if_some};
 
-use super::attention_kernel::{self as kernel, Dims, Kernels};
+use super::attention_kernel::{self as kernel, Dims};
+use crate::simd::Simd;
 
 /// Scores, mask, softmax and weighted sum of one attention layer, all heads.
 ///
@@ -24,7 +25,8 @@ use super::attention_kernel::{self as kernel, Dims, Kernels};
 /// weighted-sum `Einsum` it replaces.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FusedAttention {
-    pub kernels: Kernels,
+    /// Which kernel runs the arithmetic.
+    pub simd: Simd,
 }
 
 impl Op for FusedAttention {
@@ -33,7 +35,7 @@ impl Op for FusedAttention {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("kernels: {}", self.kernels.name())])
+        Ok(vec![format!("kernel: {}", self.simd.name())])
     }
 
     op_as_typed_op!();
@@ -69,15 +71,10 @@ impl EvalOp for FusedAttention {
             dims.n,
             dims.sk
         );
-        ensure!(
-            self.kernels.supports(dims.head_dim),
-            "{} kernels do not take heads of {}",
-            self.kernels.name(),
-            dims.head_dim
-        );
-        let mut out = Tensor::zero::<f32>(qs)?;
+        // SAFETY: f32 has no invalid bit patterns, and the kernel writes every output.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(qs)? };
         kernel::attend(
-            self.kernels,
+            self.simd,
             dims,
             q.try_as_plain_ram()?.as_slice::<f32>()?,
             k.try_as_plain_ram()?.as_slice::<f32>()?,
@@ -139,7 +136,7 @@ fn einsum_is(node: &TypedNode, expr: &str) -> bool {
 /// The rule, anchored on the softmax: scores einsum → add (mask) → softmax (last axis) →
 /// weighted-sum einsum, each feeding only the next.
 pub(super) fn rule(
-    kernels: Kernels,
+    simd: Simd,
     model: &TypedModel,
     softmax: &TypedNode,
     op: &Softmax,
@@ -188,14 +185,13 @@ pub(super) fn rule(
     // The mask broadcast over heads and queries: [1, 1, N, S_k].
     rule_if!(mf.rank() == 4 && mf.shape[0].is_one() && mf.shape[1].is_one());
     rule_if!(mf.shape[2] == qf.shape[0] && mf.shape[3] == kf.shape[1]);
-    rule_if_some!(head_dim = kf.shape[3].as_i64());
-    rule_if!(kernels.supports(head_dim as usize));
+    rule_if!(kf.shape[3].as_i64().is_some());
 
     let mut patch = TypedModelPatch::new(format!("fuse attention at {}", softmax.name));
     let inputs = patch.taps(model, &[q, k, v, mask])?;
     let out = patch.wire_node(
         format!("{}.fused_attention", softmax.name),
-        FusedAttention { kernels },
+        FusedAttention { simd },
         &inputs,
     )?;
     patch.shunt_outside(model, weighted.id.into(), out[0])?;

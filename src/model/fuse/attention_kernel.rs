@@ -5,16 +5,27 @@
 //! ```
 //!
 //! with `q` already scaled by 1/√d (the graph does it), tensors laid out `[N, S, heads, d]`
-//! and the key-padding mask `[N, S_key]` (0 or -inf). Two implementations: portable Rust, one
-//! query at a time, which is the reference; and AVX-512, chosen at run time, which does eight
-//! queries at a time against the keys transposed into a scratch block, keeps each query's
-//! scores in a row of the same scratch, and only ever stores whole vectors (what tract's
-//! kernels lose most time on for these shapes, see BENCHMARKS.md "Model forward").
+//! and the key-padding mask `[N, S_key]` (0 or -inf). One blocked kernel, written once
+//! ([`attention_kernels!`]) over a handful of vector operations and compiled three times: with
+//! AVX-512 intrinsics, with AVX2+FMA intrinsics, and over plain `[f32; 8]` arrays that the
+//! compiler vectorises for whatever the target's baseline is (SSE2, NEON). Each does a block
+//! of queries at a time against the head's keys transposed into a scratch block, keeps the
+//! block's scores in rows of the same scratch (memory per worker O(block · S), never S²),
+//! and only ever stores whole vectors. Head widths that are not a multiple of 8 take
+//! [`reference`], one query at a time.
 //!
-//! The two differ by rounding alone (fused multiply-adds, a polynomial `exp`, the order of
-//! the sums); the tests below hold them to the reference within 1e-5.
+//! Keys after a row's last unmasked key get no weight, so they are skipped; in
+//! self-attention (as many queries as keys) the queries there are padding tokens, which
+//! nothing downstream reads (their rows are masked keys in the next layer, and the model's
+//! outputs are the `<cls>` row), so their outputs are written as zeros instead of computed.
+//! A row whose keys are all masked (a filler row) gets zeros too.
+//!
+//! The implementations differ by rounding alone (fused multiply-adds, a polynomial `exp`, the
+//! order of the sums); the tests below hold each to the formula, computed in f64, within 1e-5.
 
 use std::cell::RefCell;
+
+use crate::simd::Simd;
 
 /// Sizes of one attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,59 +55,13 @@ impl Dims {
     }
 }
 
-/// Which implementation runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kernels {
-    Portable,
-    /// AVX-512F with FMA, for head widths of 16 and 32.
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl Kernels {
-    /// The fastest this CPU runs.
-    pub fn detect() -> Kernels {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("fma") {
-            return Kernels::Avx512;
-        }
-        Kernels::Portable
-    }
-
-    /// Every implementation this CPU can run (for tests and benchmarks).
-    pub fn available() -> Vec<Kernels> {
-        let best = Kernels::detect();
-        let mut all = vec![Kernels::Portable];
-        if best != Kernels::Portable {
-            all.push(best);
-        }
-        all
-    }
-
-    /// Whether this implementation handles heads of `head_dim`.
-    pub fn supports(self, head_dim: usize) -> bool {
-        match self {
-            Kernels::Portable => head_dim > 0,
-            #[cfg(target_arch = "x86_64")]
-            Kernels::Avx512 => head_dim == 16 || head_dim == 32,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernels::Portable => "portable",
-            #[cfg(target_arch = "x86_64")]
-            Kernels::Avx512 => "avx512",
-        }
-    }
-}
-
-/// Runs attention over every row and head into `out` (`[N, S_q, heads, d]`).
+/// Runs attention over every row and head into `out` (`[N, S_q, heads, d]`) on `simd`'s
+/// kernel.
 ///
-/// Panics if a slice's length disagrees with `dims` or `kernels` does not support the head
-/// width: the op checks both against the graph before it calls this.
+/// Panics if a slice's length disagrees with `dims`, or if this CPU does not run `simd`: the
+/// op checks the lengths against the graph before it calls this.
 pub fn attend(
-    kernels: Kernels,
+    simd: Simd,
     dims: Dims,
     q: &[f32],
     k: &[f32],
@@ -109,30 +74,36 @@ pub fn attend(
     assert_eq!(v.len(), dims.kv_len(), "values");
     assert_eq!(mask.len(), dims.mask_len(), "mask");
     assert_eq!(out.len(), dims.q_len(), "output");
-    assert!(
-        kernels.supports(dims.head_dim),
-        "head width {}",
-        dims.head_dim
-    );
-    match kernels {
-        Kernels::Portable => portable(dims, q, k, v, mask, out),
-        #[cfg(target_arch = "x86_64")]
-        Kernels::Avx512 => SCRATCH.with_borrow_mut(|scratch| {
-            // SAFETY: `Avx512` is only detected where the CPU has AVX-512F and FMA, and the
-            // lengths were checked above.
-            unsafe { avx512::attend(dims, q, k, v, mask, out, scratch) }
-        }),
+    assert!(simd <= Simd::detect(), "{} on this CPU", simd.name());
+    if dims.head_dim == 0 {
+        return;
     }
+    SCRATCH.with_borrow_mut(|scratch| match simd {
+        // SAFETY (each arm): the CPU runs the tier (asserted above), the lengths were checked
+        // above, and the head width is a multiple of the kernel's vector.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 if dims.head_dim.is_multiple_of(16) => unsafe {
+            avx512::attend(dims, q, k, v, mask, out, scratch)
+        },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 | Simd::Avx2 if dims.head_dim.is_multiple_of(8) => unsafe {
+            avx2::attend(dims, q, k, v, mask, out, scratch)
+        },
+        _ if dims.head_dim.is_multiple_of(8) => unsafe {
+            portable::attend(dims, q, k, v, mask, out, scratch)
+        },
+        _ => reference(dims, q, k, v, mask, out),
+    })
 }
 
-/// Reusable buffers of the vector path, one set per thread (each inference worker is one).
+/// Reusable buffers of the blocked kernels, one set per thread (each inference worker is one).
 #[derive(Default)]
 struct Scratch {
-    /// One head's keys transposed, `[d][S_key rounded up to 16]`.
+    /// One head's keys transposed, `[d][S_key rounded up to the vector]`.
     keys_t: Vec<f32>,
     /// One row's mask, padded with -inf to the rounded length.
     mask: Vec<f32>,
-    /// Scores, then weights, of up to eight queries, `[8][rounded S_key]`.
+    /// Scores, then weights, of one block of queries, `[block][rounded S_key]`.
     scores: Vec<f32>,
 }
 
@@ -140,31 +111,54 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// The reference: one query at a time, exactly as the formula reads.
-fn portable(d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: &mut [f32]) {
+/// The last unmasked key of a row, plus one (0 when every key is masked).
+fn unmasked_len(mask: &[f32]) -> usize {
+    mask.iter()
+        .rposition(|&m| m != f32::NEG_INFINITY)
+        .map_or(0, |j| j + 1)
+}
+
+/// How many of a row's queries are computed (the rest are written as zeros): in
+/// self-attention those up to the last unmasked key, else all of them.
+fn live_queries(d: &Dims, keys: usize) -> usize {
+    if keys == 0 {
+        0
+    } else if d.sq == d.sk {
+        keys
+    } else {
+        d.sq
+    }
+}
+
+/// One query at a time, exactly as the formula reads: for head widths the blocked kernels do
+/// not take.
+fn reference(d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: &mut [f32]) {
     let (hd, dh) = (d.heads * d.head_dim, d.head_dim);
     let mut weights = vec![0f32; d.sk];
     for n in 0..d.n {
         let mask = &mask[n * d.sk..][..d.sk];
+        let sk = unmasked_len(mask);
+        let live = live_queries(&d, sk);
+        out[(n * d.sq + live) * hd..(n + 1) * d.sq * hd].fill(0.0);
         let key = |j: usize, h: usize| (n * d.sk + j) * hd + h * dh;
         for h in 0..d.heads {
-            for i in 0..d.sq {
+            for i in 0..live {
                 let at = (n * d.sq + i) * hd + h * dh;
                 let qi = &q[at..][..dh];
                 let mut max = f32::NEG_INFINITY;
-                for (j, w) in weights.iter_mut().enumerate() {
+                for (j, w) in weights[..sk].iter_mut().enumerate() {
                     let kj = &k[key(j, h)..][..dh];
                     *w = qi.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() + mask[j];
                     max = max.max(*w);
                 }
                 let mut sum = 0f32;
-                for w in weights.iter_mut() {
+                for w in weights[..sk].iter_mut() {
                     *w = (*w - max).exp();
                     sum += *w;
                 }
                 let o = &mut out[at..][..dh];
                 o.fill(0.0);
-                for (j, w) in weights.iter().enumerate() {
+                for (j, w) in weights[..sk].iter().enumerate() {
                     for (o, x) in o.iter_mut().zip(&v[key(j, h)..][..dh]) {
                         *o += w * x;
                     }
@@ -176,250 +170,609 @@ fn portable(d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32], out: &mut [f
     }
 }
 
+/// The blocked kernel, over the vector operations of the module it is expanded in: `V` (a
+/// vector of `L` lanes), `zero`, `splat`, `load`, `store`, `fma`, `add`, `sub`, `mul`,
+/// `vmax`, `hmax`, `hsum` and `exp` (of `x ≤ 0`, 0 at -inf); `R`, the most queries a block
+/// holds; and `tile(d / L)`, the queries and vectors of one weighted-sum tile for heads of
+/// `d` (what fits in the module's registers). Every function gets the module's target
+/// features, so that the operations inline into it.
+macro_rules! attention_kernels {
+    ($($features:literal)?) => {
+        use super::{live_queries, unmasked_len, Dims, Scratch};
+
+        /// # Safety
+        /// The CPU has this module's target features; the slices have the lengths `d` gives
+        /// them; the head width is a multiple of `L`.
+        $(#[target_feature(enable = $features)])?
+        pub(super) unsafe fn attend(
+            d: Dims,
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            mask: &[f32],
+            out: &mut [f32],
+            s: &mut Scratch,
+        ) {
+            let (hd, dh) = (d.heads * d.head_dim, d.head_dim);
+            let most = d.sk.next_multiple_of(L);
+            s.keys_t.resize(dh * most, 0.0);
+            s.mask.resize(most, 0.0);
+            s.scores.resize(R * most, 0.0);
+            for n in 0..d.n {
+                let row_mask = &mask[n * d.sk..][..d.sk];
+                let sk = unmasked_len(row_mask);
+                let live = live_queries(&d, sk);
+                out[(n * d.sq + live) * hd..(n + 1) * d.sq * hd].fill(0.0);
+                // Padding keys are 0 and masked by -inf, so that every block is whole.
+                let skp = sk.next_multiple_of(L);
+                s.mask[..sk].copy_from_slice(&row_mask[..sk]);
+                s.mask[sk..skp].fill(f32::NEG_INFINITY);
+                for h in 0..d.heads {
+                    // Keys of this head transposed: a vector load then holds L keys' same
+                    // feature.
+                    let kbase = n * d.sk * hd + h * dh;
+                    for j in 0..sk {
+                        for (c, &x) in k[kbase + j * hd..][..dh].iter().enumerate() {
+                            s.keys_t[c * skp + j] = x;
+                        }
+                    }
+                    for c in 0..dh {
+                        s.keys_t[c * skp + sk..(c + 1) * skp].fill(0.0);
+                    }
+                    let at = Head {
+                        skp,
+                        sk,
+                        hd,
+                        dh,
+                        keys_t: s.keys_t.as_ptr(),
+                        mask: s.mask.as_ptr(),
+                        scores: s.scores.as_mut_ptr(),
+                        v: v[kbase..].as_ptr(),
+                    };
+                    let mut i = 0;
+                    while i < live {
+                        let row = (n * d.sq + i) * hd + h * dh;
+                        let (qp, op) = (q[row..].as_ptr(), out[row..].as_mut_ptr());
+                        // SAFETY: the block's queries and outputs lie inside q and out
+                        // (i + rows <= live <= sq), and the scratch holds R score rows.
+                        i += unsafe {
+                            match live - i {
+                                r if r >= 8 && R >= 8 => at.block::<8>(qp, op),
+                                r if r >= 4 && R >= 4 => at.block::<4>(qp, op),
+                                r if r >= 2 => at.block::<2>(qp, op),
+                                _ => at.block::<1>(qp, op),
+                            }
+                        };
+                    }
+                }
+            }
+        }
+
+        /// One row's head: where its transposed keys, mask, scores and values are.
+        struct Head {
+            /// Unmasked keys rounded up to whole vectors (the stride of `keys_t` and `scores`).
+            skp: usize,
+            /// Unmasked keys.
+            sk: usize,
+            /// Distance between consecutive tokens in q, v and out (heads × d).
+            hd: usize,
+            /// Width of the head.
+            dh: usize,
+            keys_t: *const f32,
+            mask: *const f32,
+            scores: *mut f32,
+            /// This row's and head's first value.
+            v: *const f32,
+        }
+
+        impl Head {
+            /// Attention for `RB` consecutive queries starting at `q` (each `hd` apart),
+            /// written at `out`; returns `RB`.
+            ///
+            /// # Safety
+            /// `RB` ≤ `R`; `RB` queries and outputs from the pointers are in bounds; the
+            /// module's target features.
+            $(#[target_feature(enable = $features)])?
+            unsafe fn block<const RB: usize>(&self, q: *const f32, out: *mut f32) -> usize {
+                // SAFETY: the callees' contracts are this function's.
+                unsafe {
+                    let mut max = [splat(f32::NEG_INFINITY); RB];
+                    let mut kc = 0;
+                    while kc + 2 * L <= self.skp {
+                        self.scores::<RB, 2>(q, kc, &mut max);
+                        kc += 2 * L;
+                    }
+                    if kc < self.skp {
+                        self.scores::<RB, 1>(q, kc, &mut max);
+                    }
+                    let mut inv = [0f32; RB];
+                    for (r, inv) in inv.iter_mut().enumerate() {
+                        *inv = self.softmax_row(r, hmax(max[r]));
+                    }
+                    self.weighted_sum(&inv, out);
+                }
+                RB
+            }
+
+            /// Scores of `RB` queries against the `C` vectors of keys from `kc`, plus the
+            /// mask, into the score rows; folds them into each query's running maximum.
+            ///
+            /// # Safety
+            /// As [`Head::block`], and `kc + C·L ≤ skp`.
+            $(#[target_feature(enable = $features)])?
+            unsafe fn scores<const RB: usize, const C: usize>(
+                &self,
+                q: *const f32,
+                kc: usize,
+                max: &mut [V; RB],
+            ) {
+                // SAFETY: keys_t rows hold skp keys, q holds RB queries of dh, the score
+                // rows RB ≤ R rows of skp.
+                unsafe {
+                    let mut acc = [[zero(); C]; RB];
+                    for c in 0..self.dh {
+                        let kt = self.keys_t.add(c * self.skp + kc);
+                        let mut keys = [zero(); C];
+                        for (x, key) in keys.iter_mut().enumerate() {
+                            *key = load(kt.add(x * L));
+                        }
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let qb = splat(*q.add(r * self.hd + c));
+                            for x in 0..C {
+                                acc[x] = fma(qb, keys[x], acc[x]);
+                            }
+                        }
+                    }
+                    for (r, acc) in acc.iter().enumerate() {
+                        for (x, &a) in acc.iter().enumerate() {
+                            let at = kc + x * L;
+                            let s = add(a, load(self.mask.add(at)));
+                            store(self.scores.add(r * self.skp + at), s);
+                            max[r] = vmax(max[r], s);
+                        }
+                    }
+                }
+            }
+
+            /// Turns score row `r` into unnormalised weights exp(s - max); returns 1 / their
+            /// sum.
+            ///
+            /// # Safety
+            /// `r < R`; the module's target features.
+            $(#[target_feature(enable = $features)])?
+            unsafe fn softmax_row(&self, r: usize, max: f32) -> f32 {
+                // SAFETY: score row r holds skp values, a multiple of L.
+                unsafe {
+                    let m = splat(max);
+                    let row = self.scores.add(r * self.skp);
+                    let mut sum = zero();
+                    for c in (0..self.skp).step_by(L) {
+                        let e = exp(sub(load(row.add(c)), m));
+                        store(row.add(c), e);
+                        sum = add(sum, e);
+                    }
+                    1.0 / hsum(sum)
+                }
+            }
+
+            /// out[r] = inv[r] · Σ_j weight[r][j] · v[j] for the block's queries, in tiles
+            /// of [`tile`]'s size.
+            ///
+            /// # Safety
+            /// As [`Head::block`].
+            $(#[target_feature(enable = $features)])?
+            unsafe fn weighted_sum(&self, inv: &[f32], out: *mut f32) {
+                let dv = self.dh / L;
+                let (rows, cols) = tile(dv);
+                let rows = rows.min(inv.len());
+                let mut r0 = 0;
+                while r0 < inv.len() {
+                    let mut c0 = 0;
+                    while c0 < dv {
+                        let cols = if dv - c0 >= cols { cols } else { 1 };
+                        // SAFETY: rows r0.. and vectors c0.. of the tile are inside the block
+                        // and the head (rows divides the block size, cols the head's vectors
+                        // or is 1).
+                        unsafe {
+                            match (rows, cols) {
+                                (8, 2) => self.tile::<8, 2>(r0, c0, inv, out),
+                                (8, 1) => self.tile::<8, 1>(r0, c0, inv, out),
+                                (4, 4) => self.tile::<4, 4>(r0, c0, inv, out),
+                                (4, 2) => self.tile::<4, 2>(r0, c0, inv, out),
+                                (4, 1) => self.tile::<4, 1>(r0, c0, inv, out),
+                                (2, 4) => self.tile::<2, 4>(r0, c0, inv, out),
+                                (2, 2) => self.tile::<2, 2>(r0, c0, inv, out),
+                                (2, 1) => self.tile::<2, 1>(r0, c0, inv, out),
+                                (1, 4) => self.tile::<1, 4>(r0, c0, inv, out),
+                                (1, 2) => self.tile::<1, 2>(r0, c0, inv, out),
+                                _ => self.tile::<1, 1>(r0, c0, inv, out),
+                            }
+                        }
+                        c0 += cols;
+                    }
+                    r0 += rows;
+                }
+            }
+
+            /// The weighted sum of queries `r0..r0 + RT`, vectors `c0..c0 + CT` of the head.
+            ///
+            /// # Safety
+            /// Those queries and vectors are inside the block and the head; the module's
+            /// target features.
+            $(#[target_feature(enable = $features)])?
+            unsafe fn tile<const RT: usize, const CT: usize>(
+                &self,
+                r0: usize,
+                c0: usize,
+                inv: &[f32],
+                out: *mut f32,
+            ) {
+                // SAFETY: value rows hold hd ≥ (c0 + CT)·L values from v; score rows r0 + RT
+                // ≤ the block; outputs as the values.
+                unsafe {
+                    let mut acc = [[zero(); CT]; RT];
+                    let scores = self.scores.add(r0 * self.skp);
+                    for j in 0..self.sk {
+                        let vj = self.v.add(j * self.hd + c0 * L);
+                        let mut vals = [zero(); CT];
+                        for (x, val) in vals.iter_mut().enumerate() {
+                            *val = load(vj.add(x * L));
+                        }
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let w = splat(*scores.add(r * self.skp + j));
+                            for x in 0..CT {
+                                acc[x] = fma(w, vals[x], acc[x]);
+                            }
+                        }
+                    }
+                    for (r, acc) in acc.iter().enumerate() {
+                        let scale = splat(inv[r0 + r]);
+                        let o = out.add((r0 + r) * self.hd + c0 * L);
+                        for (x, &a) in acc.iter().enumerate() {
+                            store(o.add(x * L), mul(a, scale));
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Dims, Scratch};
-
+    type V = __m512;
     const L: usize = 16;
-    /// Queries per block: 8 rows × 2 vectors of keys (or of the head) = 16 accumulators.
+    /// 8 queries × 2 vectors of keys = 16 accumulators (of 32 registers).
     const R: usize = 8;
 
+    /// 16 accumulators a tile, as wide as the head allows.
+    fn tile(vectors: usize) -> (usize, usize) {
+        match vectors {
+            1 => (8, 1),
+            v if v.is_multiple_of(4) => (4, 4),
+            v if v.is_multiple_of(2) => (8, 2),
+            _ => (8, 1),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn zero() -> V {
+        _mm512_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn splat(x: f32) -> V {
+        _mm512_set1_ps(x)
+    }
     /// # Safety
-    /// The CPU has AVX-512F and FMA; the slices have the lengths `dims` gives them; the head
-    /// width is 16 or 32.
+    /// `L` floats readable at `p`.
+    #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    pub unsafe fn attend(
-        d: Dims,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        mask: &[f32],
-        out: &mut [f32],
-        s: &mut Scratch,
-    ) {
-        unsafe {
-            match d.head_dim {
-                16 => heads::<1>(d, q, k, v, mask, out, s),
-                32 => heads::<2>(d, q, k, v, mask, out, s),
-                other => unreachable!("head width {other}"),
-            }
-        }
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller's.
+        unsafe { _mm512_loadu_ps(p) }
     }
-
-    /// `DV` vectors per head.
+    /// # Safety
+    /// `L` floats writable at `p`.
+    #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn heads<const DV: usize>(
-        d: Dims,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        mask: &[f32],
-        out: &mut [f32],
-        s: &mut Scratch,
-    ) {
-        let (hd, dh) = (d.heads * d.head_dim, d.head_dim);
-        let skp = d.sk.next_multiple_of(L);
-        s.keys_t.resize(dh * skp, 0.0);
-        s.mask.resize(skp, 0.0);
-        s.scores.resize(R * skp, 0.0);
-        // Padding keys are 0 (and masked by -inf), so every block is whole. The transposes
-        // below only write real keys, so the padding columns are cleared once per call.
-        for c in 0..dh {
-            s.keys_t[c * skp + d.sk..(c + 1) * skp].fill(0.0);
-        }
-        for n in 0..d.n {
-            s.mask[..d.sk].copy_from_slice(&mask[n * d.sk..][..d.sk]);
-            s.mask[d.sk..].fill(f32::NEG_INFINITY);
-            for h in 0..d.heads {
-                // Keys of this head transposed: a vector load then holds 16 keys' same feature.
-                let kbase = n * d.sk * hd + h * dh;
-                for j in 0..d.sk {
-                    for (c, &x) in k[kbase + j * hd..][..dh].iter().enumerate() {
-                        s.keys_t[c * skp + j] = x;
-                    }
-                }
-                let at = Head {
-                    skp,
-                    sk: d.sk,
-                    hd,
-                    dh,
-                    keys_t: s.keys_t.as_ptr(),
-                    mask: s.mask.as_ptr(),
-                    scores: s.scores.as_mut_ptr(),
-                    v: v[kbase..].as_ptr(),
-                };
-                let mut i = 0;
-                while i < d.sq {
-                    let row = (n * d.sq + i) * hd + h * dh;
-                    let (qp, op) = (q[row..].as_ptr(), out[row..].as_mut_ptr());
-                    // SAFETY: the block's rows lie inside q and out (i + rows <= sq).
-                    let rows = unsafe {
-                        match d.sq - i {
-                            r if r >= 8 => at.block::<8, DV>(qp, op),
-                            r if r >= 4 => at.block::<4, DV>(qp, op),
-                            r if r >= 2 => at.block::<2, DV>(qp, op),
-                            _ => at.block::<1, DV>(qp, op),
-                        }
-                    };
-                    i += rows;
-                }
-            }
-        }
+    unsafe fn store(p: *mut f32, v: V) {
+        // SAFETY: the caller's.
+        unsafe { _mm512_storeu_ps(p, v) }
     }
-
-    /// One row's head: where its transposed keys, mask, scores and values are.
-    struct Head {
-        /// Keys rounded up to whole vectors.
-        skp: usize,
-        sk: usize,
-        /// Distance between consecutive tokens in q, v and out (heads × d).
-        hd: usize,
-        /// Width of the head.
-        dh: usize,
-        keys_t: *const f32,
-        mask: *const f32,
-        scores: *mut f32,
-        /// This row's and head's first value.
-        v: *const f32,
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn fma(a: V, b: V, c: V) -> V {
+        _mm512_fmadd_ps(a, b, c)
     }
-
-    impl Head {
-        /// Attention for `RB` consecutive queries starting at `q` (each `hd` apart), written
-        /// at `out`; returns `RB`.
-        ///
-        /// # Safety
-        /// `RB` queries and outputs from the pointers are in bounds; AVX-512F and FMA.
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn block<const RB: usize, const DV: usize>(
-            &self,
-            q: *const f32,
-            out: *mut f32,
-        ) -> usize {
-            unsafe {
-                let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); RB];
-                let mut kc = 0;
-                while kc + 2 * L <= self.skp {
-                    self.scores::<RB, 2>(q, kc, &mut max);
-                    kc += 2 * L;
-                }
-                if kc < self.skp {
-                    self.scores::<RB, 1>(q, kc, &mut max);
-                }
-                let mut inv = [0f32; RB];
-                for (r, inv) in inv.iter_mut().enumerate() {
-                    *inv = self.softmax_row(r, _mm512_reduce_max_ps(max[r]));
-                }
-                self.weighted_sum::<RB, DV>(&inv, out);
-                RB
-            }
-        }
-
-        /// Scores of `RB` queries against the `C` vectors of keys from `kc`, plus the mask,
-        /// into the score rows; folds them into each query's running maximum.
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn scores<const RB: usize, const C: usize>(
-            &self,
-            q: *const f32,
-            kc: usize,
-            max: &mut [__m512; RB],
-        ) {
-            unsafe {
-                let mut acc = [[_mm512_setzero_ps(); C]; RB];
-                for c in 0..self.dh {
-                    let kt = self.keys_t.add(c * self.skp + kc);
-                    let mut keys = [_mm512_setzero_ps(); C];
-                    for (x, key) in keys.iter_mut().enumerate() {
-                        *key = _mm512_loadu_ps(kt.add(x * L));
-                    }
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let qb = _mm512_set1_ps(*q.add(r * self.hd + c));
-                        for x in 0..C {
-                            acc[x] = _mm512_fmadd_ps(qb, keys[x], acc[x]);
-                        }
-                    }
-                }
-                for (r, acc) in acc.iter().enumerate() {
-                    for (x, &a) in acc.iter().enumerate() {
-                        let at = kc + x * L;
-                        let s = _mm512_add_ps(a, _mm512_loadu_ps(self.mask.add(at)));
-                        _mm512_storeu_ps(self.scores.add(r * self.skp + at), s);
-                        max[r] = _mm512_max_ps(max[r], s);
-                    }
-                }
-            }
-        }
-
-        /// Turns score row `r` into unnormalised weights exp(s - max); returns 1 / their sum.
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn softmax_row(&self, r: usize, max: f32) -> f32 {
-            unsafe {
-                let m = _mm512_set1_ps(max);
-                let row = self.scores.add(r * self.skp);
-                let mut sum = _mm512_setzero_ps();
-                for c in (0..self.skp).step_by(L) {
-                    let e = exp(_mm512_sub_ps(_mm512_loadu_ps(row.add(c)), m));
-                    _mm512_storeu_ps(row.add(c), e);
-                    sum = _mm512_add_ps(sum, e);
-                }
-                1.0 / _mm512_reduce_add_ps(sum)
-            }
-        }
-
-        /// out[r] = inv[r] · Σ_j weight[r][j] · v[j] for the block's `RB` queries.
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn weighted_sum<const RB: usize, const DV: usize>(
-            &self,
-            inv: &[f32; RB],
-            out: *mut f32,
-        ) {
-            unsafe {
-                let mut acc = [[_mm512_setzero_ps(); DV]; RB];
-                for j in 0..self.sk {
-                    let vj = self.v.add(j * self.hd);
-                    let mut vals = [_mm512_setzero_ps(); DV];
-                    for (x, val) in vals.iter_mut().enumerate() {
-                        *val = _mm512_loadu_ps(vj.add(x * L));
-                    }
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let w = _mm512_set1_ps(*self.scores.add(r * self.skp + j));
-                        for x in 0..DV {
-                            acc[x] = _mm512_fmadd_ps(w, vals[x], acc[x]);
-                        }
-                    }
-                }
-                for (r, acc) in acc.iter().enumerate() {
-                    let scale = _mm512_set1_ps(inv[r]);
-                    for (x, &a) in acc.iter().enumerate() {
-                        _mm512_storeu_ps(out.add(r * self.hd + x * L), _mm512_mul_ps(a, scale));
-                    }
-                }
-            }
-        }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn add(a: V, b: V) -> V {
+        _mm512_add_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn sub(a: V, b: V) -> V {
+        _mm512_sub_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn mul(a: V, b: V) -> V {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn vmax(a: V, b: V) -> V {
+        _mm512_max_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn hmax(a: V) -> f32 {
+        _mm512_reduce_max_ps(a)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    fn hsum(a: V) -> f32 {
+        _mm512_reduce_add_ps(a)
     }
 
     /// e^x for x ≤ 0 (scores minus their row's maximum), 0 below -87.3 and for -inf; within
     /// about 2 ulp: x = n·ln2 + r with |r| ≤ ln2/2, e^r by its degree-6 Taylor polynomial
     /// (error below 1.3e-7 there), times 2^n by `vscalefps`.
+    #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    fn exp(x: __m512) -> __m512 {
-        const LOW: f32 = -87.336_54;
-        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(LOW));
-        let x = _mm512_max_ps(x, _mm512_set1_ps(LOW));
+    fn exp(x: V) -> V {
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(super::EXP_LOW));
+        let x = _mm512_max_ps(x, _mm512_set1_ps(super::EXP_LOW));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
         );
-        // ln 2 in two parts (Cody and Waite) so that x - n·ln2 stays exact.
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm512_set1_ps(1.0 / 720.0);
-        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_HI), x);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(super::LN2_LO), r);
+        let mut p = _mm512_set1_ps(super::EXP_POLY[0]);
+        for c in &super::EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
         }
         _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n))
     }
+
+    attention_kernels!("avx512f,fma");
 }
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    type V = __m256;
+    const L: usize = 8;
+    /// 4 queries × 2 vectors of keys = 8 accumulators (of 16 registers).
+    const R: usize = 4;
+
+    /// 8 accumulators a tile.
+    fn tile(vectors: usize) -> (usize, usize) {
+        if vectors.is_multiple_of(2) {
+            (4, 2)
+        } else {
+            (4, 1)
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn zero() -> V {
+        _mm256_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn splat(x: f32) -> V {
+        _mm256_set1_ps(x)
+    }
+    /// # Safety
+    /// `L` floats readable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller's.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    /// # Safety
+    /// `L` floats writable at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store(p: *mut f32, v: V) {
+        // SAFETY: the caller's.
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn fma(a: V, b: V, c: V) -> V {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn add(a: V, b: V) -> V {
+        _mm256_add_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn sub(a: V, b: V) -> V {
+        _mm256_sub_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn mul(a: V, b: V) -> V {
+        _mm256_mul_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn vmax(a: V, b: V) -> V {
+        _mm256_max_ps(a, b)
+    }
+    /// The lanes folded pairwise: halves, then quarters, then the last two.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hmax(a: V) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m)))
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(a: V) -> f32 {
+        let m = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps::<0b01>(m, m)))
+    }
+
+    /// As the AVX-512 `exp`, with 2^n built in the exponent bits (n ≥ -126 after the clamp,
+    /// so the result is a normal float).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp(x: V) -> V {
+        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(super::EXP_LOW));
+        let x = _mm256_max_ps(x, _mm256_set1_ps(super::EXP_LOW));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_HI), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(super::LN2_LO), r);
+        let mut p = _mm256_set1_ps(super::EXP_POLY[0]);
+        for c in &super::EXP_POLY[1..] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+        }
+        let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(bits)), keep)
+    }
+
+    attention_kernels!("avx2,fma");
+}
+
+/// Eight lanes as a plain array: every operation is a loop the compiler turns into the
+/// target's vector instructions (two SSE2 registers, two NEON ones).
+mod portable {
+    type V = [f32; 8];
+    const L: usize = 8;
+    const R: usize = 4;
+
+    fn tile(_vectors: usize) -> (usize, usize) {
+        (4, 1)
+    }
+
+    #[inline(always)]
+    fn map(a: V, b: V, f: impl Fn(f32, f32) -> f32) -> V {
+        std::array::from_fn(|i| f(a[i], b[i]))
+    }
+    #[inline(always)]
+    fn zero() -> V {
+        [0.0; 8]
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> V {
+        [x; 8]
+    }
+    /// # Safety
+    /// `L` floats readable at `p`.
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller's.
+        unsafe { p.cast::<V>().read_unaligned() }
+    }
+    /// # Safety
+    /// `L` floats writable at `p`.
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: V) {
+        // SAFETY: the caller's.
+        unsafe { p.cast::<V>().write_unaligned(v) }
+    }
+    /// Fused where the architecture always has it (aarch64); elsewhere a multiply, then an
+    /// add (a fused one is a library call on an x86-64 without FMA).
+    #[inline(always)]
+    fn fma(a: V, b: V, c: V) -> V {
+        #[cfg(target_arch = "aarch64")]
+        return std::array::from_fn(|i| a[i].mul_add(b[i], c[i]));
+        #[cfg(not(target_arch = "aarch64"))]
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    fn add(a: V, b: V) -> V {
+        map(a, b, |x, y| x + y)
+    }
+    #[inline(always)]
+    fn sub(a: V, b: V) -> V {
+        map(a, b, |x, y| x - y)
+    }
+    #[inline(always)]
+    fn mul(a: V, b: V) -> V {
+        map(a, b, |x, y| x * y)
+    }
+    #[inline(always)]
+    fn vmax(a: V, b: V) -> V {
+        map(a, b, f32::max)
+    }
+    /// Lanes folded pairwise, halves first (a fixed order).
+    #[inline(always)]
+    fn fold(a: V, f: impl Fn(f32, f32) -> f32) -> f32 {
+        let q: [f32; 4] = std::array::from_fn(|i| f(a[i], a[i + 4]));
+        f(f(q[0], q[2]), f(q[1], q[3]))
+    }
+    #[inline(always)]
+    fn hmax(a: V) -> f32 {
+        fold(a, f32::max)
+    }
+    #[inline(always)]
+    fn hsum(a: V) -> f32 {
+        fold(a, |x, y| x + y)
+    }
+    /// As the AVX-512 `exp`, one step at a time over all lanes (so that each step is one
+    /// vector instruction or two): n rounded by adding and removing 1.5·2^23 (exact for
+    /// |n| < 2^22, and no library call), 2^n built in the exponent bits.
+    #[inline(always)]
+    fn exp(x: V) -> V {
+        const ROUND: f32 = 12_582_912.0;
+        let v: V = std::array::from_fn(|i| x[i].max(super::EXP_LOW));
+        let n: V = std::array::from_fn(|i| (v[i] * std::f32::consts::LOG2_E + ROUND) - ROUND);
+        let r: V = std::array::from_fn(|i| v[i] - n[i] * super::LN2_HI);
+        let r: V = std::array::from_fn(|i| r[i] - n[i] * super::LN2_LO);
+        let mut p = splat(super::EXP_POLY[0]);
+        for c in &super::EXP_POLY[1..] {
+            p = fma(p, r, splat(*c));
+        }
+        // n is an integer in -126..=0 here, so the cast is exact.
+        let bits: [i32; 8] = std::array::from_fn(|i| (n[i] as i32 + 127) << 23);
+        std::array::from_fn(|i| {
+            let e = p[i] * f32::from_bits(bits[i] as u32);
+            if x[i] >= super::EXP_LOW {
+                e
+            } else {
+                0.0
+            }
+        })
+    }
+
+    attention_kernels!();
+}
+
+/// Below this, e^x is 0 in the kernels (e^-87.34 is f32's smallest normal).
+const EXP_LOW: f32 = -87.336_54;
+/// ln 2 in two parts (Cody and Waite) so that x - n·ln2 stays exact.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// e^r by its degree-6 Taylor polynomial, highest coefficient first (Horner).
+const EXP_POLY: [f32; 7] = [
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
 
 #[cfg(test)]
 mod tests {
@@ -433,13 +786,16 @@ mod tests {
             .collect()
     }
 
-    /// The formula in f64, for the reference itself.
+    /// The formula in f64, with the kernels' contract on padding: in self-attention the
+    /// queries after a row's last unmasked key, and every query of a row with no unmasked
+    /// key, are 0.
     fn exact(d: Dims, q: &[f32], k: &[f32], v: &[f32], mask: &[f32]) -> Vec<f64> {
         let (hd, dh) = (d.heads * d.head_dim, d.head_dim);
         let mut out = vec![0f64; d.q_len()];
         for n in 0..d.n {
+            let live = live_queries(&d, unmasked_len(&mask[n * d.sk..][..d.sk]));
             for h in 0..d.heads {
-                for i in 0..d.sq {
+                for i in 0..live {
                     let at = (n * d.sq + i) * hd + h * dh;
                     let s: Vec<f64> = (0..d.sk)
                         .map(|j| {
@@ -465,11 +821,55 @@ mod tests {
         out
     }
 
-    /// Cases around every block size: one query (the model's last layer), tails of 1–7
-    /// queries, key counts off whole vectors, both head widths, and masked keys.
+    /// Every kernel this CPU runs on `d`, against [`exact`]; row `n` masks its last `n`
+    /// keys (never all of them).
+    fn check(d: Dims, rng: &mut CellRng) {
+        // Queries already scaled as the graph scales them; scores span about ±8.
+        let q = random(d.q_len(), 0.5, rng);
+        let k = random(d.kv_len(), 1.0, rng);
+        let v = random(d.kv_len(), 1.0, rng);
+        let mut mask = vec![0f32; d.mask_len()];
+        for row in 0..d.n {
+            let masked = row.min(d.sk - 1);
+            mask[row * d.sk + d.sk - masked..(row + 1) * d.sk].fill(f32::NEG_INFINITY);
+        }
+        let want = exact(d, &q, &k, &v, &mask);
+        for simd in Simd::available() {
+            let mut out = vec![f32::NAN; d.q_len()];
+            attend(simd, d, &q, &k, &v, &mask, &mut out);
+            let worst = out
+                .iter()
+                .zip(&want)
+                .map(|(&o, &w)| (o as f64 - w).abs())
+                .fold(0.0, f64::max);
+            assert!(worst < 1e-5, "{} on {d:?}: off by {worst:e}", simd.name());
+        }
+    }
+
+    fn dims(n: usize, sq: usize, sk: usize, heads: usize, head_dim: usize) -> Dims {
+        Dims {
+            n,
+            sq,
+            sk,
+            heads,
+            head_dim,
+        }
+    }
+
+    /// Cases around every block and tile size: one query (the model's last layer), tails of
+    /// 1–7 queries, key counts off whole vectors, the head widths of scGPT-architecture
+    /// models (16 to 128) and one no kernel takes (12: the reference), and masked keys.
     #[test]
     fn every_kernel_matches_the_formula() {
-        let cases = [
+        eprintln!(
+            "attention kernels covered: {:?}",
+            Simd::available()
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+        );
+        let mut rng = CellRng::for_cell(7, "attention kernels");
+        for (n, sq, sk, heads, head_dim) in [
             (2, 5, 5, 4, 32),
             (1, 1, 17, 4, 32),
             (3, 16, 16, 4, 16),
@@ -477,68 +877,54 @@ mod tests {
             (1, 64, 64, 4, 32),
             (1, 256, 256, 1, 32),
             (2, 1, 256, 4, 16),
-        ];
-        let mut rng = CellRng::for_cell(7, "attention kernels");
-        for (n, sq, sk, heads, head_dim) in cases {
-            let d = Dims {
-                n,
-                sq,
-                sk,
-                heads,
-                head_dim,
-            };
-            // Queries already scaled as the graph scales them; scores span about ±8.
-            let q = random(d.q_len(), 0.5, &mut rng);
-            let k = random(d.kv_len(), 1.0, &mut rng);
-            let v = random(d.kv_len(), 1.0, &mut rng);
-            // Each row masks its last (row index) keys, never the first.
-            let mut mask = vec![0f32; d.mask_len()];
-            for row in 0..n {
-                let masked = row.min(sk - 1);
-                mask[row * sk + sk - masked..(row + 1) * sk].fill(f32::NEG_INFINITY);
-            }
-            let want = exact(d, &q, &k, &v, &mask);
-            for kernels in Kernels::available() {
-                let mut out = vec![f32::NAN; d.q_len()];
-                attend(kernels, d, &q, &k, &v, &mask, &mut out);
-                let worst = out
-                    .iter()
-                    .zip(&want)
-                    .map(|(&o, &w)| (o as f64 - w).abs())
-                    .fold(0.0, f64::max);
-                assert!(
-                    worst < 1e-5,
-                    "{} on {d:?}: off by {worst:e}",
-                    kernels.name()
-                );
-            }
+            (2, 9, 9, 3, 8),
+            (2, 13, 13, 2, 12),
+            (3, 37, 37, 2, 64),
+            (2, 1, 70, 8, 64),
+            (2, 21, 21, 2, 128),
+            (1, 1, 45, 2, 128),
+            (2, 11, 11, 1, 48),
+        ] {
+            check(dims(n, sq, sk, heads, head_dim), &mut rng);
         }
     }
 
-    /// A masked key gets no weight at all, whatever its value.
+    /// scGPT's default sequence length (1,200 tokens) and a longer one, at its head width.
     #[test]
-    fn masked_keys_get_no_weight() {
-        let d = Dims {
-            n: 1,
-            sq: 3,
-            sk: 20,
-            heads: 1,
-            head_dim: 32,
-        };
+    fn long_sequences_match_the_formula() {
+        let mut rng = CellRng::for_cell(11, "long attention");
+        check(dims(2, 1200, 1200, 1, 64), &mut rng);
+        check(dims(1, 2048, 2048, 1, 64), &mut rng);
+        check(dims(3, 1, 1200, 8, 64), &mut rng);
+    }
+
+    /// A masked key gets no weight at all, whatever its value; the queries of padding
+    /// tokens and rows with no unmasked key come out as zeros.
+    #[test]
+    fn masked_keys_get_no_weight_and_padding_gets_zeros() {
         let mut rng = CellRng::for_cell(3, "masked keys");
-        let q = random(d.q_len(), 0.5, &mut rng);
-        let k = random(d.kv_len(), 1.0, &mut rng);
-        let mut v = random(d.kv_len(), 1.0, &mut rng);
-        let mut mask = vec![0f32; 20];
-        mask[10..].fill(f32::NEG_INFINITY);
-        for kernels in Kernels::available() {
-            let mut a = vec![0f32; d.q_len()];
-            attend(kernels, d, &q, &k, &v, &mask, &mut a);
-            v[10 * 32..].fill(1e30);
-            let mut b = vec![0f32; d.q_len()];
-            attend(kernels, d, &q, &k, &v, &mask, &mut b);
-            assert_eq!(a, b, "{}", kernels.name());
-            v[10 * 32..].fill(0.0);
+        for head_dim in [32, 64] {
+            let d = dims(2, 20, 20, 2, head_dim);
+            let q = random(d.q_len(), 0.5, &mut rng);
+            let k = random(d.kv_len(), 1.0, &mut rng);
+            let mut v = random(d.kv_len(), 1.0, &mut rng);
+            // Row 0: keys 10.. are padding; row 1: all of them (a filler row).
+            let mut mask = vec![0f32; d.mask_len()];
+            mask[10..].fill(f32::NEG_INFINITY);
+            let hd = 2 * head_dim;
+            for simd in Simd::available() {
+                let mut a = vec![f32::NAN; d.q_len()];
+                attend(simd, d, &q, &k, &v, &mask, &mut a);
+                let saved = v.clone();
+                v[10 * hd..20 * hd].fill(1e30);
+                v[20 * hd..].fill(f32::NAN);
+                let mut b = vec![f32::NAN; d.q_len()];
+                attend(simd, d, &q, &k, &v, &mask, &mut b);
+                v = saved;
+                assert_eq!(a, b, "{}", simd.name());
+                assert!(a[..10 * hd].iter().all(|x| x.is_finite() && *x != 0.0));
+                assert!(a[10 * hd..].iter().all(|&x| x == 0.0), "{}", simd.name());
+            }
         }
     }
 }

@@ -26,7 +26,8 @@ use tract_core::ops::konst::Const;
 use tract_core::ops::math::{Add, Mul};
 use tract_core::{rule_if, rule_if_some};
 
-use super::{FusedAttention, Kernels};
+use super::FusedAttention;
+use crate::simd::Simd;
 
 /// Attention of one query per row against keys `x·Wk` and values `x·Wv + bv`, computed
 /// without them (module comment).
@@ -35,8 +36,8 @@ use super::{FusedAttention, Kernels};
 /// additive key mask `[1, 1, N, S]`. Output `[N, heads, d]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClsAttention {
-    /// Those of the attention op it replaces (the fusion's choice for this CPU).
-    pub kernels: Kernels,
+    /// The kernel of the attention op it replaces (the fusion's choice for this CPU).
+    pub simd: Simd,
     pub heads: usize,
     pub head_dim: usize,
     /// `[D, heads·d]`: key `j` is `x_j · wk` (its constant part dropped).
@@ -90,7 +91,7 @@ impl EvalOp for ClsAttention {
             self.bv.try_as_plain_ram()?,
         );
         let weights = Weights {
-            kernels: self.kernels,
+            simd: self.simd,
             heads: self.heads,
             head_dim: self.head_dim,
             wk: wk.as_slice::<f32>()?,
@@ -144,7 +145,7 @@ impl TypedOp for ClsAttention {
 
 /// The op's constants as slices.
 struct Weights<'a> {
-    kernels: Kernels,
+    simd: Simd,
     heads: usize,
     head_dim: usize,
     wk: &'a [f32],
@@ -192,19 +193,44 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 impl Weights<'_> {
     /// One row: `q` `[heads·d]`, `x` `[S, D]`, `mask` `[S]` into `out` `[heads·d]`; the same
-    /// loops compiled for AVX-512 with the vector kernels (same arithmetic, same order).
+    /// loops compiled for each vector tier (same arithmetic, same order).
     fn attend(&self, q: &[f32], x: &[f32], mask: &[f32], out: &mut [f32], sc: &mut Scratch) {
-        match self.kernels {
-            Kernels::Portable => self.attend_any(q, x, mask, out, sc),
-            // SAFETY: `Avx512` is only detected where the CPU has AVX-512F.
+        assert!(
+            self.simd <= Simd::detect(),
+            "{} on this CPU",
+            self.simd.name()
+        );
+        match self.simd {
+            // SAFETY: the CPU runs the tier (asserted above).
             #[cfg(target_arch = "x86_64")]
-            Kernels::Avx512 => unsafe { self.attend_avx512(q, x, mask, out, sc) },
+            Simd::Avx512 => unsafe { self.attend_avx512(q, x, mask, out, sc) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { self.attend_avx2(q, x, mask, out, sc) },
+            _ => self.attend_any(q, x, mask, out, sc),
         }
     }
 
+    /// # Safety
+    /// The CPU has AVX-512F.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn attend_avx512(
+        &self,
+        q: &[f32],
+        x: &[f32],
+        mask: &[f32],
+        out: &mut [f32],
+        sc: &mut Scratch,
+    ) {
+        self.attend_any(q, x, mask, out, sc)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_avx2(
         &self,
         q: &[f32],
         x: &[f32],
@@ -367,7 +393,7 @@ pub(super) fn rule(
     let ((wk, _), (wv, bv)) = (maps.next().context("keys")?, maps.next().context("values")?);
     rule_if!(wk.shape()[1] == (heads * head_dim) as usize);
     let op = ClsAttention {
-        kernels: attention.kernels,
+        simd: attention.simd,
         heads: heads as usize,
         head_dim: head_dim as usize,
         wk: wk.into_arc_tensor(),
@@ -389,12 +415,12 @@ mod tests {
     /// in f64 from the formula, to 1e-5, with every kernel this CPU runs.
     #[test]
     fn matches_attention_over_explicit_keys_and_values() {
-        for kernels in Kernels::available() {
-            check(kernels);
+        for simd in Simd::available() {
+            check(simd);
         }
     }
 
-    fn check(kernels: Kernels) {
+    fn check(simd: Simd) {
         let (h, dh, d, s) = (4, 8, 24, 37);
         let hd = h * dh;
         let mut seed = 7u64;
@@ -416,7 +442,7 @@ mod tests {
             .map(|j| if j % 5 == 3 { f32::NEG_INFINITY } else { 0.0 })
             .collect();
         let w = Weights {
-            kernels,
+            simd,
             heads: h,
             head_dim: dh,
             wk: &wk,
@@ -452,7 +478,7 @@ mod tests {
                 assert!(
                     (got - want).abs() <= 1e-5,
                     "{}: head {head} col {c}: {got} vs {want}",
-                    kernels.name()
+                    simd.name()
                 );
             }
         }

@@ -16,6 +16,8 @@ use tract_core::ops::math::{Add, Mul, Sub};
 use tract_core::ops::nn::RmsNorm;
 use tract_core::{rule_if, rule_if_some};
 
+use crate::simd::Simd;
+
 /// `(x - mean(x)) / sqrt(var(x) + eps) * gamma + beta` over the last axis, where `x` is the
 /// op's one input, or the sum of its two (the same shape).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -25,6 +27,8 @@ pub struct FusedLayerNorm {
     /// f32, as long as the last axis.
     pub gamma: Arc<Tensor>,
     pub beta: Arc<Tensor>,
+    /// Which kernel runs the arithmetic.
+    pub simd: Simd,
 }
 
 impl Op for FusedLayerNorm {
@@ -67,6 +71,7 @@ impl EvalOp for FusedLayerNorm {
         );
         let eps = self.eps.cast_to_scalar::<f32>()?;
         normalise(
+            self.simd,
             x.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
             other,
             gamma,
@@ -89,68 +94,120 @@ impl TypedOp for FusedLayerNorm {
 }
 
 /// Every row of `x` (plus `other`'s, where given; rows as long as `gamma`) normalised in
-/// place: with AVX-512 where the CPU has it and rows are whole vectors, else portably. The
-/// two differ by rounding only (fused multiply-adds, the order of the sums).
-pub fn normalise(x: &mut [f32], other: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: f32) {
+/// place, on `simd`'s kernel where rows are whole vectors of it, else portably. They differ
+/// by rounding only (fused multiply-adds, the order of the sums).
+///
+/// Panics if this CPU does not run `simd`.
+pub fn normalise(
+    simd: Simd,
+    x: &mut [f32],
+    other: Option<&[f32]>,
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) {
     assert_eq!(gamma.len(), beta.len());
     assert_eq!(x.len() % gamma.len(), 0);
     assert!(other.is_none_or(|o| o.len() == x.len()));
-    #[cfg(target_arch = "x86_64")]
-    if gamma.len().is_multiple_of(16) && std::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, rows are whole vectors, `other` is as long as `x`.
-        return unsafe { avx512::rows(x, other, gamma, beta, eps) };
+    assert!(simd <= Simd::detect(), "{} on this CPU", simd.name());
+    let d = gamma.len();
+    match simd {
+        // SAFETY (both arms): the CPU runs the tier (asserted above), rows are whole
+        // vectors, `other` is as long as `x`.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 if d.is_multiple_of(16) => unsafe { avx512::rows(x, other, gamma, beta, eps) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 | Simd::Avx2 if d.is_multiple_of(8) => unsafe {
+            avx2::rows(x, other, gamma, beta, eps)
+        },
+        _ => rows(x, other, gamma, beta, eps),
     }
-    rows(x, other, gamma, beta, eps)
+}
+
+/// The vector kernels: one row at a time, three passes (sum, squared deviations, output),
+/// written for [`layer_norm_rows!`]'s vector operations.
+macro_rules! layer_norm_rows {
+    ($features:literal) => {
+        /// # Safety
+        /// The module's target features; `gamma.len()` a multiple of `L` dividing
+        /// `x.len()`; `beta` as long as `gamma`, `other` as `x`.
+        #[target_feature(enable = $features)]
+        pub unsafe fn rows(
+            x: &mut [f32],
+            other: Option<&[f32]>,
+            gamma: &[f32],
+            beta: &[f32],
+            eps: f32,
+        ) {
+            let d = gamma.len();
+            let (g, b) = (gamma.as_ptr(), beta.as_ptr());
+            for (r, row) in x.chunks_exact_mut(d).enumerate() {
+                let p = row.as_mut_ptr();
+                let o = other.map(|o| o[r * d..].as_ptr());
+                // SAFETY (all loads and stores below): offsets c < d on rows of d.
+                unsafe {
+                    let mut sum = zero();
+                    for c in (0..d).step_by(L) {
+                        let mut v = load(p.add(c));
+                        if let Some(o) = o {
+                            v = add(v, load(o.add(c)));
+                            store(p.add(c), v);
+                        }
+                        sum = add(sum, v);
+                    }
+                    let mean = splat(hsum(sum) / d as f32);
+                    let mut sq = zero();
+                    for c in (0..d).step_by(L) {
+                        let t = sub(load(p.add(c)), mean);
+                        sq = fma(t, t, sq);
+                    }
+                    let var = hsum(sq) / d as f32;
+                    let inv = splat(1.0 / (var + eps).sqrt());
+                    for c in (0..d).step_by(L) {
+                        let t = mul(sub(load(p.add(c)), mean), inv);
+                        store(p.add(c), fma(t, load(g.add(c)), load(b.add(c))));
+                    }
+                }
+            }
+        }
+    };
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// # Safety
-    /// AVX-512F; `gamma.len()` is a multiple of 16 and of `x.len()`; `beta` as long as
-    /// `gamma`, `other` as `x`.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn rows(
-        x: &mut [f32],
-        other: Option<&[f32]>,
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f32,
-    ) {
-        let d = gamma.len();
-        let (g, b) = (gamma.as_ptr(), beta.as_ptr());
-        for (r, row) in x.chunks_exact_mut(d).enumerate() {
-            let p = row.as_mut_ptr();
-            let o = other.map(|o| o[r * d..].as_ptr());
-            // SAFETY (all loads and stores below): offsets c < d on rows of d.
-            unsafe {
-                let mut sum = _mm512_setzero_ps();
-                for c in (0..d).step_by(16) {
-                    let mut v = _mm512_loadu_ps(p.add(c));
-                    if let Some(o) = o {
-                        v = _mm512_add_ps(v, _mm512_loadu_ps(o.add(c)));
-                        _mm512_storeu_ps(p.add(c), v);
-                    }
-                    sum = _mm512_add_ps(sum, v);
-                }
-                let mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / d as f32);
-                let mut sq = _mm512_setzero_ps();
-                for c in (0..d).step_by(16) {
-                    let t = _mm512_sub_ps(_mm512_loadu_ps(p.add(c)), mean);
-                    sq = _mm512_fmadd_ps(t, t, sq);
-                }
-                let var = _mm512_reduce_add_ps(sq) / d as f32;
-                let inv = _mm512_set1_ps(1.0 / (var + eps).sqrt());
-                for c in (0..d).step_by(16) {
-                    let t = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(p.add(c)), mean), inv);
-                    let y =
-                        _mm512_fmadd_ps(t, _mm512_loadu_ps(g.add(c)), _mm512_loadu_ps(b.add(c)));
-                    _mm512_storeu_ps(p.add(c), y);
-                }
-            }
-        }
+    const L: usize = 16;
+    use {
+        _mm512_add_ps as add, _mm512_fmadd_ps as fma, _mm512_loadu_ps as load,
+        _mm512_mul_ps as mul, _mm512_reduce_add_ps as hsum, _mm512_set1_ps as splat,
+        _mm512_setzero_ps as zero, _mm512_storeu_ps as store, _mm512_sub_ps as sub,
+    };
+
+    layer_norm_rows!("avx512f,fma");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    const L: usize = 8;
+    use {
+        _mm256_add_ps as add, _mm256_fmadd_ps as fma, _mm256_loadu_ps as load,
+        _mm256_mul_ps as mul, _mm256_set1_ps as splat, _mm256_setzero_ps as zero,
+        _mm256_storeu_ps as store, _mm256_sub_ps as sub,
+    };
+
+    /// The lanes summed pairwise: halves, then quarters, then the last two.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(a: __m256) -> f32 {
+        let m = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps::<1>(a));
+        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_add_ss(m, _mm_shuffle_ps::<0b01>(m, m)))
     }
+
+    layer_norm_rows!("avx2,fma");
 }
 
 /// The portable reference.
@@ -191,7 +248,7 @@ fn vector_of(t: &Tensor, d: usize) -> Option<Arc<Tensor>> {
 /// sub → `RmsNorm` (last axis) → mul by a constant → add a constant, each intermediate
 /// feeding only the next.
 pub(super) fn rule(
-    _: &(),
+    simd: Simd,
     model: &TypedModel,
     norm: &TypedNode,
     _name: &str,
@@ -237,7 +294,12 @@ pub(super) fn rule(
     let inputs = residual_sum(model, x)?.unwrap_or_else(|| tvec![x]);
     let mut patch = TypedModelPatch::new(format!("fuse layer norm at {}", norm.name));
     let taps = patch.taps(model, &inputs)?;
-    let op = FusedLayerNorm { eps, gamma, beta };
+    let op = FusedLayerNorm {
+        eps,
+        gamma,
+        beta,
+        simd,
+    };
     let out = patch.wire_node(format!("{}.fused_layer_norm", norm.name), op, &taps)?;
     patch.shunt_outside(model, add.id.into(), out[0])?;
     Ok(Some(patch))
@@ -273,26 +335,36 @@ mod tests {
     use crate::tokenize::rng::CellRng;
 
     #[test]
-    fn matches_the_formula_in_f64() {
-        for d in [37, 128] {
-            check(d);
+    fn every_kernel_matches_the_formula_in_f64() {
+        eprintln!(
+            "layer norm kernels covered: {:?}",
+            Simd::available()
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+        );
+        for simd in Simd::available() {
+            for d in [37, 24, 128, 512] {
+                check(simd, d);
+            }
         }
     }
 
-    /// Rows of `d`: 37 takes the portable path, 128 the vector one where the CPU has it.
-    fn check(d: usize) {
+    /// Rows of `d`: 37 takes the portable path, 24 the AVX2 one at most, 128 and 512 the
+    /// tier's own.
+    fn check(simd: Simd, d: usize) {
         let mut rng = CellRng::for_cell(11, "layer norm");
         let mut next = || rng.next_f64() as f32 * 4.0 - 1.0;
         let x: Vec<f32> = (0..5 * d).map(|_| next() * 3.0 + 2.0).collect();
         let gamma: Vec<f32> = (0..d).map(|_| next()).collect();
         let beta: Vec<f32> = (0..d).map(|_| next()).collect();
         let mut out = x.clone();
-        normalise(&mut out, None, &gamma, &beta, 1e-5);
+        normalise(simd, &mut out, None, &gamma, &beta, 1e-5);
         compare(&x, &out, &gamma, &beta);
         // The same rows as the sum of two terms.
         let half: Vec<f32> = x.iter().map(|v| v * 0.25).collect();
         let mut sum: Vec<f32> = x.iter().zip(&half).map(|(v, h)| v - h).collect();
-        normalise(&mut sum, Some(&half), &gamma, &beta, 1e-5);
+        normalise(simd, &mut sum, Some(&half), &gamma, &beta, 1e-5);
         compare(&x, &sum, &gamma, &beta);
     }
 

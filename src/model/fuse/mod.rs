@@ -2,7 +2,7 @@
 //! than the arithmetic (BENCHMARKS.md "Model forward"):
 //!
 //! - each attention layer (scores einsum, mask add, softmax, weighted-sum einsum) as one
-//!   [`attention::FusedAttention`], on an AVX-512 kernel chosen at run time;
+//!   [`attention::FusedAttention`];
 //! - the last layer's one-query attention as [`ClsAttention`], which never computes the
 //!   keys and values of every token (`cls_attention.rs`);
 //! - each LayerNorm, as the export spells it (mean by a matmul, centring, `RmsNorm`, scale,
@@ -11,10 +11,11 @@
 //!   projection of their sum) as [`TokenTable`] lookups, computed for every possible input
 //!   when the model loads ([`TokenTables`], a separate transform).
 //!
-//! The ONNX file is unchanged (onnxruntime runs it as before); the rewrite is a tract model
-//! transform applied after parsing, and only where it pays ([`Fusion::best`]): on CPUs with
-//! the vector attention kernel. Elsewhere, or with `CELLSTREAM_FUSION=tract` in the
-//! environment (for comparisons), tract runs the graph as it is.
+//! The rewrites are algebra: they run on every CPU ([`Fusion::best`]). Only the arithmetic
+//! inside an op picks a kernel, from the [`Simd`] tier chosen once at run time (AVX-512,
+//! AVX2+FMA, portable). The ONNX file is unchanged (onnxruntime runs it as before); the
+//! rewrite is a tract model transform applied after parsing. `CELLSTREAM_FUSION=tract` runs
+//! the graph as it is, on tract's own ops (for comparisons).
 
 mod attention;
 mod attention_kernel;
@@ -27,72 +28,63 @@ use std::collections::HashMap;
 use tract_core::internal::*;
 use tract_core::model::Rewriter;
 use tract_core::ops::einsum::EinSum;
-use tract_core::ops::nn::Softmax;
+use tract_core::ops::nn::{RmsNorm, Softmax};
 use tract_core::transform::ModelTransform;
 
+use crate::simd::Simd;
+
 pub use attention::FusedAttention;
-pub use attention_kernel::{Dims, Kernels};
+pub use attention_kernel::Dims;
 pub use cls_attention::ClsAttention;
 pub use layer_norm::FusedLayerNorm;
-pub use token_tables::{TokenTable, TOKEN_TABLES_PROPERTY, VALUE_KEYS};
+pub use token_tables::{
+    FoldSummary, TokenTable, MAX_EXTRA_TABLE_BYTES, TOKEN_TABLES_PROPERTY,
+    TOKEN_TABLE_BYTES_PROPERTY, TOKEN_TABLE_REPLACED_PROPERTY, VALUE_KEYS,
+};
 
 /// The model properties where the transform records how many attention layers and
 /// LayerNorms it fused.
 pub const FUSED_ATTENTION_PROPERTY: &str = "cellstream.fused_attention_layers";
 pub const FUSED_LAYER_NORM_PROPERTY: &str = "cellstream.fused_layer_norms";
 
-/// Whether (and with which attention kernels) the graph is rewritten.
+/// Whether the graph is rewritten into our ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fusion {
     /// As the graph spells it, on tract's own ops.
     Tract,
-    /// Attention layers and LayerNorms fused, attention on these kernels.
-    Fused(Kernels),
+    /// Attention layers and LayerNorms fused (each op on the runtime's [`Simd`] tier).
+    Fused,
 }
 
 impl Fusion {
-    /// The fastest on this CPU: fused where the vector kernel exists, tract's ops elsewhere
-    /// (the portable kernel is a reference, slower than tract).
+    /// Fused, on every CPU: the portable kernels are vectorised by the compiler too.
     pub fn best() -> Fusion {
-        match Kernels::detect() {
-            Kernels::Portable => Fusion::Tract,
-            vector => Fusion::Fused(vector),
-        }
+        Fusion::Fused
     }
 
-    /// [`Fusion::best`], unless `CELLSTREAM_FUSION` names another (`tract`,
-    /// `fused-portable`, `fused-avx512`): a knob for comparisons, not a setting.
+    /// [`Fusion::best`], unless `CELLSTREAM_FUSION` names another (`tract`, `fused`): a
+    /// knob for comparisons, not a setting.
     pub fn from_env() -> Result<Fusion, String> {
         super::knob(
             "CELLSTREAM_FUSION",
             Fusion::best(),
-            &Fusion::available(),
+            &[Fusion::Tract, Fusion::Fused],
             Fusion::name,
         )
-    }
-
-    /// Every way this CPU can run (for tests and benchmarks).
-    pub fn available() -> Vec<Fusion> {
-        let fused = Kernels::available().into_iter().map(Fusion::Fused);
-        std::iter::once(Fusion::Tract).chain(fused).collect()
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Fusion::Tract => "tract",
-            Fusion::Fused(Kernels::Portable) => "fused-portable",
-            #[cfg(target_arch = "x86_64")]
-            Fusion::Fused(Kernels::Avx512) => "fused-avx512",
+            Fusion::Fused => "fused",
         }
     }
 
-    /// The tract transform that fuses with these kernels, if any.
-    pub fn transform(self) -> Option<&'static str> {
+    /// The tract transform that fuses with `simd`'s kernels, if any.
+    pub fn transform(self, simd: Simd) -> Option<&'static str> {
         match self {
             Fusion::Tract => None,
-            Fusion::Fused(Kernels::Portable) => Some("cellstream_fuse_portable"),
-            #[cfg(target_arch = "x86_64")]
-            Fusion::Fused(Kernels::Avx512) => Some("cellstream_fuse_avx512"),
+            Fusion::Fused => Some(FuseGraph { simd }.registered()),
         }
     }
 }
@@ -101,29 +93,46 @@ impl Fusion {
 /// how many of each in the model's properties.
 #[derive(Debug, Clone)]
 pub struct FuseGraph {
-    pub kernels: Kernels,
+    pub simd: Simd,
+}
+
+impl FuseGraph {
+    /// The name it is registered under (one per tier: tract's registry builds transforms
+    /// by name).
+    fn registered(&self) -> &'static str {
+        match self.simd {
+            Simd::Portable => "cellstream_fuse_portable",
+            Simd::Avx2 => "cellstream_fuse_avx2",
+            Simd::Avx512 => "cellstream_fuse_avx512",
+        }
+    }
 }
 
 impl ModelTransform for FuseGraph {
     fn name(&self) -> StaticName {
-        Fusion::Fused(self.kernels)
-            .transform()
-            .unwrap_or_default()
-            .into()
+        self.registered().into()
     }
 
     fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
-        let kernels = self.kernels;
+        let simd = self.simd;
         Rewriter::default()
             .with_rule_for(
                 "fuse-attention",
                 move |_: &(), m: &TypedModel, n: &TypedNode, _: &str, op: &Softmax| {
-                    attention::rule(kernels, m, n, op)
+                    attention::rule(simd, m, n, op)
                 },
             )
-            .with_rule_for("fuse-layer-norm", layer_norm::rule)
+            .with_rule_for(
+                "fuse-layer-norm",
+                move |_: &(), m: &TypedModel, n: &TypedNode, name: &str, op: &RmsNorm| {
+                    layer_norm::rule(simd, m, n, name, op)
+                },
+            )
             .with_rule_for("one-query-attention", cls_attention::rule)
             .rewrite(&(), model)?;
+        // Drop the projections the one-query attention made dead (keys and values of every
+        // token in the last layer), and their weights with them.
+        model.compact()?;
         let count = |model: &TypedModel, is: fn(&TypedNode) -> bool| {
             rctensor0(model.nodes().iter().filter(|n| is(n)).count() as i64)
         };
@@ -144,16 +153,11 @@ impl ModelTransform for FuseGraph {
 register_simple_model_transform!(
     "cellstream_fuse_portable",
     FuseGraph {
-        kernels: Kernels::Portable
+        simd: Simd::Portable
     }
 );
-#[cfg(target_arch = "x86_64")]
-register_simple_model_transform!(
-    "cellstream_fuse_avx512",
-    FuseGraph {
-        kernels: Kernels::Avx512
-    }
-);
+register_simple_model_transform!("cellstream_fuse_avx2", FuseGraph { simd: Simd::Avx2 });
+register_simple_model_transform!("cellstream_fuse_avx512", FuseGraph { simd: Simd::Avx512 });
 
 /// An f32 product of two inputs, `input` the computed one, that keeps its row and token axes
 /// (the first two) as the output's first two and leaves them out of the other input: a
@@ -265,10 +269,16 @@ impl ModelTransform for FoldTokenTables {
     }
 
     fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
-        let count = token_tables::fold(model)?;
-        model
-            .properties
-            .insert(TOKEN_TABLES_PROPERTY.into(), rctensor0(count as i64));
+        let summary = token_tables::fold(model)?;
+        for (name, value) in [
+            (TOKEN_TABLES_PROPERTY, summary.outputs),
+            (TOKEN_TABLE_BYTES_PROPERTY, summary.table_bytes),
+            (TOKEN_TABLE_REPLACED_PROPERTY, summary.replaced_bytes),
+        ] {
+            model
+                .properties
+                .insert(name.into(), rctensor0(value as i64));
+        }
         Ok(())
     }
 }

@@ -35,16 +35,31 @@ use tract_core::ops::math::{Add, Mul};
 
 use super::FusedLayerNorm;
 
-/// The model property where [`fold`] records how many tables it built.
+/// The model properties where [`fold`]'s caller records how many outputs the tables have,
+/// their bytes, and the bytes of the constants they replaced.
 pub const TOKEN_TABLES_PROPERTY: &str = "cellstream.token_tables";
+pub const TOKEN_TABLE_BYTES_PROPERTY: &str = "cellstream.token_table_bytes";
+pub const TOKEN_TABLE_REPLACED_PROPERTY: &str = "cellstream.token_table_replaced_bytes";
+
+/// What [`fold`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FoldSummary {
+    /// Outputs of the token-table op (outlets of the graph it replaced).
+    pub outputs: usize,
+    /// Bytes of its tables.
+    pub table_bytes: usize,
+    /// Bytes of the graph's constants they replaced (the gene embedding).
+    pub replaced_bytes: usize,
+}
 
 /// The f32 inputs with a table row: integers in this range (scGPT's bins are 0..n_bins, its
 /// pad value -2).
 pub const VALUE_KEYS: RangeInclusive<i32> = -16..=255;
 
-/// No table above this size is built: a whole-transcriptome vocabulary times a wide
-/// projection would cost more memory than it saves time.
-const MAX_TABLE_BYTES: usize = 16 << 20;
+/// How much more memory an input's tables may take than the constants they make dead (the
+/// embedding a gene table replaces): a whole-transcriptome vocabulary times a wide projection
+/// would cost more memory than it saves time.
+pub const MAX_EXTRA_TABLE_BYTES: usize = 16 << 20;
 
 /// Which inputs a table has rows for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -670,7 +685,7 @@ fn keys(model: &TypedModel, input: OutletId) -> TractResult<Option<Keys>> {
 }
 
 /// One input's tables, by running its folded functions on every key; `None` where the input
-/// has no key set or a table would be too large.
+/// has no key set.
 fn build(model: &TypedModel, input: OutletId, folds: &[Folded]) -> TractResult<Option<KeyedInput>> {
     let Some(keys) = keys(model, input)? else {
         return Ok(None);
@@ -680,16 +695,6 @@ fn build(model: &TypedModel, input: OutletId, folds: &[Folded]) -> TractResult<O
         .iter()
         .map(|f| wire(&mut scratch, f))
         .collect::<TractResult<Vec<_>>>()?;
-    for o in &outputs {
-        let shape = &scratch.outlet_fact(*o)?.shape;
-        let row = shape[2..]
-            .iter()
-            .map(|d| d.to_usize())
-            .product::<Result<usize, _>>()?;
-        if row * keys.count() * 4 > MAX_TABLE_BYTES {
-            return Ok(None);
-        }
-    }
     // Fails if they read anything but this input (they cannot: they are its functions).
     let part = super::extract(&scratch, &[input], &outputs)?;
     let fallback = SimplePlan::new(part.into_optimized()?)?;
@@ -711,8 +716,9 @@ fn build(model: &TypedModel, input: OutletId, folds: &[Folded]) -> TractResult<O
 }
 
 /// Replaces every single-input function worth it, every sum of two of them, and every
-/// projection of such a sum with one [`TokenTable`]. Returns how many outputs it has.
-pub fn fold(model: &mut TypedModel) -> TractResult<usize> {
+/// projection of such a sum with one [`TokenTable`], as far as each input's memory budget
+/// goes ([`MAX_EXTRA_TABLE_BYTES`] beyond the constants its tables replace).
+pub fn fold(model: &mut TypedModel) -> TractResult<FoldSummary> {
     let kinds = classify(model)?;
     let frontiers = frontiers(model, &kinds);
     let sums = sums(model, &frontiers);
@@ -766,29 +772,78 @@ pub fn fold(model: &mut TypedModel) -> TractResult<usize> {
         }
     }
 
+    // Which outputs get tables: in order (the encoders' sum first), each while every input
+    // it reads stays within its memory budget.
+    let budget: Vec<usize> = (0..model.inputs.len())
+        .map(|i| Ok(MAX_EXTRA_TABLE_BYTES + replaced_bytes(model, &kinds, i)?))
+        .collect::<TractResult<_>>()?;
+    let key_counts = (0..model.inputs.len())
+        .map(|i| Ok(keys(model, model.inputs[i])?.map(Keys::count)))
+        .collect::<TractResult<Vec<_>>>()?;
+    let mut spent = vec![0usize; model.inputs.len()];
+    let mut chosen: Vec<Vec<usize>> = vec![Vec::new(); model.inputs.len()];
+    let mut kept = Vec::new();
+    for (outlet, terms) in outputs {
+        let row = model.outlet_fact(outlet)?.shape[2..]
+            .iter()
+            .map(|d| d.to_usize())
+            .product::<Result<usize, _>>()?;
+        let mut more = vec![0usize; model.inputs.len()];
+        let mut fits = true;
+        for &(i, f) in &terms {
+            match key_counts[i] {
+                Some(count) if !chosen[i].contains(&f) => more[i] += count * row * 4,
+                Some(_) => {}
+                None => fits = false,
+            }
+        }
+        fits &= (0..more.len()).all(|i| spent[i] + more[i] <= budget[i]);
+        if !fits {
+            continue;
+        }
+        for &(i, f) in &terms {
+            if !chosen[i].contains(&f) {
+                chosen[i].push(f);
+            }
+            spent[i] += std::mem::take(&mut more[i]);
+        }
+        kept.push((outlet, terms));
+    }
     let mut built = Vec::new();
-    for (input, f) in folds.iter().enumerate() {
-        built.push(if f.is_empty() {
+    for (input, f) in chosen.iter().enumerate() {
+        let folded: Vec<Folded> = f.iter().map(|&f| folds[input][f].clone()).collect();
+        built.push(if folded.is_empty() {
             None
         } else {
-            build(model, model.inputs[input], f)?
+            build(model, model.inputs[input], &folded)?
         });
     }
-    // Outputs whose every input got its tables; inputs renumbered among those.
+    // Inputs renumbered among those with tables, folds among those built.
     let used: Vec<usize> = (0..built.len()).filter(|&i| built[i].is_some()).collect();
-    let outputs: Vec<_> = outputs
+    let outputs: Vec<_> = kept
         .into_iter()
         .filter(|(_, terms)| terms.iter().all(|t| built[t.0].is_some()))
         .map(|(o, terms)| {
-            let terms = terms
-                .iter()
-                .map(|&(i, f)| (used.iter().position(|&u| u == i).unwrap(), f));
+            let terms = terms.iter().map(|&(i, f)| {
+                let input = used.iter().position(|&u| u == i).unwrap();
+                (input, chosen[i].iter().position(|&c| c == f).unwrap())
+            });
             (o, terms.collect::<Vec<_>>())
         })
         .collect();
     if outputs.is_empty() {
-        return Ok(0);
+        return Ok(FoldSummary::default());
     }
+    let replaceable = used
+        .iter()
+        .map(|&i| Ok((model.inputs[i], replaced_bytes(model, &kinds, i)?)))
+        .collect::<TractResult<Vec<_>>>()?;
+    let table_bytes = built
+        .iter()
+        .flatten()
+        .flat_map(|k| &k.tables)
+        .map(|t| t.len() * 4)
+        .sum();
     let op = TokenTable {
         inputs: built.into_iter().flatten().collect(),
         outputs: outputs.iter().map(|o| o.1.clone()).collect(),
@@ -803,5 +858,44 @@ pub fn fold(model: &mut TypedModel) -> TractResult<usize> {
         patch.shunt_outside(model, *replaced, new)?;
     }
     patch.apply(model)?;
-    Ok(outputs.len())
+    // Drop what the tables replaced (the embedding), so that it is not held beside them.
+    model.compact()?;
+    // An input's gathered constants are gone where no gather reads the input any more.
+    let mut replaced_bytes = 0;
+    for (input, bytes) in replaceable {
+        let gathers = model
+            .outlet_successors(input)
+            .iter()
+            .any(|s| model.node(s.node).op_is::<Gather>());
+        if !gathers {
+            replaced_bytes += bytes;
+        }
+    }
+    Ok(FoldSummary {
+        outputs: outputs.len(),
+        table_bytes,
+        replaced_bytes,
+    })
+}
+
+/// The bytes of the constants input `input`'s tables make dead: those it gathers rows of
+/// (an embedding) where nothing but functions of that input reads the rows.
+fn replaced_bytes(model: &TypedModel, kinds: &[Kind], input: usize) -> TractResult<usize> {
+    let mut bytes = 0;
+    for user in model.outlet_successors(model.inputs[input]) {
+        let gather = model.node(user.node);
+        if !gather.op_is::<Gather>() || user.slot != 1 {
+            continue;
+        }
+        let own = |k: Kind| matches!(k, Kind::Token { inputs, .. } if inputs == 1 << input);
+        let only_own = gather.outputs[0]
+            .successors
+            .iter()
+            .all(|s| own(kinds[s.node]));
+        let data = model.outlet_fact(gather.inputs[0])?;
+        if let (true, Some(k)) = (only_own, &data.konst) {
+            bytes += k.len() * k.datum_type().size_of();
+        }
+    }
+    Ok(bytes)
 }
