@@ -1,10 +1,13 @@
-//! A package made by tools/export-scgpt from a randomly initialised scGPT 0.2.4
-//! `TransformerModel` runs in cellstream and agrees with torch and onnxruntime
-//! (tests/fixtures/scgpt-random/reference.jsonl, written by the converter's self-test).
+//! Packages made by tools/export-scgpt from randomly initialised scGPT 0.2.4 models run in
+//! cellstream and agree with torch and onnxruntime (each fixture's `reference.jsonl`, written
+//! by the converter's self-test): the opset-18 torch form (`scgpt-random`), and the fast form
+//! at head widths 64 (post-norm, fine-tuned: logits and labels) and 128 (pre-norm), on
+//! sequences up to 1,200 tokens, padded rows included, for every kernel tier this CPU runs.
 
 mod common;
 
-use cellstream::model::{Batch, ModelPackage, ModelRuntime, Worker};
+use cellstream::model::{Batch, ModelPackage, ModelRuntime, Options, Worker};
+use cellstream::simd::Simd;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -13,6 +16,89 @@ struct Reference {
     values: Vec<f32>,
     embedding_torch: Vec<f32>,
     embedding_ort: Vec<f32>,
+    #[serde(default)]
+    logits_torch: Option<Vec<f32>>,
+    #[serde(default)]
+    logits_ort: Option<Vec<f32>>,
+}
+
+fn references(dir: &std::path::Path) -> Vec<Reference> {
+    let text = std::fs::read_to_string(dir.join("reference.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The largest difference between `got` (rows of `width`) and each reference row's field.
+fn worst(got: &[f32], width: usize, refs: &[&[f32]]) -> f32 {
+    refs.iter()
+        .enumerate()
+        .flat_map(|(row, want)| {
+            assert_eq!(want.len(), width);
+            got[row * width..(row + 1) * width]
+                .iter()
+                .zip(*want)
+                .map(|(a, b)| (a - b).abs())
+        })
+        .fold(0f32, f32::max)
+}
+
+/// Every reference sequence padded together (as onnxruntime ran them), then each alone at
+/// its own length (as torch ran it), on `options`; returns the largest difference.
+fn check(dir: &std::path::Path, options: Options) -> f32 {
+    let pkg = ModelPackage::load(dir).unwrap();
+    let rt = ModelRuntime::with(&pkg, options).unwrap();
+    let refs = references(dir);
+    assert!(refs.len() >= 10);
+    let name = format!(
+        "{} on {}/{}",
+        dir.display(),
+        options.fusion.name(),
+        options.simd.name()
+    );
+    let mut worker = Worker::new(rt.clone());
+    let (d, k) = (rt.embedding_dim, rt.n_classes);
+    let longest = refs.iter().map(|r| r.gene_ids.len()).max().unwrap();
+    let mut batch = Batch::new(refs.len(), longest);
+    for (row, r) in refs.iter().enumerate() {
+        batch.set_row(row, &r.gene_ids, &r.values, rt.pad_id, rt.pad_value);
+    }
+    let out = worker.run(&batch).unwrap();
+    let ort: Vec<&[f32]> = refs.iter().map(|r| &r.embedding_ort[..]).collect();
+    let mut diff = worst(&out.embedding, d, &ort);
+    if k > 0 {
+        let ort: Vec<&[f32]> = refs
+            .iter()
+            .map(|r| &r.logits_ort.as_ref().unwrap()[..])
+            .collect();
+        diff = diff.max(worst(out.logits.as_ref().unwrap(), k, &ort));
+    }
+    for r in &refs {
+        let mut one = Batch::new(1, r.gene_ids.len());
+        one.set_row(0, &r.gene_ids, &r.values, rt.pad_id, rt.pad_value);
+        let out = worker.run(&one).unwrap();
+        diff = diff.max(worst(&out.embedding, d, &[&r.embedding_torch]));
+        if let Some(torch) = &r.logits_torch {
+            diff = diff.max(worst(out.logits.as_ref().unwrap(), k, &[torch]));
+        }
+    }
+    eprintln!("{name}: max abs diff vs onnxruntime and torch {diff:e}");
+    assert!(diff <= 1e-4, "{name}: max abs diff {diff} > 1e-4");
+    diff
+}
+
+/// Each form this CPU runs: fused on every kernel tier, and tract's own ops.
+fn forms() -> Vec<Options> {
+    eprintln!("kernel tiers covered: {:?}", Simd::available());
+    let mut forms: Vec<Options> = Simd::available()
+        .into_iter()
+        .map(|simd| Options {
+            simd,
+            ..Options::best()
+        })
+        .collect();
+    forms.push(Options::unfused(Simd::detect()));
+    forms
 }
 
 #[test]
@@ -20,31 +106,46 @@ fn converted_scgpt_model_agrees_with_torch_and_onnxruntime() {
     let dir = common::fixture("scgpt-random");
     let pkg = ModelPackage::load(&dir).unwrap();
     assert!(pkg.labels.is_none(), "an embedding-only model");
-    let rt = ModelRuntime::new(&pkg).unwrap();
-    let text = std::fs::read_to_string(dir.join("reference.jsonl")).unwrap();
-    let refs: Vec<Reference> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert!(refs.len() >= 10);
-    let mut worker = Worker::new(rt.clone());
-    let longest = refs.iter().map(|r| r.gene_ids.len()).max().unwrap();
-    // All sequences padded together, as onnxruntime ran them.
-    let mut batch = Batch::new(refs.len(), longest);
-    for (row, r) in refs.iter().enumerate() {
-        batch.set_row(row, &r.gene_ids, &r.values, rt.pad_id, rt.pad_value);
+    for options in forms() {
+        check(&dir, options);
     }
-    let out = worker.run(&batch).unwrap();
-    let d = rt.embedding_dim;
-    let (mut vs_torch, mut vs_ort) = (0f32, 0f32);
-    for (row, r) in refs.iter().enumerate() {
-        for (k, &x) in out.embedding[row * d..(row + 1) * d].iter().enumerate() {
-            vs_torch = vs_torch.max((x - r.embedding_torch[k]).abs());
-            vs_ort = vs_ort.max((x - r.embedding_ort[k]).abs());
-        }
-    }
-    assert!(
-        vs_ort <= 1e-4 && vs_torch <= 1e-4,
-        "max abs diff: vs onnxruntime {vs_ort}, vs torch {vs_torch}"
+}
+
+/// Head width 64, post-norm, a fine-tuned classifier head: every attention layer and
+/// LayerNorm of the exported form is fused, the logits agree too.
+#[test]
+fn head_width_64_fine_tuned_agrees_up_to_1200_tokens() {
+    let dir = common::fixture("scgpt-h64");
+    let pkg = ModelPackage::load(&dir).unwrap();
+    assert_eq!(pkg.labels.as_ref().map(Vec::len), Some(5));
+    let rt = ModelRuntime::with(&pkg, Options::best()).unwrap();
+    // 2 layers; 2 encoder norms + 2 per layer (the classifier head's are ONNX LayerNormalization).
+    assert_eq!(
+        (rt.fused.attention_layers, rt.fused.layer_norms),
+        (2, 6),
+        "{:?}",
+        rt.fused
     );
+    for options in forms() {
+        check(&dir, options);
+    }
+}
+
+/// Head width 128, scGPT's pre-norm layers.
+#[test]
+fn head_width_128_pre_norm_agrees_up_to_1200_tokens() {
+    let dir = common::fixture("scgpt-h128-prenorm");
+    let pkg = ModelPackage::load(&dir).unwrap();
+    assert!(pkg.labels.is_none());
+    let rt = ModelRuntime::with(&pkg, Options::best()).unwrap();
+    assert_eq!(
+        (rt.fused.attention_layers, rt.fused.layer_norms),
+        (2, 6),
+        "{:?}",
+        rt.fused
+    );
+    assert!(rt.fused.token_tables >= 1, "{:?}", rt.fused);
+    for options in forms() {
+        check(&dir, options);
+    }
 }
