@@ -73,6 +73,8 @@ fn embed_all(
         ..EmbedConfig::default()
     };
     let mut embedder = Embedder::new(package, cfg)?;
+    // Every bucket's plan now (while the reader reads), then the parsed graph goes.
+    embedder.warm_up()?;
 
     let mut w = super::open_output(&args.out)?;
     let progress = std::io::stderr().is_terminal();

@@ -25,6 +25,7 @@ use super::Shared;
 use crate::batch::isolated::{panic_message, read_contained, ChildReadError, ChildReader};
 use crate::batch::{detect_format, CountBatch, Format, ReadOptions};
 use crate::fsutil::write_atomic;
+use crate::model::runner::release_free_memory;
 use crate::model::ModelPackage;
 use crate::pipeline::{CellResult, EmbedConfig, EmbedTimings, Embedder, NoGeneInVocab};
 use crate::sink::ndjson;
@@ -218,8 +219,6 @@ fn batch_loop(
     let loaded = Instant::now();
     let (mut embedder, packed) = match Embedder::new(package, embed_cfg).and_then(|e| {
         let packed = e.warm_up()?;
-        // Optimizing the plans left megabytes of freed scratch in this thread's heap.
-        release_free_memory();
         Ok((e, packed))
     }) {
         Ok(loaded) => loaded,
@@ -425,19 +424,6 @@ fn emit_loop(shared: &Shared, finished: Receiver<Finished>) {
         // The batch's buffers are freed; hand their pages back before the next one.
         release_free_memory();
         shared.heartbeat.idle(Stage::Emit);
-    }
-}
-
-/// Returns the free pages of every malloc heap to the system. glibc keeps freed memory in
-/// per-thread heaps and, once a multi-megabyte buffer (a batch's bytes, its records) has been
-/// freed, serves later ones from those heaps too, where they fragment: without this the
-/// daemon's resident memory creeps up batch after batch. Costs well under a millisecond per
-/// batch (BENCHMARKS.md, serve peak RSS).
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free pages; it is thread-safe.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

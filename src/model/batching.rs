@@ -1,14 +1,21 @@
 //! Packing cells into model batches: by length bucket, so padding stays small, and by a token
 //! budget, so a batch of short cells holds more rows than a batch of long ones.
 
-/// Sequence-length buckets: powers of two from 16 up to `max_len`, and `max_len` itself.
+/// Sequence-length buckets: powers of two from 16 up to 256, then every [`STEP`] tokens,
+/// up to `max_len`, and `max_len` itself. Past 256 tokens a power of two would pad a cell by
+/// up to half its length, and every padded token costs its share of every matmul.
 pub fn buckets(max_len: usize) -> Vec<usize> {
-    let mut b: Vec<usize> = std::iter::successors(Some(16usize), |&s| Some(s * 2))
-        .take_while(|&s| s < max_len)
-        .collect();
+    let mut b: Vec<usize> = std::iter::successors(Some(16usize), |&s| {
+        Some(if s < 256 { s * 2 } else { s + STEP })
+    })
+    .take_while(|&s| s < max_len)
+    .collect();
     b.push(max_len);
     b
 }
+
+/// The spacing of the buckets past 256 tokens.
+pub const STEP: usize = 128;
 
 /// Cells that run together: `n` rows of length `s`, `n` being the bucket's row count.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +64,10 @@ mod tests {
         assert_eq!(buckets(256), vec![16, 32, 64, 128, 256]);
         assert_eq!(buckets(200), vec![16, 32, 64, 128, 200]);
         assert_eq!(buckets(16), vec![16]);
+        assert_eq!(
+            buckets(1200),
+            vec![16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1152, 1200]
+        );
     }
 
     #[test]

@@ -206,6 +206,8 @@ impl ModelRuntime {
             })
             .with_context(|| format!("optimizing {} for {n} × {s} tokens", self.path.display()))?;
         self.plans.lock().unwrap().insert((n, s), runnable.clone());
+        // Optimizing packed every weight again before the shared copies replaced them.
+        release_free_memory();
         Ok(runnable)
     }
 
@@ -268,6 +270,20 @@ fn load(bytes: &[u8], [ids, vals]: [usize; 2], options: Options) -> anyhow::Resu
         token_table_replaced_bytes: count(TOKEN_TABLE_REPLACED_PROPERTY)?,
     };
     Ok((model, fused))
+}
+
+/// Returns the free pages of every malloc heap to the system. glibc keeps freed memory in
+/// per-thread heaps and, once a multi-megabyte buffer (a batch's bytes, its records, a plan's
+/// packed weights before the shared copies replaced them) has been freed, serves later ones
+/// from those heaps too, where they fragment: without this resident memory creeps up batch
+/// after batch, plan after plan. Costs well under a millisecond (BENCHMARKS.md, serve peak
+/// RSS).
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages; it is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// A count our transforms and runtime record as a property (an i64 scalar).

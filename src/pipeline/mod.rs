@@ -10,6 +10,7 @@ use crossbeam_channel::unbounded;
 
 use crate::batch::CountBatch;
 use crate::model::batching::{buckets, plan_chunks, rows_for};
+use crate::model::runner::release_free_memory;
 use crate::model::shared_weights::PackedUsage;
 use crate::model::{Batch, ModelPackage, ModelRuntime};
 use crate::qc::{cell_qc, mito_mask, CellQc};
@@ -210,15 +211,32 @@ impl Embedder {
         Ok((results, timings))
     }
 
-    /// Compiles the plan of every length bucket now, so that the first batches do not pay
-    /// for it (the daemon calls this before it reports ready), then releases the parsed
-    /// graph: these are the only shapes `infer` runs (one per bucket, its rows fixed by the
-    /// token budget), and the plans hold all they need.
+    /// Compiles the plan of every length bucket now, on as many threads as the embedder
+    /// has, so that the first batches do not pay for it (the daemon calls this before it
+    /// reports ready), then releases the parsed graph and the heap pages the optimizer freed:
+    /// these are the only shapes `infer` runs (one per bucket, its rows fixed by the token
+    /// budget), and the plans hold all they need.
     pub fn warm_up(&self) -> anyhow::Result<PackedUsage> {
-        for &s in &self.buckets {
-            self.rt.plan(rows_for(s, self.cfg.token_budget), s)?;
-        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..self.cfg.threads.clamp(1, self.buckets.len()))
+                .map(|_| {
+                    scope.spawn(|| loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&s) = self.buckets.get(i) else {
+                            return Ok(());
+                        };
+                        self.rt.plan(rows_for(s, self.cfg.token_budget), s)?;
+                    })
+                })
+                .collect();
+            workers.into_iter().try_for_each(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a plan build panicked")))
+            })
+        })?;
         self.rt.release_graph();
+        release_free_memory();
         self.rt.packed_weights()
     }
 
