@@ -103,6 +103,9 @@ pub struct HttpConfig {
 pub struct ModelConfig {
     /// Model package directory; the shipped `models/pbmc-compact` when absent.
     pub dir: Option<PathBuf>,
+    /// A reference folder (`cellstream reference`) to label cells by kNN over, instead of
+    /// the model's classifier head.
+    pub reference: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -289,6 +292,7 @@ impl Config {
         keep!("http.max_concurrent_uploads", http.max_concurrent_uploads);
         keep!("http.stream_buffer_batches", http.stream_buffer_batches);
         keep!("model.dir", model.dir);
+        keep!("model.reference", model.reference);
         keep!("pipeline.threads", pipeline.threads);
         keep!("pipeline.seed", pipeline.seed);
         keep!("pipeline.token_budget", pipeline.token_budget);

@@ -16,6 +16,7 @@ pub mod model;
 #[cfg(feature = "runtime")]
 pub mod pipeline;
 pub mod qc;
+pub mod reference;
 pub mod simd;
 #[cfg(feature = "runtime")]
 pub mod sink;

@@ -25,8 +25,10 @@ enum Command {
     Tokenize(cli::tokenize::Args),
     /// Convert any readable batch to the native .csb (or .csb.zst) format.
     Convert(cli::convert::Args),
-    /// Show what a batch or a model package contains, validated.
+    /// Show what a batch, a model package or a reference contains, validated.
     Inspect(cli::inspect::Args),
+    /// Embed labelled cells into a reference folder for kNN labels (`embed --reference`).
+    Reference(cli::reference::Args),
     /// Run the daemon: watch a spool folder, stream results, serve metrics (DESIGN.md §6).
     Serve(cli::serve::Args),
     /// The daemon's child reader (`cellstream::batch::isolated`); not for people.
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Command::Tokenize(a) => cli::tokenize::run(a),
         Command::Convert(a) => cli::convert::run(a),
         Command::Inspect(a) => cli::inspect::run(a),
+        Command::Reference(a) => cli::reference::run(a),
         Command::Serve(a) => cli::serve::run(a),
         Command::ReadChild(a) => cli::read_child::run(a),
     };

@@ -3,152 +3,141 @@
 //! a barcode).
 
 use prometheus::{
-    exponential_buckets, linear_buckets, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec,
-    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, linear_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry, TextEncoder,
 };
 
 /// Pipeline stages timed per batch (`cellstream_stage_seconds{stage}`).
 pub const STAGES: [&str; 4] = ["read", "tokenize", "infer", "emit"];
 
-/// Every metric the daemon exports, registered once.
-pub struct Metrics {
-    registry: Registry,
+/// Declares every metric once: its field, type, name, help and labels on one line; the macro
+/// writes the struct, constructs each and registers it, so that no metric can exist without
+/// appearing on `/metrics`. Adding one is adding a line here (and using the field).
+macro_rules! metrics {
+    ($(
+        $(#[$doc:meta])*
+        $field:ident: $ty:ident = $name:literal, $help:literal
+            $(, labels [$($label:literal),*])? $(, buckets $buckets:expr)?;
+    )*) => {
+        /// Every metric the daemon exports.
+        pub struct Metrics {
+            registry: Registry,
+            $( $(#[$doc])* pub $field: $ty, )*
+        }
+
+        impl Metrics {
+            /// Each declared metric, constructed and registered.
+            fn declared(registry: Registry) -> Metrics {
+                $(
+                    let labels: &[&str] = &[$($($label),*)?];
+                    let $field = make::$ty($name, $help, labels, None$(.or(Some($buckets)))?);
+                    registry
+                        .register(Box::new($field.clone()))
+                        .expect("metric names are unique");
+                )*
+                Metrics { registry, $($field,)* }
+            }
+        }
+    };
+}
+
+/// Constructors named after the types [`metrics!`] declares.
+#[allow(non_snake_case)]
+mod make {
+    use prometheus::{
+        Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+        IntGauge, IntGaugeVec, Opts,
+    };
+
+    type Buckets = Option<Vec<f64>>;
+
+    pub fn IntCounter(name: &str, help: &str, _: &[&str], _: Buckets) -> IntCounter {
+        IntCounter::new(name, help).unwrap()
+    }
+    pub fn IntCounterVec(name: &str, help: &str, labels: &[&str], _: Buckets) -> IntCounterVec {
+        IntCounterVec::new(Opts::new(name, help), labels).unwrap()
+    }
+    pub fn IntGauge(name: &str, help: &str, _: &[&str], _: Buckets) -> IntGauge {
+        IntGauge::new(name, help).unwrap()
+    }
+    pub fn IntGaugeVec(name: &str, help: &str, labels: &[&str], _: Buckets) -> IntGaugeVec {
+        IntGaugeVec::new(Opts::new(name, help), labels).unwrap()
+    }
+    pub fn Gauge(name: &str, help: &str, _: &[&str], _: Buckets) -> Gauge {
+        Gauge::new(name, help).unwrap()
+    }
+    pub fn GaugeVec(name: &str, help: &str, labels: &[&str], _: Buckets) -> GaugeVec {
+        GaugeVec::new(Opts::new(name, help), labels).unwrap()
+    }
+    pub fn Histogram(name: &str, help: &str, _: &[&str], buckets: Buckets) -> Histogram {
+        let opts = HistogramOpts::new(name, help);
+        Histogram::with_opts(match buckets {
+            Some(b) => opts.buckets(b),
+            None => opts,
+        })
+        .unwrap()
+    }
+    pub fn HistogramVec(name: &str, help: &str, labels: &[&str], buckets: Buckets) -> HistogramVec {
+        let opts = HistogramOpts::new(name, help);
+        let opts = match buckets {
+            Some(b) => opts.buckets(b),
+            None => opts,
+        };
+        HistogramVec::new(opts, labels).unwrap()
+    }
+}
+
+metrics! {
     /// `outcome`: `ok`, `failed` (quarantined) or `retried` (output not writable yet).
-    pub batches: IntCounterVec,
-    pub cells: IntCounter,
-    pub cells_labelled: IntCounterVec,
-    pub stage_seconds: HistogramVec,
-    pub batch_latency: Histogram,
+    batches: IntCounterVec = "batches_total", "Batches finished, by outcome", labels ["outcome"];
+    cells: IntCounter = "cells_total", "Cells embedded";
+    cells_labelled: IntCounterVec = "cells_labelled_total",
+        "Cells by predicted label (\"unassigned\" under the confidence threshold)", labels ["label"];
+    stage_seconds: HistogramVec = "stage_seconds", "Time per batch in each pipeline stage",
+        labels ["stage"], buckets exponential_buckets(0.0005, 2.0, 20).unwrap();
+    batch_latency: Histogram = "batch_latency_seconds",
+        "From a batch's claim to its committed output", buckets exponential_buckets(0.005, 2.0, 18).unwrap();
     /// `stage`: `incoming` (waiting in the spool), `claimed`, `emit`.
-    pub queue_depth: IntGaugeVec,
-    pub tokens_per_cell: Histogram,
-    pub vocab_matched: Histogram,
-    pub last_batch_median_genes: Gauge,
-    pub last_batch_median_pct_mito: Gauge,
-    pub last_batch_unassigned_fraction: Gauge,
+    queue_depth: IntGaugeVec = "queue_depth", "Batches waiting before each stage", labels ["stage"];
+    tokens_per_cell: Histogram = "tokens_per_cell", "Model tokens per cell, <cls> included",
+        buckets exponential_buckets(2.0, 2.0, 12).unwrap();
+    vocab_matched: Histogram = "vocab_matched_ratio",
+        "Per cell, the fraction of UMIs on genes in the model's vocabulary",
+        buckets linear_buckets(0.1, 0.1, 10).unwrap();
+    last_batch_median_genes: Gauge = "last_batch_median_genes", "Median genes per cell in the last batch";
+    last_batch_median_pct_mito: Gauge = "last_batch_median_pct_mito",
+        "Median percent mitochondrial UMIs per cell in the last batch";
+    last_batch_unassigned_fraction: Gauge = "last_batch_unassigned_fraction",
+        "Fraction of the last batch's cells left unassigned";
+    /// Per label of the last batch, `unassigned` included (the composition a dashboard stacks).
+    last_batch_label_fraction: GaugeVec = "last_batch_label_fraction",
+        "Fraction of the last batch's cells per reported label", labels ["label"];
+    /// With a reference (`[model] reference`), else 0.
+    last_batch_median_novelty: Gauge = "last_batch_median_novelty",
+        "Median novelty of the last batch's cells against the reference (its own cells sit below 1); 0 without a reference";
+    /// With a reference, else 0: half the sum over labels of |batch share − reference share|,
+    /// the batch's shares among its assigned cells.
+    last_batch_composition_drift: Gauge = "last_batch_composition_drift",
+        "Total variation distance between the last batch's label composition (assigned cells) and the reference's; 0 without a reference";
     /// `outcome`: `accepted`, `too_large`, `queue_full`, `bad_request`, `error`.
-    pub uploads: IntCounterVec,
-    pub stream_clients: IntGauge,
-    pub ready: IntGauge,
+    uploads: IntCounterVec = "uploads_total", "POST /v1/batches requests, by outcome", labels ["outcome"];
+    stream_clients: IntGauge = "stream_clients", "Open /v1/stream connections";
+    ready: IntGauge = "ready", "1 once the model is loaded and warmed, 0 while draining";
+    model_info: IntGaugeVec = "model_info", "The model package being served", labels ["name", "version"];
+    build_info: IntGaugeVec = "build_info", "The cellstream build", labels ["version"];
 }
 
 impl Metrics {
     pub fn new(model_name: &str, model_version: &str) -> Metrics {
         let registry =
             Registry::new_custom(Some("cellstream".into()), None).expect("a valid prefix");
-        let m = Metrics {
-            batches: IntCounterVec::new(
-                Opts::new("batches_total", "Batches finished, by outcome"),
-                &["outcome"],
-            )
-            .unwrap(),
-            cells: IntCounter::new("cells_total", "Cells embedded").unwrap(),
-            cells_labelled: IntCounterVec::new(
-                Opts::new(
-                    "cells_labelled_total",
-                    "Cells by predicted label (\"unassigned\" under the confidence threshold)",
-                ),
-                &["label"],
-            )
-            .unwrap(),
-            stage_seconds: HistogramVec::new(
-                HistogramOpts::new("stage_seconds", "Time per batch in each pipeline stage")
-                    .buckets(exponential_buckets(0.0005, 2.0, 20).unwrap()),
-                &["stage"],
-            )
-            .unwrap(),
-            batch_latency: Histogram::with_opts(
-                HistogramOpts::new(
-                    "batch_latency_seconds",
-                    "From a batch's claim to its committed output",
-                )
-                .buckets(exponential_buckets(0.005, 2.0, 18).unwrap()),
-            )
-            .unwrap(),
-            queue_depth: IntGaugeVec::new(
-                Opts::new("queue_depth", "Batches waiting before each stage"),
-                &["stage"],
-            )
-            .unwrap(),
-            tokens_per_cell: Histogram::with_opts(
-                HistogramOpts::new("tokens_per_cell", "Model tokens per cell, <cls> included")
-                    .buckets(exponential_buckets(2.0, 2.0, 12).unwrap()),
-            )
-            .unwrap(),
-            vocab_matched: Histogram::with_opts(
-                HistogramOpts::new(
-                    "vocab_matched_ratio",
-                    "Per cell, the fraction of UMIs on genes in the model's vocabulary",
-                )
-                .buckets(linear_buckets(0.1, 0.1, 10).unwrap()),
-            )
-            .unwrap(),
-            last_batch_median_genes: Gauge::new(
-                "last_batch_median_genes",
-                "Median genes per cell in the last batch",
-            )
-            .unwrap(),
-            last_batch_median_pct_mito: Gauge::new(
-                "last_batch_median_pct_mito",
-                "Median percent mitochondrial UMIs per cell in the last batch",
-            )
-            .unwrap(),
-            last_batch_unassigned_fraction: Gauge::new(
-                "last_batch_unassigned_fraction",
-                "Fraction of the last batch's cells left unassigned",
-            )
-            .unwrap(),
-            uploads: IntCounterVec::new(
-                Opts::new("uploads_total", "POST /v1/batches requests, by outcome"),
-                &["outcome"],
-            )
-            .unwrap(),
-            stream_clients: IntGauge::new("stream_clients", "Open /v1/stream connections").unwrap(),
-            ready: IntGauge::new(
-                "ready",
-                "1 once the model is loaded and warmed, 0 while draining",
-            )
-            .unwrap(),
-            registry,
-        };
-        let model_info = IntGaugeVec::new(
-            Opts::new("model_info", "The model package being served"),
-            &["name", "version"],
-        )
-        .unwrap();
-        model_info
+        let m = Metrics::declared(registry);
+        m.model_info
             .with_label_values(&[model_name, model_version])
             .set(1);
-        let build_info = IntGaugeVec::new(
-            Opts::new("build_info", "The cellstream build"),
-            &["version"],
-        )
-        .unwrap();
-        build_info
+        m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let r = &m.registry;
-        let all: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(m.batches.clone()),
-            Box::new(m.cells.clone()),
-            Box::new(m.cells_labelled.clone()),
-            Box::new(m.stage_seconds.clone()),
-            Box::new(m.batch_latency.clone()),
-            Box::new(m.queue_depth.clone()),
-            Box::new(m.tokens_per_cell.clone()),
-            Box::new(m.vocab_matched.clone()),
-            Box::new(m.last_batch_median_genes.clone()),
-            Box::new(m.last_batch_median_pct_mito.clone()),
-            Box::new(m.last_batch_unassigned_fraction.clone()),
-            Box::new(m.uploads.clone()),
-            Box::new(m.stream_clients.clone()),
-            Box::new(m.ready.clone()),
-            Box::new(model_info),
-            Box::new(build_info),
-        ];
-        for c in all {
-            r.register(c).expect("metric names are unique");
-        }
         // Present from the start, so that dashboards see zeros rather than gaps.
         for outcome in ["ok", "failed", "retried"] {
             m.batches.with_label_values(&[outcome]);

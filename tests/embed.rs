@@ -486,3 +486,82 @@ fn a_vocabulary_matching_no_gene_is_exit_2_and_an_empty_cell_is_unassigned() {
     assert_eq!(records[1]["qc"]["total_counts"], 3);
     assert_eq!(records[1]["qc"]["vocab_matched"], 0.0);
 }
+
+/// `cellstream reference` writes a folder that `embed --reference` labels against: every
+/// record gains `novelty`, labels are the reference's, and mapping a reference's own cells
+/// back onto it finds most of them right with low novelty. A reference made for another model
+/// is refused (exit 2) with both hashes named.
+#[test]
+fn a_reference_labels_cells_by_their_nearest_and_is_refused_for_another_model() {
+    let input = common::repo().join("bench-data/pbmc68k_reduced");
+    let labels = input.join("labels.tsv");
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("ref");
+    let (i, l, r) = (
+        input.to_str().unwrap(),
+        labels.to_str().unwrap(),
+        reference.to_str().unwrap(),
+    );
+    let out = cellstream(&["reference", i, "--labels", l, "--out", r, "--threads", "2"]);
+    // The default column, cell_type, holds the fine labels.
+    assert!(out.status.success(), "{}", stderr(&out));
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference.join("reference.json")).unwrap()).unwrap();
+    assert_eq!(meta["cells"], 700);
+    assert_eq!(meta["k"], 10);
+    let out = cellstream(&[
+        "reference",
+        i,
+        "--labels",
+        l,
+        "--column",
+        "cell_type_coarse",
+        "--out",
+        r,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let (out, records) = embed(&["embed", i, "--reference", r, "--threads", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(records.len(), 700);
+    let truth: std::collections::HashMap<String, String> = std::fs::read_to_string(&labels)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f[0].to_string(), f[2].to_string())
+        })
+        .collect();
+    let (mut right, mut assigned, mut novel) = (0, 0, 0);
+    for rec in &records {
+        let novelty = rec["novelty"].as_f64().expect("novelty in every record");
+        novel += (novelty > 1.0) as usize;
+        let conf = rec["confidence"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&conf));
+        if rec["assigned"].as_bool().unwrap() {
+            assigned += 1;
+            right += (rec["label"] == truth[rec["cell"].as_str().unwrap()].as_str()) as usize;
+        } else {
+            assert_eq!(rec["label"], "unassigned");
+        }
+    }
+    // Its own cells, each its own nearest neighbour: those assigned (at the threshold chosen
+    // for 95% precision in leave-one-out on these noisy sorted-cell labels) are right; few are
+    // novel (1% by construction, in leave-one-out).
+    assert!(
+        assigned > 200 && right as f64 >= 0.95 * assigned as f64,
+        "{right}/{assigned}"
+    );
+    assert!(novel < 35, "{novel} of 700 novel");
+
+    // The same folder, said to be another model's.
+    let meta_path = reference.join("reference.json");
+    let text = std::fs::read_to_string(&meta_path).unwrap();
+    let sha = meta["model"]["onnx_sha256"].as_str().unwrap().to_string();
+    std::fs::write(&meta_path, text.replace(&sha, &"0".repeat(64))).unwrap();
+    let (out, _) = embed(&["embed", i, "--reference", r]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains(&sha) && err.contains(&"0".repeat(64)), "{err}");
+}

@@ -187,3 +187,48 @@ fn subsample_is_uniform_over_genes() {
         .sum();
     assert!(chi2 < 160.0, "chi2 {chi2}");
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 200,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_e4c7),
+        ..ProptestConfig::default()
+    })]
+
+    /// The `expected` mode: no seed changes a token; each value is the mean of scGPT's tie
+    /// draw between the cell's `left` and `right` digits (what `numpy` mode draws from);
+    /// a cell longer than max_len keeps its largest counts (ties: the lowest token id), in
+    /// input order.
+    #[test]
+    fn expected_mode_is_the_draws_mean_and_keeps_the_largest_counts(
+        counts in counts_strategy(1200), max_len in 2usize..400, seed in 0u64..100,
+    ) {
+        let t = tokenize(&counts, TieMode::Expected, max_len, seed);
+        let other = tokenize(&counts, TieMode::Expected, max_len, seed + 1);
+        prop_assert_eq!(&t.gene_ids, &other.gene_ids);
+        prop_assert_eq!(&t.values, &other.values);
+        let (ids, values) = t.cell(0);
+        // Digits of every kept count, from the whole cell's edges.
+        let nonzero: Vec<u32> = counts.iter().copied().filter(|&c| c > 0).collect();
+        let mut binner = Binner::new(51);
+        binner.prepare(&nonzero);
+        for (&id, &v) in ids[1..].iter().zip(&values[1..]) {
+            let (l, r) = binner.digits(counts[id as usize]);
+            let want = if l == r { l as f32 } else { (l as f32 + r as f32 + 1.0) / 2.0 };
+            prop_assert_eq!(v, want);
+        }
+        prop_assert!(ids[1..].windows(2).all(|w| w[0] < w[1]), "input order kept");
+        let keep = max_len - 1;
+        prop_assert_eq!(ids.len() - 1, nonzero.len().min(keep));
+        if nonzero.len() > keep {
+            // Every dropped gene ranks below every kept one: smaller count, or equal count and
+            // a higher id.
+            let kept: std::collections::HashSet<u32> = ids[1..].iter().copied().collect();
+            let rank = |g: usize| (std::cmp::Reverse(counts[g]), g);
+            let worst_kept = kept.iter().map(|&g| rank(g as usize)).max().unwrap();
+            for g in (0..counts.len()).filter(|&g| counts[g] > 0 && !kept.contains(&(g as u32))) {
+                prop_assert!(rank(g) > worst_kept, "gene {g} dropped before a smaller one");
+            }
+        }
+    }
+}

@@ -31,6 +31,10 @@ pub struct Args {
     /// the f32 values' little-endian bytes).
     #[arg(long, value_enum, default_value = "array")]
     embedding: EmbeddingEncoding,
+    /// Label cells by their nearest cells in this reference folder (`cellstream reference`),
+    /// adding `novelty` to each record, instead of by the model's classifier head.
+    #[arg(long)]
+    reference: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -73,6 +77,10 @@ fn embed_all(
         ..EmbedConfig::default()
     };
     let mut embedder = Embedder::new(package, cfg)?;
+    if let Some(dir) = &args.reference {
+        let reference = embedder.load_reference(dir)?;
+        embedder.set_reference(std::sync::Arc::new(reference));
+    }
     // Every bucket's plan now (while the reader reads), then the parsed graph goes.
     embedder.warm_up()?;
 

@@ -2,12 +2,13 @@ use std::path::PathBuf;
 
 use cellstream::batch::{read_batch, CountBatch, ReadOptions};
 use cellstream::model::{ModelPackage, ModelRuntime};
+use cellstream::reference::Reference;
 use cellstream::tokenize::Vocab;
 use serde_json::json;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The batch to inspect, or a model package directory.
+    /// The batch to inspect, a model package directory, or a reference folder.
     input: PathBuf,
     /// A vocabulary (vocab.json) to report gene coverage against.
     #[arg(long)]
@@ -166,9 +167,55 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A reference folder: what it holds, how it scores on its own cells, its composition.
+fn inspect_reference(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let r = Reference::load(dir, None)?;
+    let m = &r.meta;
+    if json {
+        println!("{}", serde_json::to_string(m)?);
+        return Ok(());
+    }
+    println!("reference:    {}", dir.display());
+    println!(
+        "model:        {} (onnx sha256 {})",
+        m.model.name, m.model.onnx_sha256
+    );
+    println!(
+        "cells:        {} of {} labels, {}-dimensional embeddings, k = {}",
+        m.cells,
+        m.labels.len(),
+        m.embedding_dim,
+        m.k
+    );
+    let l = &m.leave_one_out;
+    println!(
+        "own cells:    leave-one-out accuracy {:.3}; {:.1}% assigned at confidence ≥ {:.2}, precision {:.3}",
+        l.accuracy,
+        100.0 * l.assigned_fraction,
+        m.confidence_threshold,
+        l.precision_of_assigned
+    );
+    let composition: Vec<String> = m
+        .composition
+        .iter()
+        .map(|(label, f)| format!("{label} {:.1}%", 100.0 * f))
+        .collect();
+    println!("composition:  {}", composition.join(", "));
+    println!(
+        "built from:   {} (labels {}, column {})",
+        m.built.inputs.join(", "),
+        m.built.labels_file,
+        m.built.column
+    );
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.input.join("manifest.toml").is_file() {
         return inspect_model(&args.input, args.json);
+    }
+    if args.input.join("reference.json").is_file() {
+        return inspect_reference(&args.input, args.json);
     }
     let vocab = args
         .vocab

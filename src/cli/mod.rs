@@ -4,6 +4,7 @@ pub mod convert;
 pub mod embed;
 pub mod inspect;
 pub mod read_child;
+pub mod reference;
 pub mod serve;
 pub mod tokenize;
 
@@ -16,6 +17,7 @@ use cellstream::batch::BatchError;
 use cellstream::config::ConfigError;
 use cellstream::model::ModelError;
 use cellstream::pipeline::NoGeneInVocab;
+use cellstream::reference::ReferenceError;
 use cellstream::tokenize::VocabError;
 
 /// A buffered writer on `path`, or on stdout when `path` is "-".
@@ -42,6 +44,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             || e.is::<ModelError>()
             || e.is::<NoGeneInVocab>()
             || e.is::<ConfigError>()
+            || e.is::<ReferenceError>()
     });
     if bad_input {
         2

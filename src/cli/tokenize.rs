@@ -13,6 +13,8 @@ enum Ties {
     Seeded,
     /// numpy's MT19937 as `np.random.seed(S)`: bit-identical to scGPT.
     Numpy,
+    /// No randomness: a tie's mean bin, and the largest counts where a cell is too long.
+    Expected,
 }
 
 #[derive(clap::Args)]
@@ -64,6 +66,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .into())
         }
         Ties::Numpy => TieMode::Numpy,
+        Ties::Expected => TieMode::Expected,
     };
     let vocab = Vocab::from_json_file(&args.vocab)?;
     let batch = read_batch(&args.input, &ReadOptions::default())?;

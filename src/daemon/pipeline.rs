@@ -28,6 +28,7 @@ use crate::fsutil::write_atomic;
 use crate::model::runner::release_free_memory;
 use crate::model::ModelPackage;
 use crate::pipeline::{CellResult, EmbedConfig, EmbedTimings, Embedder, NoGeneInVocab};
+use crate::reference::Reference;
 use crate::sink::ndjson;
 use crate::sink::stream::StreamBatch;
 use crate::sink::summary::{BatchSummary, StageTimings};
@@ -43,6 +44,8 @@ struct Finished {
     results: Vec<CellResult>,
     read: Duration,
     timings: EmbedTimings,
+    /// The reference the cells were mapped on, if any (for the summary's run-level QC).
+    reference: Option<Arc<Reference>>,
 }
 
 /// Why a claimed batch cannot be processed; it goes to `failed/`.
@@ -217,7 +220,12 @@ fn batch_loop(
         seed: cfg.pipeline.seed,
     };
     let loaded = Instant::now();
-    let (mut embedder, packed) = match Embedder::new(package, embed_cfg).and_then(|e| {
+    let reference_dir = cfg.model.reference.clone();
+    let (mut embedder, packed) = match Embedder::new(package, embed_cfg).and_then(|mut e| {
+        if let Some(dir) = &reference_dir {
+            let reference = e.load_reference(dir)?;
+            e.set_reference(Arc::new(reference));
+        }
         let packed = e.warm_up()?;
         Ok((e, packed))
     }) {
@@ -288,6 +296,7 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Fini
             results,
             read,
             timings,
+            reference: embedder.reference().cloned(),
         }),
         Err(e) => Err(match e.downcast_ref::<NoGeneInVocab>() {
             Some(_) => Failure {
@@ -444,6 +453,7 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
         results,
         read,
         timings,
+        reference,
     } = job;
     let start = Instant::now();
     let out_dir = &shared.out_dir;
@@ -471,7 +481,7 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
     let emit_time = start.elapsed();
     let latency = claimed.claimed_at.elapsed();
 
-    let mut summary = BatchSummary::of(&results);
+    let mut summary = BatchSummary::of(&results, reference.as_deref());
     summary.batch = claimed.batch_id.clone();
     summary.file = claimed.name.to_string_lossy().into_owned();
     summary.format = format.name();
@@ -554,7 +564,20 @@ fn record_metrics(
     m.last_batch_median_genes.set(summary.median.n_genes);
     m.last_batch_median_pct_mito.set(summary.median.pct_mito);
     m.last_batch_unassigned_fraction
-        .set(summary.unassigned_fraction());
+        .set(summary.unassigned_fraction);
+    // The labels of this batch alone: an earlier batch's label does not keep its share.
+    m.last_batch_label_fraction.reset();
+    for (label, n) in &summary.labels {
+        m.last_batch_label_fraction
+            .with_label_values(&[label.as_str()])
+            .set(*n as f64 / summary.cells.max(1) as f64);
+    }
+    let (novelty, drift) = summary
+        .reference
+        .as_ref()
+        .map_or((0.0, 0.0), |r| (r.median_novelty, r.composition_drift));
+    m.last_batch_median_novelty.set(novelty);
+    m.last_batch_composition_drift.set(drift);
 }
 
 fn unix_seconds() -> f64 {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::tokenize::{Vocab, VocabError};
+use crate::tokenize::{TieMode, Vocab, VocabError};
 
 /// What the runtime needs to know about a model, as `manifest.toml` states it.
 #[derive(Debug, Clone, Deserialize)]
@@ -29,6 +29,15 @@ pub struct Manifest {
     /// Softmax confidence under which a cell is reported `assigned: false`.
     #[serde(default)]
     pub confidence_threshold: Option<f32>,
+    /// The logits are divided by this before the softmax (a temperature fitted on validation
+    /// cells, so that `confidence` is the probability that the label is right). Default 1.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// How the model's training tokenized ties (`seeded`, scGPT's random draw, the default;
+    /// `expected`, the draw's mean and the largest counts: no randomness). See
+    /// [`crate::tokenize::TieMode`].
+    #[serde(default)]
+    pub ties: Option<String>,
     pub onnx_sha256: String,
     pub inputs: InputNames,
     pub outputs: OutputNames,
@@ -98,6 +107,24 @@ impl ModelPackage {
             return Err(bad(format!(
                 "architecture {:?} is not supported (expected \"scgpt\")",
                 manifest.architecture
+            )));
+        }
+        if let Some(t) = manifest
+            .ties
+            .as_deref()
+            .filter(|t| TieMode::from_name(t).is_none())
+        {
+            return Err(bad(format!(
+                "ties {t:?} is not a tie mode (seeded, numpy, expected)"
+            )));
+        }
+        if manifest
+            .temperature
+            .is_some_and(|t| !(t.is_finite() && t > 0.0))
+        {
+            return Err(bad(format!(
+                "temperature {} must be a positive number",
+                manifest.temperature.unwrap_or_default()
             )));
         }
         if manifest.max_len < 2 || manifest.n_bins < 3 || manifest.embedding_dim == 0 {
@@ -170,6 +197,25 @@ impl ModelPackage {
     /// Confidence threshold: the manifest's, else 0.
     pub fn confidence_threshold(&self) -> f32 {
         self.manifest.confidence_threshold.unwrap_or(0.0)
+    }
+
+    /// Which model this is, as a reference records it.
+    pub fn model_id(&self) -> crate::reference::ModelId {
+        crate::reference::ModelId {
+            name: self.manifest.name.clone(),
+            onnx_sha256: self.manifest.onnx_sha256.clone(),
+        }
+    }
+
+    /// The logits' temperature: the manifest's, else 1.
+    pub fn temperature(&self) -> f32 {
+        self.manifest.temperature.unwrap_or(1.0)
+    }
+
+    /// The tie mode the model was trained with, if the manifest names one (validated when the
+    /// package loads).
+    pub fn ties(&self) -> Option<TieMode> {
+        self.manifest.ties.as_deref().and_then(TieMode::from_name)
     }
 }
 

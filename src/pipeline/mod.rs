@@ -14,6 +14,7 @@ use crate::model::runner::release_free_memory;
 use crate::model::shared_weights::PackedUsage;
 use crate::model::{Batch, ModelPackage, ModelRuntime};
 use crate::qc::{cell_qc, mito_mask, CellQc};
+use crate::reference::{l2_normalize, Reference, ReferenceError};
 use crate::tokenize::{GeneMap, TokenBatch, Tokenizer, TokenizerConfig};
 use pool::{InferencePool, Job};
 
@@ -32,6 +33,9 @@ pub struct CellResult {
     pub qc: CellQc,
     /// Tokens the model saw for this cell, `<cls>` included.
     pub n_tokens: u32,
+    /// With a reference: how far the cell lies from the reference's cells (below 1 for
+    /// theirs, [`crate::reference`]).
+    pub novelty: Option<f32>,
 }
 
 /// Where the time of one [`Embedder::embed_timed`] call went.
@@ -77,6 +81,8 @@ pub struct Embedder {
     tokens: TokenBatch,
     buckets: Vec<usize>,
     cfg: EmbedConfig,
+    /// Labels come from this reference by kNN, when set, rather than from the model's head.
+    reference: Option<Arc<Reference>>,
 }
 
 /// Why a batch cannot be embedded at all (as opposed to single cells that get no label).
@@ -101,7 +107,7 @@ impl Embedder {
                 max_len: m.max_len,
                 pad_value: m.pad_value,
                 seed: cfg.seed,
-                ..TokenizerConfig::default()
+                ties: package.ties().unwrap_or_default(),
             },
         );
         Ok(Embedder {
@@ -112,7 +118,23 @@ impl Embedder {
             tokens: TokenBatch::default(),
             package,
             cfg,
+            reference: None,
         })
+    }
+
+    /// Labels cells by kNN over `reference` from now on (it must be this model's: see
+    /// [`Embedder::load_reference`]).
+    pub fn set_reference(&mut self, reference: Arc<Reference>) {
+        self.reference = Some(reference);
+    }
+
+    pub fn reference(&self) -> Option<&Arc<Reference>> {
+        self.reference.as_ref()
+    }
+
+    /// The reference in `dir`, refused when it was built for another model.
+    pub fn load_reference(&self, dir: &std::path::Path) -> Result<Reference, ReferenceError> {
+        Reference::load(dir, Some(&self.package.model_id()))
     }
 
     /// The vocabulary mapping for a batch, failing when it matches no gene at all.
@@ -157,6 +179,11 @@ impl Embedder {
         let mito = mito_mask(&batch.gene_names);
         let labels = self.package.labels.as_deref();
         let threshold = self.package.confidence_threshold();
+        let temperature = self.package.temperature();
+        let reference = self.reference.as_deref();
+        let mut neighbours = reference
+            .map(Reference::neighbours)
+            .unwrap_or_else(|| crate::reference::Neighbours::new(0));
         let normalize = self.package.manifest.normalize_embedding;
         let results = outputs
             .into_iter()
@@ -180,14 +207,31 @@ impl Embedder {
                             embedding: None,
                             qc,
                             n_tokens,
+                            novelty: None,
                         };
                     }
                     if normalize {
                         l2_normalize(&mut embedding);
                     }
+                    if let Some(reference) = reference {
+                        let m = reference.map(&embedding, &mut neighbours);
+                        return CellResult {
+                            label: if m.assigned {
+                                reference.label_name(m.label).into()
+                            } else {
+                                UNASSIGNED.into()
+                            },
+                            confidence: m.confidence,
+                            assigned: m.assigned,
+                            embedding: Some(embedding),
+                            qc,
+                            n_tokens,
+                            novelty: Some(m.novelty),
+                        };
+                    }
                     let (label, confidence) = match (labels, &logits) {
                         (Some(labels), Some(logits)) => {
-                            let (best, p) = softmax_max(logits);
+                            let (best, p) = softmax_max(logits, temperature);
                             (labels[best].clone(), p)
                         }
                         _ => (UNASSIGNED.to_string(), 0.0),
@@ -200,6 +244,7 @@ impl Embedder {
                         embedding: Some(embedding),
                         qc,
                         n_tokens,
+                        novelty: None,
                     }
                 },
             )
@@ -310,21 +355,17 @@ impl Embedder {
     }
 }
 
-fn l2_normalize(v: &mut [f32]) {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
-}
-
-/// (argmax, its softmax probability), computed stably.
-fn softmax_max(logits: &[f32]) -> (usize, f32) {
+/// The top class and its probability, softmax of `logits / temperature`.
+fn softmax_max(logits: &[f32], temperature: f32) -> (usize, f32) {
     let (best, &max) = logits
         .iter()
         .enumerate()
         .max_by(|a, b| a.1.total_cmp(b.1))
         .expect("at least one class");
-    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let sum: f32 = logits
+        .iter()
+        .map(|&l| ((l - max) / temperature).exp())
+        .sum();
     (best, 1.0 / sum)
 }
 
@@ -334,11 +375,15 @@ mod tests {
 
     #[test]
     fn softmax_max_is_the_top_probability() {
-        let (i, p) = softmax_max(&[1.0, 3.0, 2.0]);
+        let (i, p) = softmax_max(&[1.0, 3.0, 2.0], 1.0);
         assert_eq!(i, 1);
         let e = [1f32, 3.0, 2.0].map(f32::exp);
         assert!((p - e[1] / e.iter().sum::<f32>()).abs() < 1e-6);
-        let (_, p) = softmax_max(&[1000.0, 0.0]);
+        let (_, p) = softmax_max(&[1000.0, 0.0], 1.0);
         assert!((p - 1.0).abs() < 1e-6, "stable for large logits");
+        // A temperature of 2 is the softmax of the halved logits.
+        let (_, p) = softmax_max(&[1.0, 3.0, 2.0], 2.0);
+        let e = [0.5f32, 1.5, 1.0].map(f32::exp);
+        assert!((p - e[1] / e.iter().sum::<f32>()).abs() < 1e-6);
     }
 }

@@ -16,6 +16,9 @@ struct Record<'a> {
     label: &'a str,
     confidence: f32,
     assigned: bool,
+    /// Only with a reference.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    novelty: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     embedding: Option<Option<&'a [f32]>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -51,6 +54,7 @@ pub fn write_batch(
             label: &r.label,
             confidence: r.confidence,
             assigned: r.assigned,
+            novelty: r.novelty,
             embedding,
             embedding_b64,
             qc: &r.qc,
@@ -134,6 +138,7 @@ mod tests {
                 vocab_matched: 1.0,
             },
             n_tokens: 4,
+            novelty: None,
         }
     }
 

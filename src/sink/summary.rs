@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::pipeline::CellResult;
+use crate::pipeline::{CellResult, UNASSIGNED};
+use crate::reference::Reference;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchSummary {
@@ -22,8 +23,23 @@ pub struct BatchSummary {
     pub labels: BTreeMap<String, usize>,
     pub median: QcMedians,
     pub mean_tokens_per_cell: f64,
+    pub unassigned_fraction: f64,
+    /// Share of the assigned cells per label.
+    pub composition: BTreeMap<String, f64>,
+    /// With a reference: its share of cells per label, the batch's distance from it (total
+    /// variation: half the sum of the shares' differences) and the median novelty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceQc>,
     /// Seconds per stage, and `latency`: from the claim to the committed output.
     pub timings: StageTimings,
+}
+
+/// A batch against the reference it was mapped on.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReferenceQc {
+    pub composition: BTreeMap<String, f64>,
+    pub composition_drift: f64,
+    pub median_novelty: f64,
 }
 
 /// Per-cell QC medians over a batch.
@@ -45,12 +61,38 @@ pub struct StageTimings {
 }
 
 impl BatchSummary {
-    /// Counts and medians of `results`; `timings` are filled in by the caller.
-    pub fn of(results: &[CellResult]) -> BatchSummary {
+    /// Counts and medians of `results` (mapped on `reference`, if any); `timings` are filled
+    /// in by the caller.
+    pub fn of(results: &[CellResult], reference: Option<&Reference>) -> BatchSummary {
         let mut labels = BTreeMap::new();
         for r in results {
             *labels.entry(r.label.clone()).or_insert(0) += 1;
         }
+        let assigned = results.iter().filter(|r| r.assigned).count();
+        let composition: BTreeMap<String, f64> = labels
+            .iter()
+            .filter(|(l, _)| *l != UNASSIGNED)
+            .map(|(l, &n)| (l.clone(), n as f64 / assigned.max(1) as f64))
+            .collect();
+        let reference = reference.map(|r| {
+            let theirs = &r.meta.composition;
+            let drift = theirs
+                .keys()
+                .chain(composition.keys())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .map(|l| {
+                    let a = composition.get(l).copied().unwrap_or(0.0);
+                    (a - theirs.get(l).copied().unwrap_or(0.0)).abs()
+                })
+                .sum::<f64>()
+                / 2.0;
+            ReferenceQc {
+                composition: theirs.clone(),
+                composition_drift: if assigned == 0 { 0.0 } else { drift },
+                median_novelty: median(results.iter().filter_map(|r| r.novelty.map(f64::from))),
+            }
+        });
         let tokens: u64 = results.iter().map(|r| r.n_tokens as u64).sum();
         BatchSummary {
             kind: "batch",
@@ -59,7 +101,7 @@ impl BatchSummary {
             format: "",
             cells: results.len(),
             genes: 0,
-            assigned: results.iter().filter(|r| r.assigned).count(),
+            assigned,
             labels,
             median: QcMedians {
                 total_counts: median(results.iter().map(|r| r.qc.total_counts as f64)),
@@ -72,15 +114,14 @@ impl BatchSummary {
             } else {
                 tokens as f64 / results.len() as f64
             },
+            unassigned_fraction: if results.is_empty() {
+                0.0
+            } else {
+                (results.len() - assigned) as f64 / results.len() as f64
+            },
+            composition,
+            reference,
             timings: StageTimings::default(),
-        }
-    }
-
-    pub fn unassigned_fraction(&self) -> f64 {
-        if self.cells == 0 {
-            0.0
-        } else {
-            (self.cells - self.assigned) as f64 / self.cells as f64
         }
     }
 }

@@ -15,6 +15,29 @@ pub enum TieMode {
     /// numpy's global MT19937 after `np.random.seed(seed)`, one `rand(k)` per cell in order:
     /// bit-identical to scGPT's `binning` under the same seed.
     Numpy,
+    /// No randomness: a tied count gets the mean of scGPT's draw (`left` where `left ==
+    /// right`, else `(left + right + 1) / 2`, possibly a half-integer), and a cell longer
+    /// than `max_len` keeps its genes with the largest counts (ties: the lowest token id).
+    /// For models trained this way (`ties = "expected"` in their manifest): a cell's tokens
+    /// depend on its counts alone, never on a seed.
+    Expected,
+}
+
+impl TieMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            TieMode::Seeded => "seeded",
+            TieMode::Numpy => "numpy",
+            TieMode::Expected => "expected",
+        }
+    }
+
+    /// The mode called `name`, as manifests and the command line spell it.
+    pub fn from_name(name: &str) -> Option<TieMode> {
+        [TieMode::Seeded, TieMode::Numpy, TieMode::Expected]
+            .into_iter()
+            .find(|m| m.name() == name)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -136,7 +159,7 @@ impl Tokenizer {
         out.offsets.push(0);
         let mut mt = match self.cfg.ties {
             TieMode::Numpy => Some(Mt19937::new(self.cfg.seed as u32)),
-            TieMode::Seeded => None,
+            TieMode::Seeded | TieMode::Expected => None,
         };
         for i in 0..batch.n_cells() {
             let cell = batch.cell(i);
@@ -174,7 +197,12 @@ impl Tokenizer {
         let mut rng = CellRng::for_cell(self.cfg.seed, barcode);
 
         let binner = &self.binner;
+        let expected = self.cfg.ties == TieMode::Expected;
         match (mt, binner.small_lut()) {
+            (_, _) if expected => out.values.extend(counts.iter().map(|&c| {
+                let (l, r) = binner.digits(c);
+                expected_bin(l, r)
+            })),
             // scGPT draws one double per value, tie or not, and rounds up.
             (Some(mt), _) => out.values.extend(counts.iter().map(|&c| {
                 let (l, r) = binner.digits(c);
@@ -198,17 +226,28 @@ impl Tokenizer {
 
         let keep = self.cfg.max_len - 1;
         if k > keep {
-            // A uniform random subset of `keep` genes (partial Fisher–Yates), kept in input
-            // order: marked, then compacted in place front to back (no kept token is
-            // overwritten before it moves).
+            // `keep` genes kept in input order: marked, then compacted in place front to back
+            // (no kept token is overwritten before it moves).
             self.pick.clear();
             self.pick.extend(0..k as u32);
             self.kept.clear();
             self.kept.resize(k, false);
-            for j in 0..keep {
-                let s = j + rng.below((k - j) as u64) as usize;
-                self.pick.swap(j, s);
-                self.kept[self.pick[j] as usize] = true;
+            if expected {
+                // The largest counts, ties to the lowest token id.
+                let ids = &out.gene_ids[start..start + k];
+                let rank = |&i: &u32| (std::cmp::Reverse(counts[i as usize]), ids[i as usize]);
+                self.pick
+                    .select_nth_unstable_by(keep - 1, |a, b| rank(a).cmp(&rank(b)));
+                for &j in &self.pick[..keep] {
+                    self.kept[j as usize] = true;
+                }
+            } else {
+                // A uniform random subset (partial Fisher–Yates).
+                for j in 0..keep {
+                    let s = j + rng.below((k - j) as u64) as usize;
+                    self.pick.swap(j, s);
+                    self.kept[self.pick[j] as usize] = true;
+                }
             }
             let mut dst = start;
             for (src, &kept) in self.kept.iter().enumerate() {
@@ -249,5 +288,15 @@ impl Tokenizer {
         // capacity (its documented contract, checked by its tests for every kernel).
         unsafe { gene_ids.set_len(start + selected.coverage.n_in_vocab as usize) };
         selected
+    }
+}
+
+/// The mean of scGPT's tie draw `ceil(u·(right − left) + left)`, `u` uniform in [0, 1): the
+/// integers `right + 1 ..= left` are equally likely.
+pub fn expected_bin(left: u16, right: u16) -> f32 {
+    if left == right {
+        left as f32
+    } else {
+        (left as f32 + right as f32 + 1.0) / 2.0
     }
 }

@@ -10,8 +10,9 @@
 //! over the sum too, so the op writes q, k and v as the attention reads them: ending at the
 //! 3·d projection left tract a reshape copy and three selects per call, whose allocations
 //! fragmented the workers' heaps (BENCHMARKS.md, serve memory). Ids range over the
-//! embedding's rows; binned values are small integers (0..n_bins and scGPT's pad value -2). [`fold`] finds those functions in the graph, evaluates them on every possible input
-//! (every id; every integer in [`VALUE_KEYS`]), and replaces them with [`TokenTable`], which
+//! embedding's rows; binned values are small integers (0..n_bins and scGPT's pad value -2), or
+//! half-integers in the `expected` tie mode. [`fold`] finds those functions in the graph, evaluates them on every possible input
+//! (every id; every multiple of ½ in [`VALUE_KEYS`]), and replaces them with [`TokenTable`], which
 //! copies rows. A value with no row (not an integer in range: never from cellstream's
 //! tokenizer, but the op does not rely on that) is run through the folded part of the graph
 //! itself. Results differ from the unfolded graph by rounding alone (the split sum adds in
@@ -52,8 +53,8 @@ pub struct FoldSummary {
     pub replaced_bytes: usize,
 }
 
-/// The f32 inputs with a table row: integers in this range (scGPT's bins are 0..n_bins, its
-/// pad value -2).
+/// The f32 inputs with a table row: multiples of ½ in this range (scGPT's bins are
+/// 0..n_bins, its pad value -2; the `expected` tie mode's are half-integers).
 pub const VALUE_KEYS: RangeInclusive<i32> = -16..=255;
 
 /// How much more memory an input's tables may take than the constants they make dead (the
@@ -66,15 +67,15 @@ pub const MAX_EXTRA_TABLE_BYTES: usize = 16 << 20;
 pub enum Keys {
     /// i64 ids `0..count` (the rows of the embedding they index).
     Ids(usize),
-    /// f32 values that are integers in `lo..=hi`.
-    Integers { lo: i32, hi: i32 },
+    /// f32 values that are multiples of ½ in `lo..=hi`.
+    Halves { lo: i32, hi: i32 },
 }
 
 impl Keys {
     fn count(self) -> usize {
         match self {
             Keys::Ids(count) => count,
-            Keys::Integers { lo, hi } => (hi - lo + 1) as usize,
+            Keys::Halves { lo, hi } => (2 * (hi - lo) + 1) as usize,
         }
     }
 
@@ -83,9 +84,11 @@ impl Keys {
         let count = self.count();
         match self {
             Keys::Ids(_) => Tensor::from_shape(&[1, count], &(0..count as i64).collect::<Vec<_>>()),
-            Keys::Integers { lo, hi } => Tensor::from_shape(
+            Keys::Halves { lo, .. } => Tensor::from_shape(
                 &[1, count],
-                &(lo..=hi).map(|k| k as f32).collect::<Vec<_>>(),
+                &(0..count)
+                    .map(|k| lo as f32 + k as f32 / 2.0)
+                    .collect::<Vec<_>>(),
             ),
         }
     }
@@ -134,7 +137,7 @@ impl KeyedInput {
                 }
                 Ok(KeyView::Ids(ids))
             }
-            Keys::Integers { lo, hi } => Ok(KeyView::Integers {
+            Keys::Halves { lo, hi } => Ok(KeyView::Halves {
                 values: input.as_slice::<f32>()?,
                 lo,
                 hi,
@@ -147,7 +150,7 @@ impl KeyedInput {
 /// allocates nothing but its outputs.
 enum KeyView<'a> {
     Ids(&'a [i64]),
-    Integers { values: &'a [f32], lo: i32, hi: i32 },
+    Halves { values: &'a [f32], lo: i32, hi: i32 },
 }
 
 impl KeyView<'_> {
@@ -155,10 +158,13 @@ impl KeyView<'_> {
     fn row(&self, token: usize) -> Option<usize> {
         match *self {
             KeyView::Ids(ids) => ids.get(token).map(|&id| id as usize),
-            KeyView::Integers { values, lo, hi } => {
-                let v = *values.get(token)?;
-                let keyed = v.fract() == 0.0 && v >= lo as f32 && v <= hi as f32;
-                keyed.then(|| (v as i32 - lo) as usize)
+            KeyView::Halves { values, lo, hi } => {
+                // Doubling is exact for these magnitudes, so `twice` is whole exactly where
+                // `v` is a multiple of ½.
+                let twice = *values.get(token)? * 2.0;
+                let keyed =
+                    twice.fract() == 0.0 && twice >= 2.0 * lo as f32 && twice <= 2.0 * hi as f32;
+                keyed.then(|| (twice as i32 - 2 * lo) as usize)
             }
         }
     }
@@ -227,7 +233,7 @@ impl EvalOp for TokenTable {
         // tokens alone.
         for (i, input) in self.inputs.iter().enumerate() {
             // Ids all have rows (`view` checked them).
-            let KeyView::Integers { values, .. } = keys[i] else {
+            let KeyView::Halves { values, .. } = keys[i] else {
                 continue;
             };
             if (0..values.len()).all(|t| keys[i].row(t).is_some()) {
@@ -661,11 +667,11 @@ fn wire(model: &mut TypedModel, folded: &Folded) -> TractResult<OutletId> {
 }
 
 /// The rows each input can have: every row of the embedding an i64 input indexes, the
-/// integers of [`VALUE_KEYS`] for an f32 input.
+/// multiples of ½ in [`VALUE_KEYS`] for an f32 input.
 fn keys(model: &TypedModel, input: OutletId) -> TractResult<Option<Keys>> {
     let fact = model.outlet_fact(input)?;
     if fact.datum_type == f32::datum_type() {
-        return Ok(Some(Keys::Integers {
+        return Ok(Some(Keys::Halves {
             lo: *VALUE_KEYS.start(),
             hi: *VALUE_KEYS.end(),
         }));
@@ -707,7 +713,7 @@ fn build(model: &TypedModel, input: OutletId, folds: &[Folded]) -> TractResult<O
             Ok(t.into_arc_tensor())
         })
         .collect::<TractResult<Vec<_>>>()?;
-    let fallback = matches!(keys, Keys::Integers { .. }).then_some(fallback);
+    let fallback = matches!(keys, Keys::Halves { .. }).then_some(fallback);
     Ok(Some(KeyedInput {
         keys,
         tables,

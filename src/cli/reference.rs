@@ -1,0 +1,135 @@
+//! `cellstream reference`: embeds labelled cells and writes a reference folder that `embed
+//! --reference` and the daemon's `[model] reference` label cells against (kNN, calibrated
+//! vote, novelty: `cellstream::reference`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use cellstream::batch::{read_batch, ReadOptions};
+use cellstream::model::{default_model_dir, ModelPackage};
+use cellstream::pipeline::{EmbedConfig, Embedder};
+use cellstream::reference::{Provenance, Reference};
+
+use super::UsageError;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Batches holding the labelled cells (any readable format).
+    #[arg(required = true)]
+    inputs: Vec<PathBuf>,
+    /// Tab-separated labels: a header row, the barcode in the first column.
+    #[arg(long)]
+    labels: PathBuf,
+    /// The labels file's column holding each cell's label.
+    #[arg(long, default_value = "cell_type")]
+    column: String,
+    /// Model package directory (default: the shipped models/pbmc-compact).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The reference folder to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Inference threads.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Run seed (as `embed`'s; models trained with `ties = "expected"` ignore it).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+/// Barcode → label from a tab-separated file with a header; empty labels are left out.
+fn read_labels(path: &Path, column: &str) -> anyhow::Result<HashMap<String, String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or_default().split('\t').collect();
+    let col = header.iter().position(|h| *h == column).ok_or_else(|| {
+        UsageError(format!(
+            "{}: no column {column:?} (the header has {header:?}); choose one with --column",
+            path.display()
+        ))
+    })?;
+    if col == 0 {
+        return Err(UsageError(format!(
+            "{}: --column {column:?} is the barcode column",
+            path.display()
+        ))
+        .into());
+    }
+    let mut labels = HashMap::new();
+    for (n, line) in lines.enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split('\t').collect();
+        let (Some(barcode), Some(label)) = (fields.first(), fields.get(col)) else {
+            return Err(UsageError(format!(
+                "{}: line {}: {} field(s), the label is field {}",
+                path.display(),
+                n + 2,
+                fields.len(),
+                col + 1
+            ))
+            .into());
+        };
+        if !label.trim().is_empty() {
+            labels.insert(barcode.to_string(), label.trim().to_string());
+        }
+    }
+    Ok(labels)
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let labels = read_labels(&args.labels, &args.column)?;
+    let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
+    let package = ModelPackage::load(&model_dir)?;
+    let model = package.model_id();
+    let dim = package.manifest.embedding_dim;
+    let cfg = EmbedConfig {
+        threads: args.threads.max(1),
+        seed: args.seed,
+        ..EmbedConfig::default()
+    };
+    let mut embedder = Embedder::new(package, cfg)?;
+    embedder.warm_up()?;
+    let (mut cells, mut unlabelled, mut empty) = (Vec::new(), 0usize, 0usize);
+    for input in &args.inputs {
+        let batch = read_batch(input, &ReadOptions::default())?;
+        let results = embedder.embed(&batch)?;
+        for (barcode, r) in batch.barcodes.iter().zip(results) {
+            match (labels.get(barcode), r.embedding) {
+                (None, _) => unlabelled += 1,
+                (Some(_), None) => empty += 1,
+                (Some(label), Some(e)) => cells.push((barcode.clone(), label.clone(), e)),
+            }
+        }
+    }
+    let n = cells.len();
+    let built = Provenance {
+        inputs: args
+            .inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        labels_file: args.labels.display().to_string(),
+        column: args.column.clone(),
+        cellstream: env!("CARGO_PKG_VERSION").into(),
+        unlabelled_cells: unlabelled,
+    };
+    let reference = Reference::build(cells, dim, model, built).map_err(UsageError)?;
+    reference
+        .write(&args.out)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    let m = &reference.meta;
+    eprintln!(
+        "reference {}: {n} cells of {} labels ({unlabelled} unlabelled, {empty} with no gene in the vocabulary left out); leave-one-out accuracy {:.3}, {:.1}% assigned at confidence ≥ {:.2} (precision {:.3})",
+        args.out.display(),
+        m.labels.len(),
+        m.leave_one_out.accuracy,
+        100.0 * m.leave_one_out.assigned_fraction,
+        m.confidence_threshold,
+        m.leave_one_out.precision_of_assigned
+    );
+    Ok(())
+}

@@ -1,0 +1,608 @@
+//! Reference mapping: a cell's label from its nearest labelled cells in embedding space, for
+//! any model that makes embeddings (scGPT's pretrained checkpoints have no classifier head;
+//! scGPT's own tutorials map by exact kNN, k = 10, majority vote).
+//!
+//! A reference is a folder (`cellstream reference` writes it): `reference.json` (what it was
+//! built from and for, its calibration), `embeddings.f32` (the cells' L2-normalised embeddings,
+//! little-endian f32, `cells × embedding_dim`), `cells.tsv` (barcode and label per cell, in the
+//! same order). For a query cell ([`Reference::map`]):
+//!
+//! - distance `1 − cos`; the `k` nearest reference cells by exact scan;
+//! - `label`: the majority among them (a tie goes to the label met first, nearest first);
+//! - `confidence`: the probability that this label is right, read from a table by the
+//!   winner's vote count `m`: the fraction of the reference's own cells, in leave-one-out
+//!   kNN, whose label was right when the winner got `m` votes (counts with fewer than
+//!   [`MIN_PER_BIN`] cells pooled with their neighbours, made non-decreasing in `m`);
+//! - `novelty`: the mean distance to the `k` nearest, divided by the 99th percentile of the
+//!   same over the reference's own cells in leave-one-out: the reference's cells sit below 1;
+//! - `assigned`: confidence at least the reference's threshold (the lowest giving ≥ 95%
+//!   precision in leave-one-out) and novelty at most 1.
+
+mod knn;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Read};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::write_atomic;
+pub use knn::Neighbours;
+
+/// Neighbours a vote takes (scGPT's tutorials use 10).
+pub const K: usize = 10;
+/// A vote count seen for fewer reference cells than this is pooled with its neighbours.
+pub const MIN_PER_BIN: usize = 20;
+/// Precision among assigned cells the threshold is chosen for.
+pub const TARGET_PRECISION: f64 = 0.95;
+/// Leave-one-out runs over at most this many reference cells (evenly spaced).
+const LOO_CELLS: usize = 5000;
+
+const META: &str = "reference.json";
+const EMBEDDINGS: &str = "embeddings.f32";
+const CELLS: &str = "cells.tsv";
+const FORMAT: &str = "cellstream-reference";
+
+/// Which model a reference's embeddings come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelId {
+    pub name: String,
+    pub onnx_sha256: String,
+}
+
+/// How a reference was made.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Provenance {
+    pub inputs: Vec<String>,
+    pub labels_file: String,
+    pub column: String,
+    pub cellstream: String,
+    /// Cells of the inputs left out for want of a label.
+    pub unlabelled_cells: usize,
+}
+
+/// Leave-one-out over the reference's own cells.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct SelfScores {
+    pub cells: usize,
+    pub accuracy: f64,
+    pub assigned_fraction: f64,
+    pub precision_of_assigned: f64,
+}
+
+/// `reference.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    pub format: String,
+    pub version: u32,
+    pub model: ModelId,
+    pub k: usize,
+    pub embedding_dim: usize,
+    pub cells: usize,
+    /// The labels, in first-seen order (`cells.tsv` names them).
+    pub labels: Vec<String>,
+    /// Fraction of the reference's cells per label.
+    pub composition: BTreeMap<String, f64>,
+    /// `calibration[m - 1]`: confidence when the winner got `m` of `k` votes.
+    pub calibration: Vec<f64>,
+    pub novelty_scale: f64,
+    pub confidence_threshold: f64,
+    pub leave_one_out: SelfScores,
+    pub built: Provenance,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("{}: cannot read: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{}: {what}", path.display())]
+    Invalid { path: PathBuf, what: String },
+    #[error("{}: built for model {reference_model} (onnx sha256 {reference_sha}), not for {model} (onnx sha256 {model_sha}): embed the reference cells again with this model (`cellstream reference`)", dir.display())]
+    OtherModel {
+        dir: PathBuf,
+        reference_model: String,
+        reference_sha: String,
+        model: String,
+        model_sha: String,
+    },
+}
+
+/// A loaded (or freshly built) reference.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    pub meta: Meta,
+    /// `cells × embedding_dim`, L2-normalised.
+    embeddings: Vec<f32>,
+    /// Per cell, its label's index in `meta.labels`.
+    labels: Vec<u32>,
+    barcodes: Vec<String>,
+}
+
+/// A query cell's mapping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mapping {
+    /// Index into the reference's labels.
+    pub label: usize,
+    pub confidence: f32,
+    pub assigned: bool,
+    pub novelty: f32,
+}
+
+/// Scales `v` to unit length (left as is when it is all zeros).
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+impl Reference {
+    /// A reference of `cells` (barcode, label, embedding), each embedding `dim` wide, for
+    /// `model`: normalises the embeddings and calibrates by leave-one-out.
+    pub fn build(
+        cells: Vec<(String, String, Vec<f32>)>,
+        dim: usize,
+        model: ModelId,
+        built: Provenance,
+    ) -> Result<Reference, String> {
+        if cells.len() < 2 {
+            return Err(format!(
+                "{} labelled cell(s) with an embedding: a reference needs at least 2",
+                cells.len()
+            ));
+        }
+        let mut names: Vec<String> = Vec::new();
+        let (mut embeddings, mut labels, mut barcodes) = (
+            Vec::with_capacity(cells.len() * dim),
+            Vec::with_capacity(cells.len()),
+            Vec::with_capacity(cells.len()),
+        );
+        for (barcode, label, mut e) in cells {
+            if e.len() != dim {
+                return Err(format!(
+                    "{barcode}: embedding of {} values, not {dim}",
+                    e.len()
+                ));
+            }
+            l2_normalize(&mut e);
+            let i = match names.iter().position(|n| *n == label) {
+                Some(i) => i,
+                None => {
+                    names.push(label);
+                    names.len() - 1
+                }
+            };
+            embeddings.extend_from_slice(&e);
+            labels.push(i as u32);
+            barcodes.push(barcode);
+        }
+        let n = labels.len();
+        let mut composition = BTreeMap::new();
+        for &l in &labels {
+            *composition.entry(names[l as usize].clone()).or_insert(0.0) += 1.0 / n as f64;
+        }
+        let mut reference = Reference {
+            meta: Meta {
+                format: FORMAT.into(),
+                version: 1,
+                model,
+                k: K.min(n - 1),
+                embedding_dim: dim,
+                cells: n,
+                labels: names,
+                composition,
+                calibration: Vec::new(),
+                novelty_scale: 1.0,
+                confidence_threshold: 0.0,
+                leave_one_out: SelfScores::default(),
+                built,
+            },
+            embeddings,
+            labels,
+            barcodes,
+        };
+        reference.calibrate();
+        Ok(reference)
+    }
+
+    /// Leave-one-out over (up to [`LOO_CELLS`] of) the reference's own cells: the
+    /// calibration table, the novelty scale and the threshold, and how they score.
+    fn calibrate(&mut self) {
+        let (n, k) = (self.meta.cells, self.meta.k);
+        let step = n.div_ceil(LOO_CELLS).max(1);
+        let mut votes = Vec::new(); // (winner's votes, right)
+        let mut spread = Vec::new(); // mean distance to the k nearest
+        let mut nb = Neighbours::new(k);
+        for i in (0..n).step_by(step) {
+            self.nearest(self.row(i), Some(i), &mut nb);
+            let (winner, m) = self.vote(&nb);
+            votes.push((m, winner == self.labels[i] as usize));
+            spread.push(nb.mean_distance());
+        }
+        self.meta.calibration = calibration_table(&votes, k);
+        self.meta.novelty_scale = percentile(&mut spread.clone(), 0.99).max(f64::MIN_POSITIVE);
+        let scale = self.meta.novelty_scale;
+        // Each cell's (confidence, novelty ≤ 1, right).
+        let scored: Vec<(f64, bool, bool)> = votes
+            .iter()
+            .zip(&spread)
+            .map(|(&(m, right), &s)| (self.meta.calibration[m - 1], s / scale <= 1.0, right))
+            .collect();
+        let mut candidates: Vec<f64> = self.meta.calibration.clone();
+        candidates.sort_by(f64::total_cmp);
+        candidates.dedup();
+        let precision_at = |t: f64| {
+            let assigned: Vec<bool> = scored
+                .iter()
+                .filter(|s| s.0 >= t && s.1)
+                .map(|s| s.2)
+                .collect();
+            let right = assigned.iter().filter(|&&r| r).count();
+            (right as f64 / assigned.len().max(1) as f64, assigned.len())
+        };
+        let threshold = candidates
+            .iter()
+            .copied()
+            .find(|&t| precision_at(t).0 >= TARGET_PRECISION)
+            .unwrap_or_else(|| candidates.last().copied().unwrap_or(1.0));
+        let (precision, assigned) = precision_at(threshold);
+        self.meta.confidence_threshold = threshold;
+        self.meta.leave_one_out = SelfScores {
+            cells: votes.len(),
+            accuracy: votes.iter().filter(|v| v.1).count() as f64 / votes.len() as f64,
+            assigned_fraction: assigned as f64 / votes.len() as f64,
+            precision_of_assigned: precision,
+        };
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        let d = self.meta.embedding_dim;
+        &self.embeddings[i * d..(i + 1) * d]
+    }
+
+    /// The `k` nearest reference cells to `query` (normalised), `skip` excluded.
+    fn nearest(&self, query: &[f32], skip: Option<usize>, out: &mut Neighbours) {
+        knn::scan(&self.embeddings, self.meta.embedding_dim, query, skip, out);
+    }
+
+    /// The majority label among `nb` and its vote count; a tie goes to the label met first,
+    /// nearest first.
+    fn vote(&self, nb: &Neighbours) -> (usize, usize) {
+        let mut counts: Vec<(usize, usize)> = Vec::with_capacity(nb.len());
+        for &(_, cell) in nb.sorted() {
+            let l = self.labels[cell as usize] as usize;
+            match counts.iter_mut().find(|c| c.0 == l) {
+                Some(c) => c.1 += 1,
+                None => counts.push((l, 1)),
+            }
+        }
+        // max_by_key keeps the last maximum; scanning reversed keeps the first.
+        counts
+            .iter()
+            .rev()
+            .max_by_key(|c| c.1)
+            .copied()
+            .unwrap_or((0, 0))
+    }
+
+    /// The mapping of one cell's embedding (normalised here if it is not).
+    pub fn map(&self, embedding: &[f32], nb: &mut Neighbours) -> Mapping {
+        let mut q = embedding.to_vec();
+        l2_normalize(&mut q);
+        self.nearest(&q, None, nb);
+        let (label, m) = self.vote(nb);
+        let confidence = self.meta.calibration[m.max(1) - 1];
+        let novelty = nb.mean_distance() / self.meta.novelty_scale;
+        Mapping {
+            label,
+            confidence: confidence as f32,
+            assigned: confidence >= self.meta.confidence_threshold && novelty <= 1.0,
+            novelty: novelty as f32,
+        }
+    }
+
+    /// A [`Neighbours`] buffer sized for this reference's `k`.
+    pub fn neighbours(&self) -> Neighbours {
+        Neighbours::new(self.meta.k)
+    }
+
+    pub fn label_name(&self, label: usize) -> &str {
+        &self.meta.labels[label]
+    }
+
+    /// Writes the folder (each file atomically).
+    pub fn write(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        write_atomic(&dir.join(EMBEDDINGS), |w| {
+            for x in &self.embeddings {
+                w.write_all(&x.to_le_bytes())?;
+            }
+            Ok(())
+        })?;
+        write_atomic(&dir.join(CELLS), |w| {
+            writeln!(w, "cell\tlabel")?;
+            for (b, &l) in self.barcodes.iter().zip(&self.labels) {
+                writeln!(w, "{b}\t{}", self.meta.labels[l as usize])?;
+            }
+            Ok(())
+        })?;
+        // Last: a folder with reference.json is a complete reference.
+        write_atomic(&dir.join(META), |w| {
+            serde_json::to_writer_pretty(&mut *w, &self.meta)?;
+            writeln!(w)
+        })
+    }
+
+    /// Reads the folder `dir`, refusing one built for another model than `model` (when
+    /// given) or whose files disagree with each other.
+    pub fn load(dir: &Path, model: Option<&ModelId>) -> Result<Reference, ReferenceError> {
+        let path = dir.join(META);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |err| ReferenceError::Io { path, err }
+        };
+        let invalid = |path: &Path, what: String| ReferenceError::Invalid {
+            path: path.to_path_buf(),
+            what,
+        };
+        let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+        let meta: Meta = serde_json::from_str(&text)
+            .map_err(|e| invalid(&path, format!("not a reference: {e}")))?;
+        if meta.format != FORMAT || meta.version != 1 {
+            return Err(invalid(
+                &path,
+                format!(
+                    "format {:?} version {}, expected {FORMAT:?} version 1",
+                    meta.format, meta.version
+                ),
+            ));
+        }
+        if let Some(m) = model {
+            if !m.onnx_sha256.eq_ignore_ascii_case(&meta.model.onnx_sha256) {
+                return Err(ReferenceError::OtherModel {
+                    dir: dir.to_path_buf(),
+                    reference_model: meta.model.name.clone(),
+                    reference_sha: meta.model.onnx_sha256.clone(),
+                    model: m.name.clone(),
+                    model_sha: m.onnx_sha256.clone(),
+                });
+            }
+        }
+        let ok = meta.k >= 1
+            && meta.k < meta.cells
+            && meta.calibration.len() == meta.k
+            && meta.embedding_dim > 0
+            && !meta.labels.is_empty()
+            && meta.novelty_scale > 0.0;
+        if !ok {
+            return Err(invalid(
+                &path,
+                format!(
+                    "inconsistent: k {}, {} cells, {} calibration entries, embedding_dim {}, {} labels, novelty_scale {}",
+                    meta.k,
+                    meta.cells,
+                    meta.calibration.len(),
+                    meta.embedding_dim,
+                    meta.labels.len(),
+                    meta.novelty_scale
+                ),
+            ));
+        }
+        let epath = dir.join(EMBEDDINGS);
+        let want = meta.cells * meta.embedding_dim * 4;
+        let file = std::fs::File::open(&epath).map_err(io(&epath))?;
+        let len = file.metadata().map_err(io(&epath))?.len();
+        if len != want as u64 {
+            return Err(invalid(
+                &epath,
+                format!(
+                    "{len} bytes, expected {want} ({} cells × {} f32)",
+                    meta.cells, meta.embedding_dim
+                ),
+            ));
+        }
+        let mut bytes = Vec::with_capacity(want);
+        file.take(want as u64)
+            .read_to_end(&mut bytes)
+            .map_err(io(&epath))?;
+        let embeddings: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        if let Some(i) = embeddings.iter().position(|x| !x.is_finite()) {
+            return Err(invalid(&epath, format!("value {i} is not finite")));
+        }
+        let cpath = dir.join(CELLS);
+        let file = std::fs::File::open(&cpath).map_err(io(&cpath))?;
+        let (mut barcodes, mut labels) = (Vec::new(), Vec::new());
+        for (n, line) in std::io::BufReader::new(file).lines().enumerate().skip(1) {
+            let line = line.map_err(io(&cpath))?;
+            let (barcode, label) = line.split_once('\t').ok_or_else(|| {
+                invalid(&cpath, format!("line {}: expected cell<TAB>label", n + 1))
+            })?;
+            let l = meta.labels.iter().position(|x| x == label).ok_or_else(|| {
+                invalid(
+                    &cpath,
+                    format!("line {}: label {label:?} is not in reference.json", n + 1),
+                )
+            })?;
+            barcodes.push(barcode.to_string());
+            labels.push(l as u32);
+        }
+        if labels.len() != meta.cells {
+            return Err(invalid(
+                &cpath,
+                format!("{} cells, reference.json says {}", labels.len(), meta.cells),
+            ));
+        }
+        Ok(Reference {
+            meta,
+            embeddings,
+            labels,
+            barcodes,
+        })
+    }
+}
+
+/// The calibration table from leave-one-out `(winner's votes, right)` pairs: per vote count
+/// `m` in 1..=k the fraction right, sparse counts pooled, then made non-decreasing in `m`
+/// (pool-adjacent-violators, weighted by cells).
+fn calibration_table(votes: &[(usize, bool)], k: usize) -> Vec<f64> {
+    let mut right = vec![0usize; k + 1];
+    let mut total = vec![0usize; k + 1];
+    for &(m, r) in votes {
+        total[m] += 1;
+        right[m] += r as usize;
+    }
+    // Blocks of consecutive vote counts: (first m, last m, right, total).
+    let mut blocks: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for m in 1..=k {
+        let open = blocks.last().is_some_and(|b| b.3 < MIN_PER_BIN);
+        match blocks.last_mut() {
+            Some(b) if open => {
+                b.1 = m;
+                b.2 += right[m];
+                b.3 += total[m];
+            }
+            _ => blocks.push((m, m, right[m], total[m])),
+        }
+    }
+    // A sparse last block joins the one before it.
+    if blocks.len() > 1 && blocks.last().is_some_and(|b| b.3 < MIN_PER_BIN) {
+        let last = blocks.pop().unwrap();
+        let prev = blocks.last_mut().unwrap();
+        prev.1 = last.1;
+        prev.2 += last.2;
+        prev.3 += last.3;
+    }
+    // Pool adjacent violators.
+    let rate = |b: &(usize, usize, usize, usize)| b.2 as f64 / b.3.max(1) as f64;
+    let mut merged: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for b in blocks {
+        merged.push(b);
+        while merged.len() > 1 && {
+            let n = merged.len();
+            rate(&merged[n - 2]) > rate(&merged[n - 1])
+        } {
+            let last = merged.pop().unwrap();
+            let prev = merged.last_mut().unwrap();
+            prev.1 = last.1;
+            prev.2 += last.2;
+            prev.3 += last.3;
+        }
+    }
+    let mut table = vec![0.0; k];
+    for b in &merged {
+        for m in b.0..=b.1 {
+            table[m - 1] = rate(b);
+        }
+    }
+    table
+}
+
+/// The `q` quantile (linear interpolation, numpy's default) of `v`; 0 for none.
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let pos = q * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenize::rng::CellRng;
+
+    /// Three clusters around orthogonal centres, `per` cells each.
+    fn clusters(per: usize, spread: f32, rng: &mut CellRng) -> Vec<(String, String, Vec<f32>)> {
+        let mut cells = Vec::new();
+        for c in 0..3 {
+            for i in 0..per {
+                let e: Vec<f32> = (0..8)
+                    .map(|j| (j == c) as u8 as f32 + (rng.next_f64() as f32 - 0.5) * spread)
+                    .collect();
+                cells.push((format!("c{c}-{i}"), format!("type{c}"), e));
+            }
+        }
+        cells
+    }
+
+    fn model() -> ModelId {
+        ModelId {
+            name: "m".into(),
+            onnx_sha256: "ab".repeat(32),
+        }
+    }
+
+    #[test]
+    fn separated_clusters_map_to_their_label_and_far_cells_are_novel() {
+        let mut rng = CellRng::for_cell(1, "reference");
+        let r = Reference::build(
+            clusters(60, 0.3, &mut rng),
+            8,
+            model(),
+            Provenance::default(),
+        )
+        .unwrap();
+        assert_eq!(r.meta.k, K);
+        assert!(
+            r.meta.leave_one_out.accuracy > 0.99,
+            "{:?}",
+            r.meta.leave_one_out
+        );
+        let mut nb = r.neighbours();
+        let m = r.map(&[0.0, 1.0, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0], &mut nb);
+        assert_eq!(r.label_name(m.label), "type1");
+        assert!(m.assigned && m.novelty < 1.0, "{m:?}");
+        // A direction no reference cell points to.
+        let far = r.map(&[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], &mut nb);
+        assert!(far.novelty > 1.0 && !far.assigned, "{far:?}");
+    }
+
+    #[test]
+    fn calibration_is_monotone_and_pools_sparse_counts() {
+        let mut votes = Vec::new();
+        for (m, right, wrong) in [(10, 95, 5), (9, 20, 5), (7, 3, 4), (6, 30, 2), (5, 10, 10)] {
+            votes.extend(std::iter::repeat_n((m, true), right));
+            votes.extend(std::iter::repeat_n((m, false), wrong));
+        }
+        let t = calibration_table(&votes, 10);
+        assert!(t.windows(2).all(|w| w[0] <= w[1]), "{t:?}");
+        assert!((t[9] - 0.95).abs() < 1e-9);
+        // 6 (32 cells, 0.94) sits above 7 (pooled with 8: 7 cells, 0.43): they pool.
+        assert_eq!(t[5], t[6]);
+    }
+
+    #[test]
+    fn written_references_read_back_and_refuse_another_model() {
+        let mut rng = CellRng::for_cell(2, "reference io");
+        let r = Reference::build(
+            clusters(20, 0.2, &mut rng),
+            8,
+            model(),
+            Provenance::default(),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        r.write(dir.path()).unwrap();
+        let back = Reference::load(dir.path(), Some(&model())).unwrap();
+        assert_eq!(back.embeddings, r.embeddings);
+        assert_eq!(back.labels, r.labels);
+        assert_eq!(back.meta.calibration, r.meta.calibration);
+        let other = ModelId {
+            name: "other".into(),
+            onnx_sha256: "cd".repeat(32),
+        };
+        let err = Reference::load(dir.path(), Some(&other))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&"ab".repeat(32)) && err.contains(&"cd".repeat(32)),
+            "{err}"
+        );
+    }
+}
