@@ -3,7 +3,8 @@
 # table of ratios at the end. Python peers live in the throwaway venv .venv-bench (pinned:
 # bench-data/requirements-peer.txt); nothing of it is needed by CI or the daemon.
 #
-#   bench-data/compare.sh    (CELLS=100000 generated cells, REPEAT=3 runs per row, GEN_REPEAT runs
+#   bench-data/compare.sh    (WHOLE_HUMAN=0 leaves out the whole-human-shaped model's rows;
+#                             CELLS=100000 generated cells, REPEAT=3 runs per row, GEN_REPEAT runs
 #                             of the CELLS row: ~14 min each on 2 vCPUs, default REPEAT)
 #
 # Rows: tokenization vs scGPT (one core); model forward tract vs onnxruntime by length bucket
@@ -39,6 +40,12 @@ echo "== tokenization (one core)"
 bench-data/tokenize_compare.sh | tee "$log/tokenize.txt"
 echo "== model forward"
 bench-data/model_compare.sh | tee "$log/model.txt"
+# What an AVX2-only CPU gets: our ops' AVX2 kernels and tract's matmuls held to AVX2+FMA
+# (CELLSTREAM_SIMD=avx2), against tract's own ops in the same mode and onnxruntime (AVX-512).
+if grep -q avx512f /proc/cpuinfo; then
+    echo "== model forward, AVX2 kernels forced"
+    CELLSTREAM_SIMD=avx2 CELLSTREAM_BENCH_SKIP=embed bench-data/model_compare.sh | tee "$log/model-avx2.txt"
+fi
 
 echo "== end to end, $threads threads"
 e2e() { # name, peers (ort,torch), files...: "cells seconds" per run into $log/e2e-<name>-<side>.txt
@@ -89,6 +96,12 @@ grep -E '^\| (tokenize/pbmc3k-seeded|scGPT) ' "$log/tokenize.txt" | paste -sd' '
     awk -F'|' '{printf "| tokenization pbmc3k, cells/s per core (vs scGPT binning) | %s | %s | %s |\n", $5, $11, $6}'
 grep -E '^\| S[0-9]+ \|' "$log/model.txt" |
     awk -F'|' '{printf "| forward%s, %s thread(s), cells/s (vs onnxruntime) | %s | %s | %s |\n", $2, $3, $4, $5, $6}'
+if [ -f "$log/model-avx2.txt" ]; then
+    grep -E '^\| S[0-9]+ \| 1 \|' "$log/model-avx2.txt" |
+        awk -F'|' '{gsub(/ /, "", $4); gsub(/ /, "", $7); printf "| forward%s, AVX2 forced, one thread, cells/s (vs tract'"'"'s own ops, AVX2) | %s | %s | %.2fx |\n", $2, $4, $7, $4 / $7}'
+    grep -E '^\| S[0-9]+ \|' "$log/model-avx2.txt" |
+        awk -F'|' '{printf "| forward%s, AVX2 forced, %s thread(s), cells/s (vs onnxruntime, AVX-512) | %s | %s | %s |\n", $2, $3, $4, $5, $6}'
+fi
 for f in "$log"/e2e-*-ort.txt "$log"/e2e-*-torch.txt; do
     side=${f##*-}; side=${side%.txt}; name=${f#"$log/e2e-"}; name=${name%-*}
     peer="Python scGPT tokenization + onnxruntime"
@@ -100,3 +113,10 @@ for f in "$log"/e2e-*-ort.txt "$log"/e2e-*-torch.txt; do
 done
 echo "| forward S=256, one thread: GFLOP/s (vs numpy sgemm peak) | $(field gflops < <(grep ACHIEVED "$log/sgemm.txt")) | $(field gflops < <(grep PEAK "$log/sgemm.txt")) | $(field percent_of_peak < <(grep ACHIEVED "$log/sgemm.txt"))% |"
 grep -E '^RESULT serve' "$log/serve.txt" | sed 's/^RESULT /| /; s/$/ | | | |/' || true
+
+# Issue 18's rows on a model of scGPT whole-human's shape (generated, ~176 MB, not committed);
+# WHOLE_HUMAN=0 leaves them out.
+if [ "${WHOLE_HUMAN:-1}" = 1 ]; then
+    echo
+    PYTHON="${TORCH_VENV:-.venv-train}/bin/python" bench-data/whole_human_compare.sh
+fi

@@ -9,7 +9,10 @@
 //! `src/model/fuse`, and with `src/model/kernel_choice`'s matmul kernels);
 //! `forward/unfused/…` rows, one thread, the same graph on tract's own ops and kernel choice.
 //! `CELLSTREAM_MODEL=DIR` benchmarks another package; `CELLSTREAM_TOKEN_BUDGET=T` another
-//! token budget (default: the pipeline's).
+//! token budget (default: the pipeline's). For a large model: `CELLSTREAM_BENCH_BUCKETS=256,512`
+//! (these lengths instead of every bucket), `CELLSTREAM_BENCH_CELLS=N` (cells per bucket,
+//! default 64), `CELLSTREAM_BENCH_REPEAT=R` (timed runs, default 5) and
+//! `CELLSTREAM_BENCH_SKIP=unfused,embed` (rows left out).
 
 use std::hint::black_box;
 use std::io::Write;
@@ -23,8 +26,12 @@ use cellstream::model::{Batch, ModelPackage, ModelRuntime, Options, Worker};
 use cellstream::pipeline::{EmbedConfig, Embedder};
 use cellstream::tokenize::{Tokenizer, TokenizerConfig};
 
-/// Cells per bucket.
-const CELLS: usize = 64;
+/// A number from the environment variable `var`, else `default`.
+fn knob(var: &str, default: usize) -> usize {
+    std::env::var(var).map_or(default, |v| {
+        v.parse().unwrap_or_else(|_| panic!("{var}: a number"))
+    })
+}
 
 fn report(name: &str, cells: usize, mut times: Vec<f64>) {
     times.sort_by(f64::total_cmp);
@@ -85,7 +92,20 @@ fn main() {
     // The same graph on tract's own ops and kernel choice alone at the same tier, one
     // thread: what the fused ops and the kernel choice add.
     let unfused = Options::unfused(rt.options.simd);
-    let unfused = (rt.options != unfused).then(|| ModelRuntime::with(&pkg, unfused).unwrap());
+    let skip = std::env::var("CELLSTREAM_BENCH_SKIP").unwrap_or_default();
+    let unfused = (rt.options != unfused && !skip.contains("unfused"))
+        .then(|| ModelRuntime::with(&pkg, unfused).unwrap());
+    let (cells_per_bucket, repeat) = (
+        knob("CELLSTREAM_BENCH_CELLS", 64),
+        knob("CELLSTREAM_BENCH_REPEAT", 5),
+    );
+    let lengths: Vec<usize> = match std::env::var("CELLSTREAM_BENCH_BUCKETS") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| s.trim().parse().expect("CELLSTREAM_BENCH_BUCKETS: lengths"))
+            .collect(),
+        Err(_) => buckets(rt.max_len),
+    };
     let input = repo.join("bench-data/pbmc3k");
     let batch = read_batch(&input, &ReadOptions::default()).unwrap();
     let genes = pkg.vocab.map_genes(&batch.gene_names);
@@ -101,11 +121,15 @@ fn main() {
     let _ = std::fs::remove_dir_all(&out_dir);
     std::fs::create_dir_all(&out_dir).unwrap();
 
-    // The same 64 cells for every bucket, cut to S tokens (<cls> and their first S-1 genes)
-    // and padded to S where shorter: the forward cost depends on S alone.
-    let cells_used: Vec<usize> = (0..CELLS).collect();
-    for s in buckets(rt.max_len) {
-        let n = rows_for(s, token_budget).min(CELLS / 2);
+    // For every bucket the first cells with at least S tokens (as many as there are, the
+    // shortest of the rest after them), cut to S tokens (<cls> and their first S-1 genes):
+    // every row full where the data allows, so that the forward cost depends on S alone and
+    // no side gains from skipping padding.
+    for s in lengths {
+        let mut by_fit: Vec<usize> = (0..tokens.n_cells()).collect();
+        by_fit.sort_by_key(|&i| std::cmp::Reverse(tokens.cell(i).0.len().min(s)));
+        let cells_used = &by_fit[..cells_per_bucket.min(by_fit.len())];
+        let n = rows_for(s, token_budget).min(cells_per_bucket.div_ceil(2));
         let batches: Vec<Batch> = cells_used
             .chunks(n)
             .map(|rows| {
@@ -121,7 +145,7 @@ fn main() {
         write_batches(&out_dir, s, &batches);
         let cells = n * batches.len();
         let mut worker = Worker::new(rt.clone());
-        let t1 = time(5, || {
+        let t1 = time(repeat, || {
             for b in &batches {
                 black_box(worker.run(b).unwrap());
             }
@@ -129,7 +153,7 @@ fn main() {
         report(&format!("forward/tract/S{s}/t1"), cells, t1);
         if let Some(unfused) = &unfused {
             let mut worker = Worker::new(unfused.clone());
-            let t = time(5, || {
+            let t = time(repeat, || {
                 for b in &batches {
                     black_box(worker.run(b).unwrap());
                 }
@@ -138,9 +162,12 @@ fn main() {
         }
         // Two threads: two workers (one tract State each) on half the batches each.
         let mut workers = [Worker::new(rt.clone()), Worker::new(rt.clone())];
-        let t2 = time(5, || {
+        let t2 = time(repeat, || {
             std::thread::scope(|sc| {
-                for (w, half) in workers.iter_mut().zip(batches.chunks(batches.len() / 2)) {
+                for (w, half) in workers
+                    .iter_mut()
+                    .zip(batches.chunks(batches.len().div_ceil(2)))
+                {
                     sc.spawn(move || {
                         for b in half {
                             black_box(w.run(b).unwrap());
@@ -154,6 +181,9 @@ fn main() {
 
     // End to end: read + tokenize + infer + results, all of pbmc3k.
     for threads in [1, 2] {
+        if skip.contains("embed") {
+            break;
+        }
         let pkg = ModelPackage::load(&model_dir).unwrap();
         let mut embedder = Embedder::new(
             pkg,

@@ -83,6 +83,11 @@ fn embed_all(
     }
     // Every bucket's plan now (while the reader reads), then the parsed graph goes.
     embedder.warm_up()?;
+    eprintln!(
+        "model {} loaded and warmed in {:.2} s",
+        model_dir.display(),
+        start.elapsed().as_secs_f64()
+    );
 
     let mut w = super::open_output(&args.out)?;
     let progress = std::io::stderr().is_terminal();
