@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The kill -9 harness of tests/serve.rs, many more times than CI's 10 rounds: SIGKILL the
+# The kill -9 harness of tests/integration/serve.rs, many more times than CI's 10 rounds: SIGKILL the
 # daemon at random moments while 20 batches flow, restart, repeat; then check that every
 # batch's output exists once, complete, and equal to `cellstream embed` on the same input.
 # Each run is 10 rounds on a fresh spool with its own seed, so that most kills land

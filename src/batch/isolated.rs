@@ -293,7 +293,7 @@ mod tests {
         panic!("{} stayed busy", r.exe.display())
     }
 
-    // The full protocol runs through the real binary in tests/serve_corpus.rs; here, how the
+    // The full protocol runs through the real binary in tests/integration/serve_corpus.rs; here, how the
     // parent reads a child that does not follow it.
     #[test]
     fn a_child_killed_by_a_signal_is_a_crash_naming_the_signal() {

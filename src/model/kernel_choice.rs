@@ -14,7 +14,7 @@
 //! second feed-forward layer and value encoder) to the 16x12 kernel, which issues a broadcast
 //! load per FMA and runs them at 62–74 GFLOP/s, where the 32x6 kernel runs the same products
 //! at 90 (BENCHMARKS.md, "Kernel choice"). Every kernel sums each output over `k` in the same
-//! order, so the choice moves time, never a bit of the result (`tests/embed.rs`).
+//! order, so the choice moves time, never a bit of the result (`tests/integration/embed.rs`).
 //!
 //! Both are a tier in tract-linalg's dispatch ladder (`mmm_tiers`, its public extension point
 //! for per-chip opinions): asked before tract's own tiers, it answers only while cellstream

@@ -1,7 +1,6 @@
 //! Bad input gets a clear error naming the file and what is wrong, never a panic.
 
-mod common;
-
+use crate::common;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 

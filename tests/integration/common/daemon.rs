@@ -93,6 +93,7 @@ impl Confinement {
                 const OVERRIDES: [u32; 3] = [1, 2, 3]; // DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER
                 for cap in OVERRIDES {
                     check(
+                        // SAFETY: see above.
                         unsafe {
                             libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0)
                         }
@@ -120,11 +121,13 @@ impl Confinement {
                     permitted: 0,
                     inheritable: 0,
                 }; 2];
+                // SAFETY: see above.
                 check(unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) })?;
                 let keep = !OVERRIDES.iter().fold(0, |m, c| m | 1u32 << c);
                 data[0].effective &= keep;
                 data[0].permitted &= keep;
                 data[0].inheritable &= keep;
+                // SAFETY: see above.
                 check(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) })
             }
         }

@@ -1,11 +1,10 @@
 //! The dependency-free Python writer/reader (tools/csb.py) and the Rust side agree on .csb.
 
-mod common;
-
+use crate::common;
 use std::process::Command;
 
+use crate::common::{fixture, read};
 use cellstream::batch::{write_csb, write_csb_file};
-use common::{fixture, read};
 
 /// tests/fixtures/python_written.csb was written by `python3 tools/csb.py write-sample`.
 #[test]

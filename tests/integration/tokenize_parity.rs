@@ -1,15 +1,15 @@
 //! Tokenization agrees with scGPT's own code on real cells
 //! (tests/fixtures/scgpt_tokens_pbmc3k_seed0.jsonl.gz; rules 1–3 of its README).
 
-mod common;
-
+use crate::common;
 use std::collections::HashMap;
 use std::io::BufRead;
 
 use cellstream::batch::{CountBatch, CsrArrays, Format};
+use cellstream::simd::Simd;
 use cellstream::tokenize::binning::Binner;
 use cellstream::tokenize::vocab::NOT_IN_VOCAB;
-use cellstream::tokenize::{Kernels, TieMode, TokenBatch, Tokenizer, TokenizerConfig, Vocab};
+use cellstream::tokenize::{TieMode, TokenBatch, Tokenizer, TokenizerConfig, Vocab};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -127,7 +127,7 @@ fn every_kernel_gives_the_same_tokens() {
             seed: 5,
             ..TokenizerConfig::default()
         };
-        let outputs: Vec<(Kernels, TokenBatch)> = Kernels::available()
+        let outputs: Vec<(Simd, TokenBatch)> = Simd::available()
             .into_iter()
             .map(|k| {
                 let mut t = Tokenizer::with_kernels(&s.vocab, cfg.clone(), k);

@@ -2,14 +2,13 @@
 //! an error report that names it and says what is wrong, good batches between them are
 //! processed, nothing hangs, and memory stays bounded.
 
-mod common;
-
+use crate::common;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::common::daemon::*;
 use cellstream::batch::{write_csb, CountBatch};
-use common::daemon::*;
 
 /// One malformed input, as a producer would drop it.
 enum Entry {

@@ -4,14 +4,13 @@
 //! daemon must write exactly the records the one-shot command writes, whatever happens
 //! to it in between.
 
-mod common;
-
+use crate::common;
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::daemon::*;
+use crate::common::daemon::*;
 
 #[test]
 fn dropped_batches_come_out_as_files_on_the_stream_and_in_metrics() {
@@ -249,6 +248,7 @@ fn a_malformed_batch_is_quarantined_while_the_next_is_processed() {
     write_mtx_dir(&base.select(0..3), &fifo_dir);
     std::fs::remove_file(fifo_dir.join("matrix.mtx")).unwrap();
     let c_path = std::ffi::CString::new(fifo_dir.join("matrix.mtx").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path that lives across the call.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
     std::fs::rename(&fifo_dir, d.incoming.join("fifo")).unwrap();
     drop_batch(&d.incoming, &src.join("good.csb"), "good.csb");

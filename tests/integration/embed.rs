@@ -1,16 +1,15 @@
 //! The shipped model through tract reproduces onnxruntime, and `cellstream embed` keeps its
 //! output contract (DESIGN.md §5).
 
-mod common;
-
+use crate::common;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
+use crate::common::{cellstream, stderr};
 use cellstream::model::fuse::{Fusion, TokenTables};
 use cellstream::model::kernel_choice::KernelChoice;
 use cellstream::model::{Batch, Fused, ModelPackage, ModelRuntime, Options, Worker};
 use cellstream::simd::Simd;
-use common::{cellstream, stderr};
 use serde::Deserialize;
 
 fn model_dir() -> PathBuf {

@@ -4,14 +4,13 @@
 //! never loses or half-writes a record: each output that appears equals what
 //! `cellstream embed` writes for the same input.
 
-mod common;
-
+use crate::common;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::daemon::*;
+use crate::common::daemon::*;
 
 fn error_report(d: &Spooled, name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(d.failed.join(format!("{name}.error.json"))).unwrap();

@@ -1,8 +1,7 @@
 //! The command-line contract (DESIGN.md §8), run through the real binary.
 
-mod common;
-
-use common::{cellstream, stderr};
+use crate::common;
+use crate::common::{cellstream, stderr};
 
 #[test]
 fn tokenize_writes_one_line_per_cell_in_the_contract_format() {

@@ -4,8 +4,7 @@
 //! at head widths 64 (post-norm, fine-tuned: logits and labels) and 128 (pre-norm), on
 //! sequences up to 1,200 tokens, padded rows included, for every kernel tier this CPU runs.
 
-mod common;
-
+use crate::common;
 use cellstream::model::{Batch, ModelPackage, ModelRuntime, Options, Worker};
 use cellstream::simd::Simd;
 use serde::Deserialize;

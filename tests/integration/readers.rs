@@ -1,11 +1,10 @@
 //! Every reader yields the same matrix for the same data, and `convert` round-trips.
 
-mod common;
-
+use crate::common;
 use std::path::PathBuf;
 
+use crate::common::{assert_same_matrix, fixture, read};
 use cellstream::batch::{read_batch, write_csb_file, Format, ReadOptions};
-use common::{assert_same_matrix, fixture, read};
 
 fn formats(rel: &str) -> PathBuf {
     fixture(&format!("formats/{rel}"))
