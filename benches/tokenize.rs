@@ -9,7 +9,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use cellstream::batch::{read_batch, write_csb_file, ReadOptions};
-use cellstream::tokenize::{Kernels, TieMode, TokenBatch, Tokenizer, TokenizerConfig, Vocab};
+use cellstream::simd::Simd;
+use cellstream::tokenize::{TieMode, TokenBatch, Tokenizer, TokenizerConfig, Vocab};
 
 const REPEAT: usize = 20;
 
@@ -80,8 +81,8 @@ fn main() {
     }
 
     // The portable loops, for CPUs without AVX2 (the rows above use the fastest this CPU has).
-    if Kernels::detect() != Kernels::Scalar {
-        let mut tok = Tokenizer::with_kernels(&vocab, TokenizerConfig::default(), Kernels::Scalar);
+    if Simd::detect() != Simd::Portable {
+        let mut tok = Tokenizer::with_kernels(&vocab, TokenizerConfig::default(), Simd::Portable);
         let mut out = TokenBatch::default();
         bench("tokenize/pbmc3k-seeded-scalar", n, || {
             tok.tokenize_into(black_box(&batch), &genes, &mut out);

@@ -16,49 +16,11 @@ use std::mem::MaybeUninit;
 use super::binning::SMALL;
 use super::tokenizer::CellCoverage;
 use super::vocab::NOT_IN_VOCAB;
+use crate::simd::Simd;
 
 /// Room past a cell's entries that [`select_in_vocab`]'s output buffers must have: the AVX2
 /// loop stores eight lanes at the cursor and advances it only by the kept ones.
 pub const SELECT_SLACK: usize = 8;
-
-/// Which implementation of the per-entry loops runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    /// Portable Rust, one entry at a time.
-    Scalar,
-    /// AVX2 (with POPCNT), eight entries at a time.
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-}
-
-impl Kernels {
-    /// The fastest this CPU runs.
-    pub fn detect() -> Kernels {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("popcnt") {
-            return Kernels::Avx2;
-        }
-        Kernels::Scalar
-    }
-
-    /// Every implementation this CPU can run (for tests and benchmarks).
-    pub fn available() -> Vec<Kernels> {
-        let mut all = vec![Kernels::Scalar];
-        let best = Kernels::detect();
-        if best != Kernels::Scalar {
-            all.push(best);
-        }
-        all
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kernels::Scalar => "scalar",
-            #[cfg(target_arch = "x86_64")]
-            Kernels::Avx2 => "avx2",
-        }
-    }
-}
 
 /// What [`select_in_vocab`] found in a cell.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -76,7 +38,7 @@ pub struct Selected {
 /// Panics if a gene index is outside `token_of_gene`, as indexing would: the batch readers
 /// validate indices, so this is a bug, never bad input.
 pub fn select_in_vocab(
-    kernels: Kernels,
+    kernels: Simd,
     gene_idx: &[u32],
     counts: &[u32],
     token_of_gene: &[u32],
@@ -86,29 +48,33 @@ pub fn select_in_vocab(
     assert_eq!(gene_idx.len(), counts.len());
     assert!(tokens.len() >= gene_idx.len() + SELECT_SLACK);
     assert!(kept.len() >= gene_idx.len() + SELECT_SLACK);
+    assert!(kernels <= Simd::detect(), "{} on this CPU", kernels.name());
     match kernels {
-        Kernels::Scalar => select_scalar(gene_idx, counts, token_of_gene, tokens, kept),
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `Avx2` is only ever made by `detect`, after the CPU said it has AVX2 and
-        // POPCNT; the lengths the function relies on are asserted above.
-        Kernels::Avx2 => unsafe { avx2::select(gene_idx, counts, token_of_gene, tokens, kept) },
+        // SAFETY: the CPU runs the tier (asserted above), which has AVX2 and POPCNT; the
+        // lengths the function relies on are asserted above.
+        Simd::Avx2 | Simd::Avx512 => unsafe {
+            avx2::select(gene_idx, counts, token_of_gene, tokens, kept)
+        },
+        _ => select_scalar(gene_idx, counts, token_of_gene, tokens, kept),
     }
 }
 
 /// Appends the seeded bin of every count (all below [`SMALL`]) to `values`; `lut` is the
 /// cell's packed digit table (`left | right << 16`), `key` the cell's hash key.
 pub fn seeded_bins(
-    kernels: Kernels,
+    kernels: Simd,
     lut: &[u32; SMALL],
     counts: &[u32],
     key: u32,
     values: &mut Vec<f32>,
 ) {
+    assert!(kernels <= Simd::detect(), "{} on this CPU", kernels.name());
     match kernels {
-        Kernels::Scalar => seeded_bins_scalar(lut, counts, key, values),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `select_in_vocab`; the gather indices are masked below SMALL.
-        Kernels::Avx2 => unsafe { avx2::seeded_bins(lut, counts, key, values) },
+        Simd::Avx2 | Simd::Avx512 => unsafe { avx2::seeded_bins(lut, counts, key, values) },
+        _ => seeded_bins_scalar(lut, counts, key, values),
     }
 }
 
@@ -208,12 +174,18 @@ mod avx2 {
         table
     }
 
+    /// # Safety
+    /// Eight u32 readable at `p`; AVX2 (the caller's target features).
     #[inline(always)]
     unsafe fn load(p: *const u32) -> __m256i {
-        _mm256_loadu_si256(p as *const __m256i)
+        // SAFETY: the caller's.
+        unsafe { _mm256_loadu_si256(p as *const __m256i) }
     }
 
     /// `acc` (four u64 lanes) plus the eight u32 lanes of `v`.
+    ///
+    /// # Safety
+    /// AVX2 (the caller's target features).
     #[inline(always)]
     unsafe fn add_widened(acc: __m256i, v: __m256i) -> __m256i {
         let lo = _mm256_cvtepu32_epi64(_mm256_castsi256_si128(v));
@@ -221,6 +193,8 @@ mod avx2 {
         _mm256_add_epi64(acc, _mm256_add_epi64(lo, hi))
     }
 
+    /// # Safety
+    /// AVX2 (the caller's target features).
     #[inline(always)]
     unsafe fn sum_u64(v: __m256i) -> u64 {
         let mut lanes = [0u64; 4];
@@ -228,6 +202,8 @@ mod avx2 {
         lanes.iter().sum()
     }
 
+    /// # Safety
+    /// AVX2 (the caller's target features).
     #[inline(always)]
     unsafe fn max_u32(v: __m256i) -> u32 {
         let mut lanes = [0u32; 8];
@@ -235,8 +211,10 @@ mod avx2 {
         lanes.into_iter().max().unwrap_or(0)
     }
 
-    /// `select_scalar`, eight entries at a time. The caller guarantees the lengths
-    /// (`tokens`/`kept` hold `gene_idx.len() + 8`) and the CPU features.
+    /// `select_scalar`, eight entries at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and POPCNT; `tokens` and `kept` hold `gene_idx.len() + 8`.
     #[target_feature(enable = "avx2,popcnt")]
     pub(super) unsafe fn select(
         gene_idx: &[u32],
@@ -307,6 +285,9 @@ mod avx2 {
     }
 
     /// `seeded_bins_scalar`, eight counts at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and POPCNT.
     #[target_feature(enable = "avx2,popcnt")]
     pub(super) unsafe fn seeded_bins(
         lut: &[u32; SMALL],
@@ -394,7 +375,7 @@ mod tests {
     }
 
     fn run_select(
-        kernels: Kernels,
+        kernels: Simd,
         genes: &[u32],
         counts: &[u32],
         table: &[u32],
@@ -417,7 +398,7 @@ mod tests {
         for n in (0..40).chain([100, 255, 256, 257, 1000]) {
             let (genes, counts, table) = cell(&mut g, n);
             let mut results = Vec::new();
-            for kernels in Kernels::available() {
+            for kernels in Simd::available() {
                 results.push(run_select(kernels, &genes, &counts, &table));
             }
             let (sel, tokens, kept) = &results[0];
@@ -461,7 +442,7 @@ mod tests {
         for n in (0..40).chain([257, 1199]) {
             let counts: Vec<u32> = (0..n).map(|_| g.below(SMALL as u64) as u32).collect();
             let key = g.next() as u32;
-            let outputs: Vec<Vec<f32>> = Kernels::available()
+            let outputs: Vec<Vec<f32>> = Simd::available()
                 .into_iter()
                 .map(|kernels| {
                     let mut values = vec![-2.0];
@@ -486,7 +467,7 @@ mod tests {
         let table = vec![1u32; 10];
         let genes: Vec<u32> = (0..16).map(|i| if i == 5 { 10 } else { i % 10 }).collect();
         let counts = vec![1u32; 16];
-        for kernels in Kernels::available() {
+        for kernels in Simd::available() {
             let refused = std::panic::catch_unwind(|| run_select(kernels, &genes, &counts, &table));
             assert!(refused.is_err(), "{} accepted index 10", kernels.name());
         }

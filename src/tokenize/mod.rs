@@ -11,6 +11,5 @@ pub mod rng;
 mod tokenizer;
 pub mod vocab;
 
-pub use kernels::Kernels;
 pub use tokenizer::{CellCoverage, TieMode, TokenBatch, Tokenizer, TokenizerConfig};
 pub use vocab::{GeneMap, Vocab, VocabError};

@@ -1,10 +1,11 @@
 //! `CountBatch` → `TokenBatch`: vocabulary mapping, binning, `<cls>`, subsampling beyond `max_len`.
 
 use super::binning::{tie_bin, Binner};
-use super::kernels::{self, seeded_bin, Kernels, Selected, SELECT_SLACK};
+use super::kernels::{self, seeded_bin, Selected, SELECT_SLACK};
 use super::rng::{CellRng, Mt19937};
 use super::vocab::{GeneMap, Vocab};
 use crate::batch::CountBatch;
+use crate::simd::Simd;
 
 /// How ties (`left != right`) are broken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -101,7 +102,7 @@ impl TokenBatch {
 pub struct Tokenizer {
     cfg: TokenizerConfig,
     cls_id: u32,
-    kernels: Kernels,
+    kernels: Simd,
     binner: Binner,
     /// The current cell's kept counts (scratch).
     counts: Vec<u32>,
@@ -111,12 +112,12 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn new(vocab: &Vocab, cfg: TokenizerConfig) -> Tokenizer {
-        Tokenizer::with_kernels(vocab, cfg, Kernels::detect())
+        Tokenizer::with_kernels(vocab, cfg, Simd::detect())
     }
 
     /// [`Tokenizer::new`] with a chosen implementation of the per-entry loops (every one
     /// gives the same tokens; tests and benchmarks compare them).
-    pub fn with_kernels(vocab: &Vocab, cfg: TokenizerConfig, kernels: Kernels) -> Tokenizer {
+    pub fn with_kernels(vocab: &Vocab, cfg: TokenizerConfig, kernels: Simd) -> Tokenizer {
         assert!(
             cfg.max_len >= 2,
             "max_len must leave room for <cls> and a gene"
