@@ -85,10 +85,12 @@ pub fn attend(
         Simd::Avx512 if dims.head_dim.is_multiple_of(16) => unsafe {
             avx512::attend(dims, q, k, v, mask, out, scratch)
         },
+        // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512 | Simd::Avx2 if dims.head_dim.is_multiple_of(8) => unsafe {
             avx2::attend(dims, q, k, v, mask, out, scratch)
         },
+        // SAFETY: as above (the portable build needs no CPU feature).
         _ if dims.head_dim.is_multiple_of(8) => unsafe {
             portable::attend(dims, q, k, v, mask, out, scratch)
         },

@@ -110,14 +110,13 @@ pub fn normalise(
     assert_eq!(x.len() % gamma.len(), 0);
     assert!(other.is_none_or(|o| o.len() == x.len()));
     assert!(simd <= Simd::detect(), "{} on this CPU", simd.name());
-    let d = gamma.len();
     match simd {
         // SAFETY (both arms): the CPU runs the tier (asserted above), rows are whole
         // vectors, `other` is as long as `x`.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 if d.is_multiple_of(16) => unsafe { avx512::rows(x, other, gamma, beta, eps) },
+        Simd::Avx512 if gamma.len().is_multiple_of(16) => unsafe { avx512::rows(x, other, gamma, beta, eps) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 | Simd::Avx2 if d.is_multiple_of(8) => unsafe {
+        Simd::Avx512 | Simd::Avx2 if gamma.len().is_multiple_of(8) => unsafe {
             avx2::rows(x, other, gamma, beta, eps)
         },
         _ => rows(x, other, gamma, beta, eps),
@@ -125,7 +124,9 @@ pub fn normalise(
 }
 
 /// The vector kernels: one row at a time, three passes (sum, squared deviations, output),
-/// written for [`layer_norm_rows!`]'s vector operations.
+/// over the vector operations of the module it is expanded in (`load`, `store`, `add`, `sub`,
+/// `mul`, `fma`, `splat`, `zero`, `hsum` and the width `L`).
+#[cfg(target_arch = "x86_64")]
 macro_rules! layer_norm_rows {
     ($features:literal) => {
         /// # Safety

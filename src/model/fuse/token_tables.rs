@@ -308,6 +308,7 @@ impl TokenTable {
 const PREFETCH_AHEAD: usize = 2;
 
 /// Asks the CPU to start loading `row` into cache.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 fn prefetch(row: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     for line in row.chunks(16) {
