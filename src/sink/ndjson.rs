@@ -2,6 +2,8 @@
 
 use std::io::Write;
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use serde::Serialize;
 
 use crate::config::EmbeddingEncoding;
@@ -65,8 +67,6 @@ pub fn write_batch(
     Ok(())
 }
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 /// Sets `out` to the values' little-endian bytes as standard base64 (RFC 4648 §4, with
 /// padding), what Python's `base64.b64decode` and numpy's `frombuffer(…, "<f4")` read back.
 /// `bytes` is scratch space.
@@ -74,28 +74,7 @@ fn base64_f32_le(values: &[f32], bytes: &mut Vec<u8>, out: &mut String) {
     bytes.clear();
     bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
     out.clear();
-    base64(bytes, out);
-}
-
-fn base64(bytes: &[u8], out: &mut String) {
-    out.reserve(bytes.len().div_ceil(3) * 4);
-    let sextet = |v: u32, shift: u32| ALPHABET[(v >> shift & 63) as usize] as char;
-    let mut chunks = bytes.chunks_exact(3);
-    for c in &mut chunks {
-        let v = u32::from(c[0]) << 16 | u32::from(c[1]) << 8 | u32::from(c[2]);
-        out.extend([sextet(v, 18), sextet(v, 12), sextet(v, 6), sextet(v, 0)]);
-    }
-    match *chunks.remainder() {
-        [a] => {
-            let v = u32::from(a) << 16;
-            out.extend([sextet(v, 18), sextet(v, 12), '=', '=']);
-        }
-        [a, b] => {
-            let v = u32::from(a) << 16 | u32::from(b) << 8;
-            out.extend([sextet(v, 18), sextet(v, 12), sextet(v, 6), '=']);
-        }
-        _ => {}
-    }
+    STANDARD.encode_string(bytes, out);
 }
 
 #[cfg(test)]
@@ -104,7 +83,7 @@ mod tests {
 
     fn encode(bytes: &[u8]) -> String {
         let mut s = String::new();
-        base64(bytes, &mut s);
+        STANDARD.encode_string(bytes, &mut s);
         s
     }
 
