@@ -10,6 +10,7 @@ mod csb_python;
 mod embed;
 mod export_scgpt;
 mod readers;
+mod reference;
 mod serve;
 mod serve_corpus;
 mod serve_faults;
