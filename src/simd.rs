@@ -80,6 +80,38 @@ impl Simd {
     }
 }
 
+/// Lanes of [`dot`]'s partial sums: wide enough for the compiler to keep them in vector
+/// registers of any tier.
+const LANES: usize = 16;
+
+/// `a · b` (as long as the shorter), summed in [`LANES`] partial sums then those in order: a
+/// fixed order that the compiler vectorises for whatever target features the caller is
+/// compiled with (inline it into a `#[target_feature]` function to get that tier's code).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut half = LANES / 2;
+    while half > 0 {
+        for l in 0..half {
+            acc[l] += acc[l + half];
+        }
+        half /= 2;
+    }
+    acc[0] + tail
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

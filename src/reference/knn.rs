@@ -2,7 +2,7 @@
 //! vectorised for the CPU's tier ([`crate::simd::Simd`]). A reference of 10^5 cells of 512
 //! values is 5·10^7 multiply-adds a query.
 
-use crate::simd::Simd;
+use crate::simd::{dot, Simd};
 
 /// The `k` nearest cells seen so far: (distance `1 − cos`, cell), nearest first.
 #[derive(Debug, Clone)]
@@ -102,27 +102,6 @@ fn scan_any(rows: &[f32], dim: usize, q: &[f32], skip: Option<usize>, out: &mut 
             out.offer(1.0 - dot(row, q) as f64, i as u32);
         }
     }
-}
-
-/// Lanes of the partial sums: wide enough for the compiler to keep them in vector registers.
-const LANES: usize = 16;
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

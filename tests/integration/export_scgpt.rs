@@ -110,41 +110,30 @@ fn converted_scgpt_model_agrees_with_torch_and_onnxruntime() {
     }
 }
 
-/// Head width 64, post-norm, a fine-tuned classifier head: every attention layer and
-/// LayerNorm of the exported form is fused, the logits agree too.
-#[test]
-fn head_width_64_fine_tuned_agrees_up_to_1200_tokens() {
-    let dir = common::fixture("scgpt-h64");
+/// A fast-form fixture of 2 layers: its `labels`, every attention layer and LayerNorm fused
+/// (2 encoder norms + 2 per layer; a classifier head's are ONNX LayerNormalization, left to
+/// tract), token tables folded, and agreement on every form.
+fn check_fast_form(name: &str, labels: Option<usize>) {
+    let dir = common::fixture(name);
     let pkg = ModelPackage::load(&dir).unwrap();
-    assert_eq!(pkg.labels.as_ref().map(Vec::len), Some(5));
+    assert_eq!(pkg.labels.as_ref().map(Vec::len), labels);
     let rt = ModelRuntime::with(&pkg, Options::best()).unwrap();
-    // 2 layers; 2 encoder norms + 2 per layer (the classifier head's are ONNX LayerNormalization).
-    assert_eq!(
-        (rt.fused.attention_layers, rt.fused.layer_norms),
-        (2, 6),
-        "{:?}",
-        rt.fused
-    );
+    let f = rt.fused;
+    assert_eq!((f.attention_layers, f.layer_norms), (2, 6), "{f:?}");
+    assert!(f.token_tables >= 1, "{f:?}");
     for options in forms() {
         check(&dir, options);
     }
 }
 
+/// Head width 64, post-norm, a fine-tuned classifier head: the logits agree too.
+#[test]
+fn head_width_64_fine_tuned_agrees_up_to_1200_tokens() {
+    check_fast_form("scgpt-h64", Some(5));
+}
+
 /// Head width 128, scGPT's pre-norm layers.
 #[test]
 fn head_width_128_pre_norm_agrees_up_to_1200_tokens() {
-    let dir = common::fixture("scgpt-h128-prenorm");
-    let pkg = ModelPackage::load(&dir).unwrap();
-    assert!(pkg.labels.is_none());
-    let rt = ModelRuntime::with(&pkg, Options::best()).unwrap();
-    assert_eq!(
-        (rt.fused.attention_layers, rt.fused.layer_norms),
-        (2, 6),
-        "{:?}",
-        rt.fused
-    );
-    assert!(rt.fused.token_tables >= 1, "{:?}", rt.fused);
-    for options in forms() {
-        check(&dir, options);
-    }
+    check_fast_form("scgpt-h128-prenorm", None);
 }

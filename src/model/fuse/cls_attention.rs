@@ -27,7 +27,7 @@ use tract_core::ops::math::{Add, Mul};
 use tract_core::{rule_if, rule_if_some};
 
 use super::FusedAttention;
-use crate::simd::Simd;
+use crate::simd::{dot, Simd};
 
 /// Attention of one query per row against keys `x·Wk` and values `x·Wv + bv`, computed
 /// without them (module comment).
@@ -159,36 +159,6 @@ struct Scratch {
     qx: Vec<f32>,
     p: Vec<f32>,
     u: Vec<f32>,
-}
-
-/// Lanes of the partial sums: wide enough for the compiler to keep them in vector registers.
-const LANES: usize = 16;
-
-/// `a · b`, summed in [`LANES`] partial sums, then those in halves (a fixed order that the
-/// compiler keeps in vector registers).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut half = LANES / 2;
-    while half > 0 {
-        for l in 0..half {
-            acc[l] += acc[l + half];
-        }
-        half /= 2;
-    }
-    acc[0] + tail
 }
 
 impl Weights<'_> {

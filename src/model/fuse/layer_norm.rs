@@ -114,7 +114,9 @@ pub fn normalise(
         // SAFETY (both arms): the CPU runs the tier (asserted above), rows are whole
         // vectors, `other` is as long as `x`.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 if gamma.len().is_multiple_of(16) => unsafe { avx512::rows(x, other, gamma, beta, eps) },
+        Simd::Avx512 if gamma.len().is_multiple_of(16) => unsafe {
+            avx512::rows(x, other, gamma, beta, eps)
+        },
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512 | Simd::Avx2 if gamma.len().is_multiple_of(8) => unsafe {
             avx2::rows(x, other, gamma, beta, eps)
