@@ -1,14 +1,18 @@
 use std::path::PathBuf;
 
+use anyhow::Context;
 use cellstream::batch::{read_batch, CountBatch, ReadOptions};
 use cellstream::model::{ModelPackage, ModelRuntime};
 use cellstream::reference::Reference;
 use cellstream::tokenize::Vocab;
 use serde_json::json;
 
+use super::UsageError;
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// The batch to inspect, a model package directory, or a reference folder.
+    /// The batch to inspect, a model package directory, a reference folder, or an NDJSON
+    /// output of `embed` or the daemon (run-level QC per batch).
     input: PathBuf,
     /// A vocabulary (vocab.json) to report gene coverage against.
     #[arg(long)]
@@ -210,7 +214,166 @@ fn inspect_reference(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether `path` is a file of cellstream's NDJSON records (its first line opens with
+/// `{"batch":`).
+fn is_records(path: &std::path::Path) -> bool {
+    let mut head = [0u8; 9];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok_and(|()| &head == b"{\"batch\":")
+}
+
+/// Per batch of a records file: how many cells, how many assigned, the labels' shares among
+/// the assigned, the median novelty (with a reference) and QC.
+#[derive(Default)]
+struct RecordsQc {
+    cells: usize,
+    assigned: usize,
+    labels: std::collections::BTreeMap<String, usize>,
+    novelty: Vec<f64>,
+    genes: Vec<f64>,
+    umis: Vec<f64>,
+    mito: Vec<f64>,
+}
+
+fn median_of(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    })
+}
+
+/// Run-level QC of an NDJSON output: per batch, the fraction unassigned, the composition of
+/// the assigned cells, the median novelty against the reference (when the records carry it)
+/// and QC medians.
+fn inspect_records(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    /// Longer lines are no cellstream record (one holds an embedding of a few thousand values).
+    const MAX_LINE: usize = 16 << 20;
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut batches: Vec<(String, RecordsQc)> = Vec::new();
+    let mut line = String::new();
+    for n in 1.. {
+        line.clear();
+        let read = std::io::Read::take(&mut reader, MAX_LINE as u64 + 1)
+            .read_line(&mut line)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        if read > MAX_LINE {
+            anyhow::bail!(
+                "{}: line {n} is longer than {MAX_LINE} bytes",
+                path.display()
+            );
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: serde_json::Value = serde_json::from_str(&line).map_err(|e| {
+            UsageError(format!(
+                "{}: line {n}: not a cellstream record: {e}",
+                path.display()
+            ))
+        })?;
+        let batch = r["batch"].as_str().unwrap_or_default().to_string();
+        if batches.last().is_none_or(|b| b.0 != batch) {
+            batches.push((batch, RecordsQc::default()));
+        }
+        let qc = &mut batches.last_mut().expect("pushed above").1;
+        qc.cells += 1;
+        if r["assigned"].as_bool() == Some(true) {
+            qc.assigned += 1;
+            *qc.labels
+                .entry(r["label"].as_str().unwrap_or_default().to_string())
+                .or_default() += 1;
+        }
+        if let Some(x) = r["novelty"].as_f64() {
+            qc.novelty.push(x);
+        }
+        for (v, key) in [
+            (&mut qc.genes, "n_genes"),
+            (&mut qc.umis, "total_counts"),
+            (&mut qc.mito, "pct_mito"),
+        ] {
+            if let Some(x) = r["qc"][key].as_f64() {
+                v.push(x);
+            }
+        }
+    }
+    let summaries: Vec<serde_json::Value> = batches
+        .iter_mut()
+        .map(|(batch, qc)| {
+            let composition: serde_json::Map<String, serde_json::Value> = qc
+                .labels
+                .iter()
+                .map(|(l, &c)| (l.clone(), json!(c as f64 / qc.assigned.max(1) as f64)))
+                .collect();
+            json!({
+                "batch": batch,
+                "cells": qc.cells,
+                "assigned": qc.assigned,
+                "unassigned_fraction": (qc.cells - qc.assigned) as f64 / qc.cells.max(1) as f64,
+                "composition": composition,
+                "median_novelty": median_of(&mut qc.novelty),
+                "median": {
+                    "n_genes": median_of(&mut qc.genes),
+                    "total_counts": median_of(&mut qc.umis),
+                    "pct_mito": median_of(&mut qc.mito),
+                },
+            })
+        })
+        .collect();
+    if json {
+        println!(
+            "{}",
+            json!({"records": path.display().to_string(), "batches": summaries})
+        );
+        return Ok(());
+    }
+    let cells: usize = batches.iter().map(|b| b.1.cells).sum();
+    println!(
+        "records:      {}: {} batch(es), {cells} cells",
+        path.display(),
+        batches.len()
+    );
+    for s in &summaries {
+        let composition: Vec<String> = s["composition"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(l, f)| format!("{l} {:.1}%", 100.0 * f.as_f64().unwrap_or(0.0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let novelty = s["median_novelty"]
+            .as_f64()
+            .map_or(String::new(), |n| format!("; median novelty {n:.2}"));
+        println!(
+            "batch {}: {} cells, {:.1}% unassigned{novelty}; median {:.0} genes, {:.0} UMIs, {:.1}% mito",
+            s["batch"].as_str().unwrap_or_default(),
+            s["cells"],
+            100.0 * s["unassigned_fraction"].as_f64().unwrap_or(0.0),
+            s["median"]["n_genes"].as_f64().unwrap_or(0.0),
+            s["median"]["total_counts"].as_f64().unwrap_or(0.0),
+            s["median"]["pct_mito"].as_f64().unwrap_or(0.0)
+        );
+        println!("  composition (assigned): {}", composition.join(", "));
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.input.is_file() && is_records(&args.input) {
+        return inspect_records(&args.input, args.json);
+    }
     if args.input.join("manifest.toml").is_file() {
         return inspect_model(&args.input, args.json);
     }

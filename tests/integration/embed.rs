@@ -245,6 +245,13 @@ fn plans_built_before_the_graph_is_released_keep_running_and_new_shapes_are_refu
     assert!(format!("{err:#}").contains("released"), "{err:#}");
 }
 
+/// The NDJSON `cellstream ARGS…` writes on stdout.
+fn records_of(args: &[&str]) -> Vec<u8> {
+    let out = cellstream(args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    out.stdout
+}
+
 fn embed(args: &[&str]) -> (std::process::Output, Vec<serde_json::Value>) {
     let out = cellstream(args);
     let records = String::from_utf8_lossy(&out.stdout)
@@ -553,6 +560,24 @@ fn a_reference_labels_cells_by_their_nearest_and_is_refused_for_another_model() 
         "{right}/{assigned}"
     );
     assert!(novel < 35, "{novel} of 700 novel");
+
+    // inspect on the records: the run-level QC per batch.
+    let records = dir.path().join("mapped.ndjson");
+    std::fs::write(&records, records_of(&["embed", i, "--reference", r])).unwrap();
+    let out = cellstream(&["inspect", records.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let qc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = &qc["batches"][0];
+    assert_eq!(b["cells"], 700);
+    assert_eq!(b["assigned"], assigned);
+    assert!(b["median_novelty"].as_f64().unwrap() > 0.0, "{qc}");
+    let shares: f64 = b["composition"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_f64().unwrap())
+        .sum();
+    assert!((shares - 1.0).abs() < 1e-9, "{qc}");
 
     // The same folder, said to be another model's.
     let meta_path = reference.join("reference.json");
