@@ -89,7 +89,7 @@ fn read_parts(path: &Path, o: &Limits) -> H5Result<Parts> {
             "matrix",
             strings(&f, "matrix/features/name", o, Most::genes(o))?,
             Some(strings(&f, "matrix/features/id", o, Most::genes(o))?),
-            cap,
+            o,
         );
     }
     read_10x_v2(&file, o)
@@ -119,9 +119,9 @@ fn read_10x_v2(file: &File, o: &Limits) -> H5Result<Parts> {
             Some(prev) => concat_genes(prev, part, genome)?,
         });
     }
-    merged.ok_or_else(|| {
+    Ok(merged.ok_or_else(|| {
         "no 10x matrix found: expected matrix/ (Cell Ranger 3+), genome groups with indptr (Cell Ranger 2), or AnnData X/obs/var".to_string()
-    })
+    })?)
 }
 
 /// A 10x group: `shape` = [genes, cells], CSC over cells (so CSR for cells × genes).
@@ -142,7 +142,8 @@ fn read_10x_group(
             "{at}/shape is {shape:?}, but there are {} features and {} barcodes",
             gene_names.len(),
             barcodes.len()
-        ));
+        )
+        .into());
     }
     let csr = sparse(g, at, o)?;
     Ok(Parts {
@@ -155,9 +156,7 @@ fn read_10x_group(
 
 fn concat_genes(a: Parts, b: Parts, genome: &str) -> H5Result<Parts> {
     if a.barcodes != b.barcodes {
-        return Err(format!(
-            "genome {genome} lists other barcodes than the first genome"
-        ));
+        return Err(format!("genome {genome} lists other barcodes than the first genome").into());
     }
     let offset = a.gene_names.len() as u32;
     let mut csr = CsrArrays {
@@ -216,20 +215,20 @@ fn read_anndata(file: &File, o: &Limits) -> H5Result<Parts> {
         let encoding = string_attr(&g, "encoding-type").unwrap_or_default();
         let shape = g
             .attr("shape")
-            .map_err(h5err("shape attribute"))
+            .map_err(|e| H5Fail::from(h5err("shape attribute")(e)))
             .and_then(|a| {
                 read_all::<i64>(&a, &format!("{x_path} shape attribute"), o, Most::ANY)
             })?;
         if shape != [n_cells as i64, n_genes as i64] {
             return Err(format!(
                 "{x_path} has shape {shape:?}, but obs has {n_cells} cells and {var_path} {n_genes} genes"
-            ));
+            ).into());
         }
         match encoding.as_str() {
             "csr_matrix" => sparse(&g, x_path, o)?,
             "csc_matrix" => transpose(sparse(&g, x_path, o)?, n_cells)
                 .map_err(|what| format!("{x_path}: {what}"))?,
-            other => return Err(format!("{x_path}: unsupported encoding-type {other:?}")),
+            other => return Err(format!("{x_path}: unsupported encoding-type {other:?}").into()),
         }
     };
     Ok(Parts {
@@ -278,9 +277,9 @@ fn strings(g: &Group, path: &str, o: &Limits, most: Most) -> H5Result<Vec<String
         TypeDescriptor::FixedUnicode(n) if n <= 256 => {
             read_strings::<FixedUnicode<256>>(&ds, path, o, most)
         }
-        other => Err(format!(
-            "{path}: expected strings of at most 256 bytes, found {other:?}"
-        )),
+        other => {
+            Err(format!("{path}: expected strings of at most 256 bytes, found {other:?}").into())
+        }
     }
 }
 
@@ -373,7 +372,7 @@ fn read_all<T: H5Type>(c: &Container, path: &str, o: &Limits, most: Most) -> H5R
             "{path}: {n} elements would take {bytes} bytes in memory, over the cap of {cap}"
         )));
     }
-    c.read_raw::<T>().map_err(h5err(path))
+    Ok(c.read_raw::<T>().map_err(h5err(path))?)
 }
 
 /// `data`/`indices`/`indptr` of a compressed sparse group, checked and narrowed.
@@ -385,7 +384,7 @@ fn sparse(g: &Group, at: &str, o: &Limits) -> H5Result<CsrArrays> {
         .iter()
         .enumerate()
         .map(|(i, &p)| u64::try_from(p).map_err(|_| format!("{at}/indptr[{i}] is negative ({p})")))
-        .collect::<H5Result<Vec<u64>>>()?;
+        .collect::<Result<Vec<u64>, String>>()?;
     let indices = indices
         .iter()
         .enumerate()
@@ -393,12 +392,12 @@ fn sparse(g: &Group, at: &str, o: &Limits) -> H5Result<CsrArrays> {
             u32::try_from(p)
                 .map_err(|_| format!("{at}/indices[{i}] = {p} is not a valid gene index"))
         })
-        .collect::<H5Result<Vec<u32>>>()?;
+        .collect::<Result<Vec<u32>, String>>()?;
     let data = data
         .iter()
         .enumerate()
         .map(|(i, &v)| count(v).map_err(|what| format!("{at}/data[{i}]: {what}")))
-        .collect::<H5Result<Vec<u32>>>()?;
+        .collect::<Result<Vec<u32>, String>>()?;
     let mut csr = CsrArrays {
         indptr,
         indices,
@@ -435,7 +434,8 @@ fn dense(
         return Err(format!(
             "{at} has shape {:?}, expected [{n_cells}, {n_genes}]",
             ds.shape()
-        ));
+        )
+        .into());
     }
     let values = read_all::<f64>(ds, at, o, Most::ANY)?;
     let mut csr = CsrArrays {
@@ -456,7 +456,7 @@ fn dense(
 }
 
 /// CSC (genes as the compressed axis, `sparse` checked its indptr) → CSR over `n_cells`.
-fn transpose(csc: CsrArrays, n_cells: usize) -> H5Result<CsrArrays> {
+fn transpose(csc: CsrArrays, n_cells: usize) -> Result<CsrArrays, String> {
     let mut indptr = vec![0u64; n_cells + 1];
     for (k, &c) in csc.indices.iter().enumerate() {
         if c as usize >= n_cells {
