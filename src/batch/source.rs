@@ -65,8 +65,10 @@ impl Image {
         let mut len = 0usize;
         loop {
             if len == words.len() * 8 {
+                // Never more than the cap (and the word that finds it passed) in memory.
+                let most = usize::try_from(cap / 8 + 2).unwrap_or(usize::MAX);
                 let grow = words.len().clamp(1 << 13, 1 << 24);
-                words.resize(words.len() + grow, 0);
+                words.resize((words.len() + grow).min(most).max(words.len() + 1), 0);
             }
             let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut words[..]);
             let n = match reader.read(&mut bytes[len..]) {
