@@ -4,8 +4,13 @@
 //!
 //! ```sh
 //! cargo run --release --example resample -- [--cells 100000] [--batch-cells 5000] \
-//!     [--seed 1] [--min-depth 0.3] [--out bench-data/generated]
+//!     [--seed 1] [--min-depth 0.3] [--format csb|mtx|mtx.gz] [--out bench-data/generated]
 //! ```
+//!
+//! `--format mtx` writes each batch as a 10x v3 Matrix Market directory (`matrix.mtx`,
+//! `features.tsv`, `barcodes.tsv`; entries sorted by cell, as Cell Ranger writes them), and
+//! `mtx.gz` the same members gzipped: the inputs of the reader benchmarks and the memory
+//! tests (docs/robustness.md, "Bounded memory").
 //!
 //! Every cell keeps a real cell's gene profile (so tokenizing and the model see realistic
 //! sequences: cells of pbmc3k carry ~850 expressed genes, ~780 of them in the vocabulary);
@@ -42,6 +47,7 @@ struct Args {
     min_depth: f64,
     source: PathBuf,
     out: PathBuf,
+    format: String,
 }
 
 fn parse_args() -> Args {
@@ -53,6 +59,7 @@ fn parse_args() -> Args {
         min_depth: 0.3,
         source: repo.join("bench-data/pbmc3k"),
         out: repo.join("bench-data/generated"),
+        format: "csb".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,6 +71,7 @@ fn parse_args() -> Args {
             "--min-depth" => a.min_depth = number(&flag, &value),
             "--source" => a.source = value.into(),
             "--out" => a.out = value.into(),
+            "--format" if ["csb", "mtx", "mtx.gz"].contains(&value.as_str()) => a.format = value,
             _ => {
                 panic!("unknown flag {flag}; see the comment at the top of bench-data/resample.rs")
             }
@@ -139,10 +147,13 @@ fn main() {
     while done < a.cells {
         let n = a.batch_cells.min(a.cells - done);
         let batch = resample(&src, n, done, &a, &mut rng);
-        let path = a
-            .out
-            .join(format!("pbmc3k-resampled-s{}-{:04}.csb", a.seed, k));
-        write_csb_file(&batch, &path).unwrap_or_else(|e| panic!("{e}"));
+        let name = format!("pbmc3k-resampled-s{}-{:04}", a.seed, k);
+        match a.format.as_str() {
+            "csb" => write_csb_file(&batch, &a.out.join(format!("{name}.csb")))
+                .unwrap_or_else(|e| panic!("{e}")),
+            f => write_mtx_dir(&batch, &a.out.join(name), f == "mtx.gz")
+                .unwrap_or_else(|e| panic!("{e}")),
+        }
         entries += batch.nnz();
         done += n;
         k += 1;
@@ -152,4 +163,55 @@ fn main() {
         entries as f64 / done as f64,
         a.out.display()
     );
+}
+
+/// `batch` as a 10x v3 Matrix Market directory, each member gzipped when `gz`.
+fn write_mtx_dir(batch: &CountBatch, dir: &std::path::Path, gz: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    let member = |name: &str| -> std::io::Result<Box<dyn Write>> {
+        let file = std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(dir.join(if gz {
+                format!("{name}.gz")
+            } else {
+                name.into()
+            }))?,
+        );
+        Ok(if gz {
+            Box::new(flate2::write::GzEncoder::new(
+                file,
+                flate2::Compression::default(),
+            ))
+        } else {
+            Box::new(file)
+        })
+    };
+    let mut m = member("matrix.mtx")?;
+    writeln!(m, "%%MatrixMarket matrix coordinate integer general")?;
+    writeln!(
+        m,
+        "%metadata_json: {{\"generator\": \"bench-data/resample.rs\"}}"
+    )?;
+    writeln!(m, "{} {} {}", batch.n_genes(), batch.n_cells(), batch.nnz())?;
+    for i in 0..batch.n_cells() {
+        let cell = batch.cell(i);
+        for (&g, &c) in cell.genes.iter().zip(cell.counts) {
+            writeln!(m, "{} {} {c}", g + 1, i + 1)?;
+        }
+    }
+    m.flush()?;
+    drop(m);
+    let ids = batch.gene_ids.as_ref().unwrap_or(&batch.gene_names);
+    let mut f = member("features.tsv")?;
+    for (id, name) in ids.iter().zip(&batch.gene_names) {
+        writeln!(f, "{id}\t{name}\tGene Expression")?;
+    }
+    f.flush()?;
+    drop(f);
+    let mut b = member("barcodes.tsv")?;
+    for bc in &batch.barcodes {
+        writeln!(b, "{bc}")?;
+    }
+    b.flush()
 }

@@ -37,9 +37,19 @@ pub struct SpoolConfig {
     /// Entries waiting in `incoming/` beyond which uploads are refused with 429.
     #[serde(default = "default_max_queued")]
     pub max_queued: usize,
-    /// Largest size a compressed input (gzip, zstd) may expand to, in bytes.
+    /// Largest size a compressed input (gzip, zstd) may expand to, in bytes (all the members
+    /// of a batch together; text members count as read).
     #[serde(default = "default_max_decompressed")]
     pub max_decompressed_bytes: u64,
+    /// Most cells a batch may hold; a batch claiming more is quarantined as `too_large`.
+    #[serde(default = "default_max_cells")]
+    pub max_cells: u64,
+    /// Most genes (features) a batch may hold.
+    #[serde(default = "default_max_genes")]
+    pub max_genes: u64,
+    /// Most stored counts (non-zero entries) a batch may hold.
+    #[serde(default = "default_max_stored_counts")]
+    pub max_stored_counts: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -124,6 +134,12 @@ pub struct PipelineConfig {
     /// anyway (their inputs stay in `processing/` and are redone at the next start).
     #[serde(default = "default_drain_seconds")]
     pub drain_seconds: f64,
+    /// Bytes of memory the daemon may use: a batch is admitted only when what its headers
+    /// claim fits beside what the daemon holds; one that cannot fit is quarantined as
+    /// `too_large`. Absent: 90% of the cgroup's `memory.max` (systemd's `MemoryMax=`), else
+    /// of the machine's memory.
+    #[serde(default)]
+    pub memory_budget: Option<u64>,
 }
 
 fn default_rescan_seconds() -> f64 {
@@ -133,7 +149,16 @@ fn default_max_queued() -> usize {
     256
 }
 fn default_max_decompressed() -> u64 {
-    4 << 30
+    crate::batch::DEFAULT_MAX_DECOMPRESSED
+}
+fn default_max_cells() -> u64 {
+    crate::batch::DEFAULT_MAX_CELLS
+}
+fn default_max_genes() -> u64 {
+    crate::batch::DEFAULT_MAX_GENES
+}
+fn default_max_stored_counts() -> u64 {
+    crate::batch::DEFAULT_MAX_STORED_COUNTS
 }
 fn default_listen() -> SocketAddr {
     "127.0.0.1:9464".parse().expect("valid address")
@@ -182,9 +207,13 @@ impl Default for PipelineConfig {
             seed: 0,
             token_budget: default_token_budget(),
             drain_seconds: default_drain_seconds(),
+            memory_budget: None,
         }
     }
 }
+
+/// The smallest `[pipeline] memory_budget` accepted.
+const MIN_MEMORY_BUDGET: u64 = 64 << 20;
 
 /// A config file that cannot be used, with the file and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -259,10 +288,53 @@ impl Config {
             "http.stream_buffer_batches",
             self.http.stream_buffer_batches,
         )?;
+        for (key, v) in [
+            ("spool.max_cells", self.spool.max_cells),
+            ("spool.max_genes", self.spool.max_genes),
+            ("spool.max_stored_counts", self.spool.max_stored_counts),
+            (
+                "spool.max_decompressed_bytes",
+                self.spool.max_decompressed_bytes,
+            ),
+        ] {
+            if v == 0 {
+                return Err(format!("{key} must be at least 1"));
+            }
+        }
+        if self.spool.max_stored_counts > u32::MAX as u64 {
+            return Err(format!(
+                "spool.max_stored_counts must be at most {} (a batch's entries are counted in 32 bits)",
+                u32::MAX
+            ));
+        }
+        if let Some(b) = self.pipeline.memory_budget {
+            if b < MIN_MEMORY_BUDGET {
+                return Err(format!(
+                    "pipeline.memory_budget is {b} bytes; the model alone needs more: at least {MIN_MEMORY_BUDGET} (64 MiB)"
+                ));
+            }
+        }
         if self.spool.dir == self.output.dir {
             return Err("spool.dir and output.dir must differ".into());
         }
         Ok(())
+    }
+
+    /// The caps on what a batch may hold (`[spool] max_*`).
+    pub fn read_caps(&self) -> (crate::batch::ReadOptions, crate::batch::Caps) {
+        (
+            crate::batch::ReadOptions {
+                max_decompressed: self.spool.max_decompressed_bytes,
+                // A producer that breaks the protocol could still truncate the file: copy,
+                // never map.
+                memory_map: false,
+            },
+            crate::batch::Caps {
+                max_cells: self.spool.max_cells,
+                max_genes: self.spool.max_genes,
+                max_stored_counts: self.spool.max_stored_counts,
+            },
+        )
     }
 
     pub fn rescan_interval(&self) -> Duration {
@@ -359,6 +431,32 @@ mod tests {
         assert_eq!(merged.output.embedding, EmbeddingEncoding::Base64);
         let e = Config::parse(&format!("{base}embedding = \"hex\"\n")).unwrap_err();
         assert!(e.contains("array") && e.contains("base64"), "{e}");
+    }
+
+    #[test]
+    fn caps_and_the_memory_budget_have_defaults_and_are_checked() {
+        let base = "[spool]\ndir = \"/s\"\n[output]\ndir = \"/o\"\n";
+        let a = Config::parse(base).unwrap();
+        let (opts, caps) = a.read_caps();
+        assert_eq!(caps, crate::batch::Caps::default());
+        assert_eq!(opts.max_decompressed, 4 << 30);
+        assert!(!opts.memory_map);
+        assert_eq!(a.pipeline.memory_budget, None);
+        let b = Config::parse(&format!("{base}[pipeline]\nmemory_budget = 1073741824\n")).unwrap();
+        assert_eq!(b.pipeline.memory_budget, Some(1 << 30));
+        let e = Config::parse(&format!("{base}[pipeline]\nmemory_budget = 1000\n")).unwrap_err();
+        assert!(e.contains("pipeline.memory_budget"), "{e}");
+        let e = Config::parse(&base.replace("[output]", "max_cells = 0\n[output]")).unwrap_err();
+        assert!(e.contains("spool.max_cells"), "{e}");
+        let e =
+            Config::parse(&base.replace("[output]", "max_stored_counts = 5000000000\n[output]"))
+                .unwrap_err();
+        assert!(e.contains("spool.max_stored_counts"), "{e}");
+        // Caps and the budget take effect on SIGHUP.
+        let c = Config::parse(&base.replace("[output]", "max_cells = 10\n[output]")).unwrap();
+        let (merged, kept) = a.reload(c);
+        assert!(kept.is_empty());
+        assert_eq!(merged.spool.max_cells, 10);
     }
 
     #[test]

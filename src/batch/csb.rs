@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use super::source::Image;
-use super::{validate_csr, BatchError, CountBatch, Format, ReadOptions, Storage};
+use super::{validate_csr, BatchError, CountBatch, Format, Limits, Storage};
 
 pub const MAGIC: &[u8; 4] = b"CSB1";
 const VERSION: u16 = 1;
@@ -30,52 +30,197 @@ struct Header {
     sections: [(u64, u64); 6],
 }
 
-pub fn read_mapped(path: &Path) -> Result<CountBatch, BatchError> {
+pub fn read_mapped(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError> {
     let image = Image::map(path)?;
-    from_image(path, image, Format::Csb)
+    from_image(path, image, Format::Csb, opts)
 }
 
 /// Reads the file into an aligned buffer instead of mapping it (see `ReadOptions::memory_map`).
-pub fn read_copied(path: &Path) -> Result<CountBatch, BatchError> {
+/// A consistent header's claims are checked against the caps before the copy.
+pub fn read_copied(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError> {
     let file = super::source::open_regular(path)?;
     let size = file.metadata().map_err(|e| BatchError::io(path, e))?.len();
+    let head = super::source::read_head(path, HEADER_LEN)?;
+    if let Some(h) = consistent_header(path, &head, size) {
+        check_claims(path, &h, opts)?;
+    }
     let image = Image::read_capped(path, file, u64::MAX, Some(size))?;
-    from_image(path, image, Format::Csb)
+    from_image(path, image, Format::Csb, opts)
 }
 
-pub fn read_zst(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
+pub fn read_zst(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError> {
     let file = super::source::open_regular(path)?;
-    from_zst_reader(path, file, opts)
+    zst_image(path, file, opts)
 }
 
 /// Parses a `.csb` image held in memory; `path` names it in errors (tests, fuzzing).
 pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<CountBatch, BatchError> {
     let image = Image::read_capped(path, bytes, u64::MAX, Some(bytes.len() as u64))?;
-    from_image(path, image, Format::Csb)
+    from_image(
+        path,
+        image,
+        Format::Csb,
+        &Limits::new(&Default::default(), &Default::default()),
+    )
 }
 
-/// Decompresses a `.csb.zst` stream (at most `opts.max_decompressed` bytes) and parses it.
+/// Padding a `.csb.zst` may hold past the end of its last section (writers put the trailer
+/// right after it), so that the image's size is known from its header before it is read.
+const ZST_SLACK: u64 = 1 << 20;
+
+/// Decompresses a `.csb.zst` stream (at most `opts.max_decompressed` bytes) and parses it,
+/// under the default [`super::Caps`].
 pub fn from_zst_reader(
     path: &Path,
     reader: impl std::io::Read,
-    opts: &ReadOptions,
+    opts: &super::ReadOptions,
 ) -> Result<CountBatch, BatchError> {
-    let decoder = zstd::stream::read::Decoder::new(reader).map_err(|e| BatchError::io(path, e))?;
-    let image = Image::read_capped(path, decoder, opts.max_decompressed, None)?;
+    zst_image(path, reader, &Limits::new(opts, &Default::default()))
+}
+
+/// The header is decompressed first. When it is consistent, its claims are checked against
+/// the caps and the image is read into a buffer of the size its section table gives (and at
+/// most [`ZST_SLACK`] more); a table spanning more than the decompression cap is refused at
+/// once. Anything else is decompressed up to the cap and refused by the full checks.
+fn zst_image(
+    path: &Path,
+    reader: impl std::io::Read,
+    opts: &Limits,
+) -> Result<CountBatch, BatchError> {
+    use std::io::Read;
+    let mut decoder =
+        zstd::stream::read::Decoder::new(reader).map_err(|e| BatchError::io(path, e))?;
+    let mut head = Vec::with_capacity(HEADER_LEN);
+    (&mut decoder)
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut head)
+        .map_err(|e| {
+            BatchError::corrupt(
+                path,
+                format!(
+                    "decompression failed after {} bytes of output: {e}",
+                    head.len()
+                ),
+            )
+        })?;
+    let mut cap = opts.max_decompressed;
+    let mut expected = None;
+    if let Some(span) = section_span(&head) {
+        if span > opts.max_decompressed as u128 {
+            return Err(super::too_large(
+                path,
+                format!(
+                    "the header's sections span {span} bytes, more than the cap of {} bytes (max_decompressed_bytes)",
+                    opts.max_decompressed
+                ),
+            ));
+        }
+        if let Some(h) = consistent_header(path, &head, span as u64) {
+            check_claims(path, &h, opts)?;
+            cap = cap.min(span as u64 + ZST_SLACK);
+            expected = Some(span as u64);
+        }
+    }
+    let bounded = cap < opts.max_decompressed;
+    let image = Image::read_capped(path, std::io::Cursor::new(head).chain(decoder), cap, expected)
+        .map_err(|e| match e.kind {
+            super::BatchErrorKind::TooLarge(ref what)
+                if bounded && what.starts_with("decompresses to more") =>
+            {
+                BatchError::invalid(
+                    path,
+                    format!(
+                        "the zstd stream holds more than the {} bytes its header's sections span and {ZST_SLACK} bytes of padding",
+                        cap - ZST_SLACK
+                    ),
+                )
+            }
+            _ => e,
+        })?;
     if !image.bytes().starts_with(MAGIC) {
         return Err(BatchError::invalid(
             path,
             "a zstd stream that does not hold a .csb image (magic CSB1 missing at offset 0)",
         ));
     }
-    from_image(path, image, Format::CsbZst)
+    from_image(path, image, Format::CsbZst, opts)
 }
 
-fn from_image(path: &Path, image: Image, format: Format) -> Result<CountBatch, BatchError> {
+/// Where the last section of a `.csb` image ends, trailer included, by its header (`head`,
+/// the first [`HEADER_LEN`] bytes); `None` when `head` is not a whole `.csb` header.
+fn section_span(head: &[u8]) -> Option<u128> {
+    if head.len() < HEADER_LEN || !head.starts_with(MAGIC) {
+        return None;
+    }
+    let end = (0..6)
+        .map(|i| {
+            let (off, len) = (u64_at(head, 32 + 16 * i), u64_at(head, 40 + 16 * i));
+            if len == 0 {
+                0
+            } else {
+                off as u128 + len as u128
+            }
+        })
+        .max()?;
+    Some(end.max(HEADER_LEN as u128) + TRAILER_LEN as u128)
+}
+
+/// The header held in `head` (the first [`HEADER_LEN`] bytes of an image of `len` bytes)
+/// when it passes the structural checks (magic, version, sections that fit and match its
+/// counts): only then are its claims worth checking before the image is read. Otherwise the
+/// full checks, after the read, say what is wrong, as they always have.
+fn consistent_header(path: &Path, head: &[u8], len: u64) -> Option<Header> {
+    if head.len() < HEADER_LEN || len < (HEADER_LEN + TRAILER_LEN) as u64 {
+        return None;
+    }
+    let mut whole = head[..HEADER_LEN].to_vec();
+    whole.extend_from_slice(&[0; TRAILER_LEN]);
+    let h = parse_header(path, &whole).ok()?;
+    check_sections(path, usize::try_from(len).ok()?, &h).ok()?;
+    Some(h)
+}
+
+/// The cells, genes and stored counts a header declares, against the caps.
+fn check_claims(path: &Path, h: &Header, opts: &Limits) -> Result<(), BatchError> {
+    opts.check_claims(path, "the header declares", h.n_cells, h.n_genes, h.nnz)
+}
+
+/// The claims of a `.csb` file (cells, genes, stored counts) when its header is consistent
+/// with its length, for the daemon's memory admission.
+pub(crate) fn file_claims(path: &Path) -> Option<(u64, u64, u64)> {
+    let len = std::fs::metadata(path).ok()?.len();
+    let head = super::source::read_head(path, HEADER_LEN).ok()?;
+    let h = consistent_header(path, &head, len)?;
+    Some((h.n_cells, h.n_genes, h.nnz))
+}
+
+/// The claims of a `.csb.zst` and the size of the image it holds, by its header alone (its
+/// first bytes decompressed), when that header is consistent.
+pub(crate) fn zst_claims(path: &Path) -> Option<(u64, u64, u64, u64)> {
+    use std::io::Read;
+    let file = super::source::open_regular(path).ok()?;
+    let decoder = zstd::stream::read::Decoder::new(file).ok()?;
+    let mut head = Vec::with_capacity(HEADER_LEN);
+    decoder
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut head)
+        .ok()?;
+    let span = u64::try_from(section_span(&head)?).ok()?;
+    let h = consistent_header(path, &head, span)?;
+    Some((h.n_cells, h.n_genes, h.nnz, span))
+}
+
+fn from_image(
+    path: &Path,
+    image: Image,
+    format: Format,
+    opts: &Limits,
+) -> Result<CountBatch, BatchError> {
     let bytes = image.bytes();
     let header = parse_header(path, bytes)?;
     check_crc(path, bytes)?;
     let ranges = check_sections(path, bytes.len(), &header)?;
+    check_claims(path, &header, opts)?;
     let gene_names = parse_strings(path, bytes, &ranges[0], header.n_genes, "gene_names")?;
     let gene_ids = if ranges[1].is_empty() {
         None

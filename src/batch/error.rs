@@ -64,3 +64,36 @@ impl BatchError {
         BatchError::new(path, BatchErrorKind::Corrupt(what.into()))
     }
 }
+
+/// Bytes of the input as an error message quotes them: in full when short, else the first
+/// 48 bytes (cut at a character boundary), an ellipsis and the full length, so that a
+/// message (and the daemon's error report and log line) stays small whatever the input holds.
+pub fn quote(bytes: &[u8]) -> String {
+    const SHORT: usize = 64;
+    const PREFIX: usize = 48;
+    if bytes.len() <= SHORT {
+        return format!("{:?}", String::from_utf8_lossy(bytes));
+    }
+    let text = String::from_utf8_lossy(&bytes[..PREFIX]);
+    // A multi-byte character cut at the end shows as U+FFFD: drop it.
+    let text = text.trim_end_matches('\u{fffd}');
+    format!("{text:?}… ({} bytes)", bytes.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_values_are_quoted_by_a_prefix_and_their_length() {
+        assert_eq!(quote(b"1 1 x"), "\"1 1 x\"");
+        let long = vec![b'7'; 2 << 20];
+        let q = quote(&long);
+        assert!(q.len() < 80, "{q}");
+        assert!(q.ends_with("… (2097152 bytes)"), "{q}");
+        assert!(q.starts_with(&format!("\"{}", "7".repeat(48))), "{q}");
+        let mut utf8 = "é".repeat(40).into_bytes();
+        utf8.push(b'x');
+        assert!(!quote(&utf8).contains('\u{fffd}'), "{}", quote(&utf8));
+    }
+}

@@ -6,19 +6,35 @@ use std::path::Path;
 use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
 use hdf5::{Container, Dataset, File, Group, H5Type};
 
-use super::source::{read_maybe_gz, GZIP_MAGIC};
-use super::{BatchError, CountBatch, CsrArrays, Format, ReadOptions};
+use super::source::{gunzip_to, GZIP_MAGIC};
+use super::{BatchError, CountBatch, CsrArrays, Format, Limits};
 
-type H5Result<T> = Result<T, String>;
+/// Why the HDF5 reader gave no batch: the file breaks the format's rules, or it claims more
+/// than a cap allows (refused before anything is read).
+enum H5Fail {
+    Invalid(String),
+    TooLarge(String),
+}
 
-pub fn read(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
+impl From<String> for H5Fail {
+    fn from(what: String) -> H5Fail {
+        H5Fail::Invalid(what)
+    }
+}
+
+type H5Result<T> = Result<T, H5Fail>;
+
+pub fn read(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError> {
     let gzipped = super::source::read_head(path, 2)? == GZIP_MAGIC;
     let parts = if gzipped {
         read_gzipped(path, opts)?
     } else {
-        read_parts(path, opts.max_decompressed)
+        read_parts(path, opts)
     };
-    let parts = parts.map_err(|what| BatchError::invalid(path, what))?;
+    let parts = parts.map_err(|fail| match fail {
+        H5Fail::Invalid(what) => BatchError::invalid(path, what),
+        H5Fail::TooLarge(what) => super::too_large(path, what),
+    })?;
     CountBatch::from_csr(
         path,
         Format::Hdf5,
@@ -29,18 +45,24 @@ pub fn read(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
     )
 }
 
-/// `.h5.gz`: HDF5 needs a seekable file, so the content goes to a private temporary file first.
-fn read_gzipped(path: &Path, opts: &ReadOptions) -> Result<H5Result<Parts>, BatchError> {
-    let bytes = read_maybe_gz(path, opts.max_decompressed)?;
+/// `.h5.gz`: HDF5 needs a seekable file, so the content is streamed (capped) into a private
+/// temporary file first, never held in memory.
+fn read_gzipped(path: &Path, opts: &Limits) -> Result<H5Result<Parts>, BatchError> {
     let tmp = std::env::temp_dir().join(format!(
         "cellstream-{}-{:?}.h5",
         std::process::id(),
         std::thread::current().id()
     ));
-    std::fs::write(&tmp, bytes).map_err(|e| BatchError::io(&tmp, e))?;
-    let parts = read_parts(&tmp, opts.max_decompressed);
+    let written = std::fs::File::create(&tmp)
+        .map_err(|e| BatchError::io(&tmp, e))
+        .and_then(|file| {
+            let mut w = std::io::BufWriter::new(file);
+            gunzip_to(path, opts.max_decompressed, &mut w)?;
+            std::io::Write::flush(&mut w).map_err(|e| BatchError::io(&tmp, e))
+        });
+    let parts = written.map(|()| read_parts(&tmp, opts));
     let _ = std::fs::remove_file(&tmp);
-    Ok(parts)
+    parts
 }
 
 struct Parts {
@@ -50,13 +72,14 @@ struct Parts {
     csr: CsrArrays,
 }
 
-/// `cap`: the most bytes any one dataset may take in memory (`ReadOptions::max_decompressed`).
-fn read_parts(path: &Path, cap: u64) -> H5Result<Parts> {
+/// Every dataset is sized against the caps of `o` before it is read: no more bytes than
+/// `max_decompressed`, no more names or entries than the batch's caps allow.
+fn read_parts(path: &Path, o: &Limits) -> H5Result<Parts> {
     // HDF5 prints its own error stack to stderr unless told not to; our errors say it better.
     hdf5::silence_errors(true);
     let file = File::open(path).map_err(|e| format!("cannot open as HDF5: {e}"))?;
     if file.link_exists("X") || file.link_exists("obs") {
-        return read_anndata(&file, cap);
+        return read_anndata(&file, o);
     }
     if file.link_exists("matrix") {
         let m = file.group("matrix").map_err(h5err("matrix"))?;
@@ -64,12 +87,12 @@ fn read_parts(path: &Path, cap: u64) -> H5Result<Parts> {
         return read_10x_group(
             &m,
             "matrix",
-            strings(&f, "matrix/features/name", cap)?,
-            Some(strings(&f, "matrix/features/id", cap)?),
-            cap,
+            strings(&f, "matrix/features/name", o, Most::genes(o))?,
+            Some(strings(&f, "matrix/features/id", o, Most::genes(o))?),
+            o,
         );
     }
-    read_10x_v2(&file, cap)
+    read_10x_v2(&file, o)
 }
 
 fn h5err(what: &str) -> impl Fn(hdf5::Error) -> String + '_ {
@@ -78,7 +101,7 @@ fn h5err(what: &str) -> impl Fn(hdf5::Error) -> String + '_ {
 
 /// Cell Ranger 2: one group per genome (`genes`, `gene_names`, `barcodes`, CSC data). Several
 /// genomes (barnyard runs) share the barcodes; their genes are concatenated in group order.
-fn read_10x_v2(file: &File, cap: u64) -> H5Result<Parts> {
+fn read_10x_v2(file: &File, o: &Limits) -> H5Result<Parts> {
     let genomes = file
         .member_names()
         .map_err(|e| format!("listing groups: {e}"))?;
@@ -88,17 +111,17 @@ fn read_10x_v2(file: &File, cap: u64) -> H5Result<Parts> {
         if !g.link_exists("indptr") {
             continue;
         }
-        let names = strings(&g, &format!("{genome}/gene_names"), cap)?;
-        let ids = strings(&g, &format!("{genome}/genes"), cap)?;
-        let part = read_10x_group(&g, genome, names, Some(ids), cap)?;
+        let names = strings(&g, &format!("{genome}/gene_names"), o, Most::genes(o))?;
+        let ids = strings(&g, &format!("{genome}/genes"), o, Most::genes(o))?;
+        let part = read_10x_group(&g, genome, names, Some(ids), o)?;
         merged = Some(match merged {
             None => part,
             Some(prev) => concat_genes(prev, part, genome)?,
         });
     }
-    merged.ok_or_else(|| {
+    Ok(merged.ok_or_else(|| {
         "no 10x matrix found: expected matrix/ (Cell Ranger 3+), genome groups with indptr (Cell Ranger 2), or AnnData X/obs/var".to_string()
-    })
+    })?)
 }
 
 /// A 10x group: `shape` = [genes, cells], CSC over cells (so CSR for cells × genes).
@@ -107,10 +130,10 @@ fn read_10x_group(
     at: &str,
     gene_names: Vec<String>,
     gene_ids: Option<Vec<String>>,
-    cap: u64,
+    o: &Limits,
 ) -> H5Result<Parts> {
-    let barcodes = strings(g, &format!("{at}/barcodes"), cap)?;
-    let shape = numbers::<i64>(g, &format!("{at}/shape"), cap)?;
+    let barcodes = strings(g, &format!("{at}/barcodes"), o, Most::cells(o))?;
+    let shape = numbers::<i64>(g, &format!("{at}/shape"), o, Most::ANY)?;
     if shape.len() != 2
         || shape[0] as usize != gene_names.len()
         || shape[1] as usize != barcodes.len()
@@ -119,9 +142,10 @@ fn read_10x_group(
             "{at}/shape is {shape:?}, but there are {} features and {} barcodes",
             gene_names.len(),
             barcodes.len()
-        ));
+        )
+        .into());
     }
-    let csr = sparse(g, at, cap)?;
+    let csr = sparse(g, at, o)?;
     Ok(Parts {
         gene_names,
         gene_ids,
@@ -132,9 +156,7 @@ fn read_10x_group(
 
 fn concat_genes(a: Parts, b: Parts, genome: &str) -> H5Result<Parts> {
     if a.barcodes != b.barcodes {
-        return Err(format!(
-            "genome {genome} lists other barcodes than the first genome"
-        ));
+        return Err(format!("genome {genome} lists other barcodes than the first genome").into());
     }
     let offset = a.gene_names.len() as u32;
     let mut csr = CsrArrays {
@@ -168,7 +190,7 @@ fn concat_genes(a: Parts, b: Parts, genome: &str) -> H5Result<Parts> {
 }
 
 /// AnnData: counts from `layers/counts`, else `raw/X` (with `raw/var`), else `X`.
-fn read_anndata(file: &File, cap: u64) -> H5Result<Parts> {
+fn read_anndata(file: &File, o: &Limits) -> H5Result<Parts> {
     let (x_path, var_path) = if file.link_exists("layers/counts") {
         ("layers/counts", "var")
     } else if file.link_exists("raw/X") {
@@ -178,33 +200,35 @@ fn read_anndata(file: &File, cap: u64) -> H5Result<Parts> {
     };
     let var = file.group(var_path).map_err(h5err(var_path))?;
     let obs = file.group("obs").map_err(h5err("obs"))?;
-    let gene_names = dataframe_index(&var, var_path, cap)?;
+    let gene_names = dataframe_index(&var, var_path, o, Most::genes(o))?;
     let gene_ids = ["gene_ids", "gene_id", "feature_id"]
         .iter()
         .find(|c| var.link_exists(c))
-        .map(|c| strings(&var, &format!("{var_path}/{c}"), cap))
+        .map(|c| strings(&var, &format!("{var_path}/{c}"), o, Most::genes(o)))
         .transpose()?;
-    let barcodes = dataframe_index(&obs, "obs", cap)?;
+    let barcodes = dataframe_index(&obs, "obs", o, Most::cells(o))?;
     let (n_cells, n_genes) = (barcodes.len(), gene_names.len());
     let csr = if let Ok(ds) = file.dataset(x_path) {
-        dense(&ds, x_path, n_cells, n_genes, cap)?
+        dense(&ds, x_path, n_cells, n_genes, o)?
     } else {
         let g = file.group(x_path).map_err(h5err(x_path))?;
         let encoding = string_attr(&g, "encoding-type").unwrap_or_default();
         let shape = g
             .attr("shape")
-            .map_err(h5err("shape attribute"))
-            .and_then(|a| read_all::<i64>(&a, &format!("{x_path} shape attribute"), cap))?;
+            .map_err(|e| H5Fail::from(h5err("shape attribute")(e)))
+            .and_then(|a| {
+                read_all::<i64>(&a, &format!("{x_path} shape attribute"), o, Most::ANY)
+            })?;
         if shape != [n_cells as i64, n_genes as i64] {
             return Err(format!(
                 "{x_path} has shape {shape:?}, but obs has {n_cells} cells and {var_path} {n_genes} genes"
-            ));
+            ).into());
         }
         match encoding.as_str() {
-            "csr_matrix" => sparse(&g, x_path, cap)?,
-            "csc_matrix" => transpose(sparse(&g, x_path, cap)?, n_cells)
+            "csr_matrix" => sparse(&g, x_path, o)?,
+            "csc_matrix" => transpose(sparse(&g, x_path, o)?, n_cells)
                 .map_err(|what| format!("{x_path}: {what}"))?,
-            other => return Err(format!("{x_path}: unsupported encoding-type {other:?}")),
+            other => return Err(format!("{x_path}: unsupported encoding-type {other:?}").into()),
         }
     };
     Ok(Parts {
@@ -216,9 +240,9 @@ fn read_anndata(file: &File, cap: u64) -> H5Result<Parts> {
 }
 
 /// The index column of an AnnData dataframe (its `_index` attribute names it).
-fn dataframe_index(g: &Group, at: &str, cap: u64) -> H5Result<Vec<String>> {
+fn dataframe_index(g: &Group, at: &str, o: &Limits, most: Most) -> H5Result<Vec<String>> {
     let column = string_attr(g, "_index").unwrap_or_else(|| "_index".to_string());
-    strings(g, &format!("{at}/{column}"), cap)
+    strings(g, &format!("{at}/{column}"), o, most)
 }
 
 fn string_attr(g: &Group, name: &str) -> Option<String> {
@@ -237,7 +261,7 @@ fn string_attr(g: &Group, name: &str) -> Option<String> {
 }
 
 /// A 1-D string dataset in any of HDF5's string encodings; `path` is relative to the file.
-fn strings(g: &Group, path: &str, cap: u64) -> H5Result<Vec<String>> {
+fn strings(g: &Group, path: &str, o: &Limits, most: Most) -> H5Result<Vec<String>> {
     let name = path.rsplit('/').next().unwrap_or(path);
     let ds = g.dataset(name).map_err(h5err(path))?;
     let desc = ds
@@ -245,17 +269,17 @@ fn strings(g: &Group, path: &str, cap: u64) -> H5Result<Vec<String>> {
         .and_then(|t| t.to_descriptor())
         .map_err(h5err(path))?;
     match desc {
-        TypeDescriptor::VarLenUnicode => read_strings::<VarLenUnicode>(&ds, path, cap),
-        TypeDescriptor::VarLenAscii => read_strings::<VarLenAscii>(&ds, path, cap),
+        TypeDescriptor::VarLenUnicode => read_strings::<VarLenUnicode>(&ds, path, o, most),
+        TypeDescriptor::VarLenAscii => read_strings::<VarLenAscii>(&ds, path, o, most),
         TypeDescriptor::FixedAscii(n) if n <= 256 => {
-            read_strings::<FixedAscii<256>>(&ds, path, cap)
+            read_strings::<FixedAscii<256>>(&ds, path, o, most)
         }
         TypeDescriptor::FixedUnicode(n) if n <= 256 => {
-            read_strings::<FixedUnicode<256>>(&ds, path, cap)
+            read_strings::<FixedUnicode<256>>(&ds, path, o, most)
         }
-        other => Err(format!(
-            "{path}: expected strings of at most 256 bytes, found {other:?}"
-        )),
+        other => {
+            Err(format!("{path}: expected strings of at most 256 bytes, found {other:?}").into())
+        }
     }
 }
 
@@ -263,45 +287,104 @@ fn strings(g: &Group, path: &str, cap: u64) -> H5Result<Vec<String>> {
 fn read_strings<T: H5Type + std::ops::Deref<Target = str>>(
     ds: &Dataset,
     path: &str,
-    cap: u64,
+    o: &Limits,
+    most: Most,
 ) -> H5Result<Vec<String>> {
-    Ok(read_all::<T>(ds, path, cap)?
+    Ok(read_all::<T>(ds, path, o, most)?
         .iter()
         .map(|s| s.to_string())
         .collect())
 }
 
 /// A numeric dataset of `g`, converted to `T` by HDF5; `path` is relative to the file.
-fn numbers<T: H5Type>(g: &Group, path: &str, cap: u64) -> H5Result<Vec<T>> {
+fn numbers<T: H5Type>(g: &Group, path: &str, o: &Limits, most: Most) -> H5Result<Vec<T>> {
     let name = path.rsplit('/').next().unwrap_or(path);
     let ds = g.dataset(name).map_err(h5err(path))?;
-    read_all::<T>(&ds, path, cap)
+    read_all::<T>(&ds, path, o, most)
 }
 
-/// Reads a whole dataset or attribute, if it fits in `cap` bytes: a corrupted dataspace can
-/// claim 10^12 elements, and allocating for them would abort the process (found by fuzzing:
-/// `fuzz/fuzz_targets/h5.rs`, docs/robustness.md).
-fn read_all<T: H5Type>(c: &Container, path: &str, cap: u64) -> H5Result<Vec<T>> {
+/// The most elements a dataset may hold, and the cap that says so.
+#[derive(Debug, Clone, Copy)]
+struct Most {
+    n: u64,
+    unit: &'static str,
+    key: &'static str,
+}
+
+impl Most {
+    /// No cap on the count (the byte cap still holds).
+    const ANY: Most = Most {
+        n: u64::MAX,
+        unit: "elements",
+        key: "",
+    };
+
+    fn cells(o: &Limits) -> Most {
+        Most {
+            n: o.max_cells,
+            unit: "cells",
+            key: "max_cells",
+        }
+    }
+
+    fn genes(o: &Limits) -> Most {
+        Most {
+            n: o.max_genes,
+            unit: "genes",
+            key: "max_genes",
+        }
+    }
+
+    fn stored(o: &Limits) -> Most {
+        Most {
+            n: o.max_stored_counts,
+            unit: "stored counts",
+            key: "max_stored_counts",
+        }
+    }
+
+    /// An index pointer: one per cell or gene, and one.
+    fn pointers(o: &Limits) -> Most {
+        Most {
+            n: o.max_cells.max(o.max_genes).saturating_add(1),
+            unit: "index pointers",
+            key: "max_cells and max_genes",
+        }
+    }
+}
+
+/// Reads a whole dataset or attribute, if it fits in the decompression cap's bytes and its
+/// elements are within `most`: a corrupted dataspace can claim 10^12 elements, and
+/// allocating for them would abort the process (found by fuzzing: `fuzz/fuzz_targets/h5.rs`,
+/// docs/robustness.md).
+fn read_all<T: H5Type>(c: &Container, path: &str, o: &Limits, most: Most) -> H5Result<Vec<T>> {
     let n = c.size() as u64;
+    if n > most.n {
+        return Err(H5Fail::TooLarge(format!(
+            "{path} holds {n} {}, over the {} cap of {}",
+            most.unit, most.key, most.n
+        )));
+    }
+    let cap = o.max_decompressed;
     let bytes = n.saturating_mul(std::mem::size_of::<T>() as u64);
     if bytes > cap {
-        return Err(format!(
+        return Err(H5Fail::TooLarge(format!(
             "{path}: {n} elements would take {bytes} bytes in memory, over the cap of {cap}"
-        ));
+        )));
     }
-    c.read_raw::<T>().map_err(h5err(path))
+    Ok(c.read_raw::<T>().map_err(h5err(path))?)
 }
 
 /// `data`/`indices`/`indptr` of a compressed sparse group, checked and narrowed.
-fn sparse(g: &Group, at: &str, cap: u64) -> H5Result<CsrArrays> {
-    let indptr = numbers::<i64>(g, &format!("{at}/indptr"), cap)?;
-    let indices = numbers::<i64>(g, &format!("{at}/indices"), cap)?;
-    let data = numbers::<f64>(g, &format!("{at}/data"), cap)?;
+fn sparse(g: &Group, at: &str, o: &Limits) -> H5Result<CsrArrays> {
+    let indptr = numbers::<i64>(g, &format!("{at}/indptr"), o, Most::pointers(o))?;
+    let indices = numbers::<i64>(g, &format!("{at}/indices"), o, Most::stored(o))?;
+    let data = numbers::<f64>(g, &format!("{at}/data"), o, Most::stored(o))?;
     let indptr = indptr
         .iter()
         .enumerate()
         .map(|(i, &p)| u64::try_from(p).map_err(|_| format!("{at}/indptr[{i}] is negative ({p})")))
-        .collect::<H5Result<Vec<u64>>>()?;
+        .collect::<Result<Vec<u64>, String>>()?;
     let indices = indices
         .iter()
         .enumerate()
@@ -309,12 +392,12 @@ fn sparse(g: &Group, at: &str, cap: u64) -> H5Result<CsrArrays> {
             u32::try_from(p)
                 .map_err(|_| format!("{at}/indices[{i}] = {p} is not a valid gene index"))
         })
-        .collect::<H5Result<Vec<u32>>>()?;
+        .collect::<Result<Vec<u32>, String>>()?;
     let data = data
         .iter()
         .enumerate()
         .map(|(i, &v)| count(v).map_err(|what| format!("{at}/data[{i}]: {what}")))
-        .collect::<H5Result<Vec<u32>>>()?;
+        .collect::<Result<Vec<u32>, String>>()?;
     let mut csr = CsrArrays {
         indptr,
         indices,
@@ -340,14 +423,21 @@ fn count(v: f64) -> Result<u32, String> {
     Ok(v as u32)
 }
 
-fn dense(ds: &Dataset, at: &str, n_cells: usize, n_genes: usize, cap: u64) -> H5Result<CsrArrays> {
+fn dense(
+    ds: &Dataset,
+    at: &str,
+    n_cells: usize,
+    n_genes: usize,
+    o: &Limits,
+) -> H5Result<CsrArrays> {
     if ds.shape() != [n_cells, n_genes] {
         return Err(format!(
             "{at} has shape {:?}, expected [{n_cells}, {n_genes}]",
             ds.shape()
-        ));
+        )
+        .into());
     }
-    let values = read_all::<f64>(ds, at, cap)?;
+    let values = read_all::<f64>(ds, at, o, Most::ANY)?;
     let mut csr = CsrArrays {
         indptr: vec![0],
         ..Default::default()
@@ -366,7 +456,7 @@ fn dense(ds: &Dataset, at: &str, n_cells: usize, n_genes: usize, cap: u64) -> H5
 }
 
 /// CSC (genes as the compressed axis, `sparse` checked its indptr) → CSR over `n_cells`.
-fn transpose(csc: CsrArrays, n_cells: usize) -> H5Result<CsrArrays> {
+fn transpose(csc: CsrArrays, n_cells: usize) -> Result<CsrArrays, String> {
     let mut indptr = vec![0u64; n_cells + 1];
     for (k, &c) in csc.indices.iter().enumerate() {
         if c as usize >= n_cells {

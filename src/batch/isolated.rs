@@ -7,8 +7,9 @@
 //! as a `.csb` to a scratch file, which the parent then maps. A crash, a hang or a runaway
 //! allocation costs the child and that one file; the daemon quarantines it and goes on.
 //!
-//! The protocol, both sides of which live here: `EXE __read-child --max-decompressed N INPUT
-//! OUT.csb` writes `OUT.csb` and then `OUT.csb.report.json` ([`ChildReport`]) and exits 0,
+//! The protocol, both sides of which live here: `EXE __read-child --max-decompressed N
+//! [--max-cells N --max-genes N --max-stored-counts N] INPUT OUT.csb` writes `OUT.csb` and
+//! then `OUT.csb.report.json` ([`ChildReport`]) and exits 0,
 //! whether the input was read or refused. Anything else (a signal, another exit status, no
 //! report) means the reader crashed.
 
@@ -21,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::{csb, read_batch, CountBatch, Format, ReadOptions};
+use super::{csb, read_batch_capped, Caps, CountBatch, Format, Limits, ReadOptions};
 
 /// The hidden subcommand the child runs.
 pub const CHILD_SUBCOMMAND: &str = "__read-child";
@@ -38,7 +39,16 @@ pub struct Refusal {
 /// parser bug on one hostile file must still cost only that file. The daemon reads every
 /// format but HDF5 this way, and the child reads HDF5 this way.
 pub fn read_contained(path: &Path, opts: &ReadOptions) -> Result<CountBatch, Refusal> {
-    match catch_unwind(AssertUnwindSafe(|| read_batch(path, opts))) {
+    read_contained_capped(path, opts, &Caps::default())
+}
+
+/// [`read_contained`] under the given caps.
+pub fn read_contained_capped(
+    path: &Path,
+    opts: &ReadOptions,
+    caps: &Caps,
+) -> Result<CountBatch, Refusal> {
+    match catch_unwind(AssertUnwindSafe(|| read_batch_capped(path, opts, caps))) {
         Ok(read) => read.map_err(|e| Refusal {
             kind: e.kind.name().into(),
             error: e.to_string(),
@@ -123,12 +133,23 @@ impl ChildReader {
         opts: &ReadOptions,
         progress: &mut dyn FnMut(),
     ) -> Result<CountBatch, ChildReadError> {
+        self.read_capped(path, opts, &Caps::default(), progress)
+    }
+
+    /// [`ChildReader::read`] under the given caps (the child checks them).
+    pub fn read_capped(
+        &self,
+        path: &Path,
+        opts: &ReadOptions,
+        caps: &Caps,
+        progress: &mut dyn FnMut(),
+    ) -> Result<CountBatch, ChildReadError> {
         let out = self.scratch_file();
         let report = report_path(&out);
-        let result = self.run_child(path, opts, &out, &report, progress);
+        let result = self.run_child(path, opts, caps, &out, &report, progress);
         let _ = std::fs::remove_file(&report);
         let batch = result.and_then(|()| {
-            let mut batch = csb::read_mapped(&out).map_err(|e| {
+            let mut batch = csb::read_mapped(&out, &Limits::new(opts, caps)).map_err(|e| {
                 ChildReadError::Internal(format!("reading the child's output: {e}"))
             })?;
             batch.source = path.to_path_buf();
@@ -151,6 +172,7 @@ impl ChildReader {
         &self,
         path: &Path,
         opts: &ReadOptions,
+        caps: &Caps,
         out: &Path,
         report: &Path,
         progress: &mut dyn FnMut(),
@@ -160,6 +182,12 @@ impl ChildReader {
             .arg(CHILD_SUBCOMMAND)
             .arg("--max-decompressed")
             .arg(opts.max_decompressed.to_string())
+            .arg("--max-cells")
+            .arg(caps.max_cells.to_string())
+            .arg("--max-genes")
+            .arg(caps.max_genes.to_string())
+            .arg("--max-stored-counts")
+            .arg(caps.max_stored_counts.to_string())
             .arg(path)
             .arg(out)
             // The child is not the service: it must not talk to systemd.
@@ -249,7 +277,7 @@ fn describe(status: ExitStatus) -> String {
                 libc::SIGSEGV => " (SIGSEGV, a memory fault)",
                 libc::SIGBUS => " (SIGBUS)",
                 libc::SIGABRT => " (SIGABRT, an abort)",
-                libc::SIGKILL => " (SIGKILL: out of memory?)",
+                libc::SIGKILL => " (SIGKILL: out of memory? the child is the first the kernel's OOM killer picks)",
                 libc::SIGFPE => " (SIGFPE)",
                 libc::SIGILL => " (SIGILL)",
                 _ => "",

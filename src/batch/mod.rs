@@ -21,17 +21,18 @@ use std::path::{Path, PathBuf};
 pub use csb::{
     from_bytes as csb_from_bytes, from_zst_reader as csb_from_zst_reader, write_csb, write_csb_file,
 };
-pub use error::{BatchError, BatchErrorKind};
+pub use error::{quote, BatchError, BatchErrorKind};
 
 #[cfg(target_endian = "big")]
 compile_error!(
     "cellstream reads little-endian arrays in place and supports little-endian hosts only"
 );
 
-/// Limits that protect the reader from hostile input, and how files are read.
+/// How files are read, and the one limit every reader has had from the start.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadOptions {
-    /// Largest number of bytes a compressed input (gzip, zstd) may expand to.
+    /// Largest number of bytes a batch's compressed members (gzip, zstd) may expand to, and
+    /// its text members (MTX, dense text) may hold, all members together.
     pub max_decompressed: u64,
     /// Memory-map `.csb` files (no copy). Safe only while nobody truncates the file: a
     /// truncated mapping faults (SIGBUS) on access. The daemon reads files that producers
@@ -42,10 +43,104 @@ pub struct ReadOptions {
 impl Default for ReadOptions {
     fn default() -> Self {
         ReadOptions {
-            max_decompressed: 4 << 30,
+            max_decompressed: DEFAULT_MAX_DECOMPRESSED,
             memory_map: true,
         }
     }
+}
+
+/// The shape a batch may have ([`read_batch_capped`]): beyond a cap, the input is refused
+/// with [`BatchErrorKind::TooLarge`], naming the cap and the value, at the first excess. A
+/// header's claims (an MTX size line, a `.csb` header, an HDF5 dataspace) are checked before
+/// anything is allocated from them, and a stream is refused as soon as it passes a cap, not
+/// after it has been read. The defaults fit a large 10x run (tens of thousands of cells of
+/// 36,601 genes) on a machine of 8 GiB; the daemon takes them from `[spool]`, the commands
+/// from `--max-cells` and its siblings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Most cells (barcodes) a batch may hold.
+    pub max_cells: u64,
+    /// Most genes (features) a batch may hold.
+    pub max_genes: u64,
+    /// Most stored counts (entries of the sparse matrix) a batch may hold.
+    pub max_stored_counts: u64,
+}
+
+/// `[spool] max_decompressed_bytes` and `--max-decompressed-bytes` by default: 4 GiB.
+pub const DEFAULT_MAX_DECOMPRESSED: u64 = 4 << 30;
+/// `[spool] max_cells` by default: ten times a 10x high-throughput lane.
+pub const DEFAULT_MAX_CELLS: u64 = 200_000;
+/// `[spool] max_genes` by default: a barnyard (human + mouse, 68,886 features) with room.
+pub const DEFAULT_MAX_GENES: u64 = 100_000;
+/// `[spool] max_stored_counts` by default: 2.4 GB as CSR, about 3.9 GB as MTX text (just
+/// under the decompression cap).
+pub const DEFAULT_MAX_STORED_COUNTS: u64 = 300_000_000;
+
+impl Default for Caps {
+    fn default() -> Self {
+        Caps {
+            max_cells: DEFAULT_MAX_CELLS,
+            max_genes: DEFAULT_MAX_GENES,
+            max_stored_counts: DEFAULT_MAX_STORED_COUNTS,
+        }
+    }
+}
+
+/// What a reader works under: the [`ReadOptions`] and the [`Caps`] together.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub max_decompressed: u64,
+    pub max_cells: u64,
+    pub max_genes: u64,
+    pub max_stored_counts: u64,
+    pub memory_map: bool,
+}
+
+impl Limits {
+    fn new(opts: &ReadOptions, caps: &Caps) -> Limits {
+        Limits {
+            max_decompressed: opts.max_decompressed,
+            max_cells: caps.max_cells,
+            max_genes: caps.max_genes,
+            max_stored_counts: caps.max_stored_counts,
+            memory_map: opts.memory_map,
+        }
+    }
+
+    /// Checks a shape claimed by `what` (a header, a size line) against the caps, before
+    /// anything is allocated from it.
+    pub(crate) fn check_claims(
+        &self,
+        path: &Path,
+        what: &str,
+        cells: u64,
+        genes: u64,
+        stored: u64,
+    ) -> Result<(), BatchError> {
+        for (n, cap, unit, key) in [
+            (cells, self.max_cells, "cells", "max_cells"),
+            (genes, self.max_genes, "genes", "max_genes"),
+            (
+                stored,
+                self.max_stored_counts,
+                "stored counts",
+                "max_stored_counts",
+            ),
+        ] {
+            if n > cap {
+                return Err(too_large(
+                    path,
+                    format!("{what} {n} {unit}, over the {key} cap of {cap}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A [`BatchErrorKind::TooLarge`] error.
+pub(crate) fn too_large(path: &Path, what: String) -> BatchError {
+    BatchError::new(path, BatchErrorKind::TooLarge(what))
 }
 
 /// The formats cellstream reads.
@@ -320,19 +415,134 @@ pub fn batch_id_of(path: &Path) -> String {
     id.to_string()
 }
 
-/// Reads any supported input, detecting its format from its content.
+/// Reads any supported input, detecting its format from its content, under the default
+/// [`Caps`].
 pub fn read_batch(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
+    read_batch_capped(path, opts, &Caps::default())
+}
+
+/// [`read_batch`] under the given caps.
+pub fn read_batch_capped(
+    path: &Path,
+    opts: &ReadOptions,
+    caps: &Caps,
+) -> Result<CountBatch, BatchError> {
+    let opts = &Limits::new(opts, caps);
     let format = detect_format(path)?;
     let batch = match format {
         Format::Mtx => mtx::read_dir(path, opts)?,
-        Format::Csb if opts.memory_map => csb::read_mapped(path)?,
-        Format::Csb => csb::read_copied(path)?,
+        Format::Csb if opts.memory_map => csb::read_mapped(path, opts)?,
+        Format::Csb => csb::read_copied(path, opts)?,
         Format::CsbZst => csb::read_zst(path, opts)?,
         Format::DenseText => dense::read(path, opts)?,
         Format::Hdf5 => read_hdf5(path, opts)?,
     };
     check_unique_barcodes(&batch)?;
     Ok(batch)
+}
+
+/// What a batch claims to hold, read from its headers alone (an MTX size line, a `.csb`
+/// header and section table, a dense text's first line), and what reading it costs by those
+/// claims: for the daemon's memory admission, before the batch is read. The readers hold the
+/// input to its claims (an MTX entry beyond the size line's count is refused at once), so a
+/// batch cannot take more than its claims say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claims {
+    pub format: Format,
+    pub cells: u64,
+    pub genes: u64,
+    pub stored: u64,
+    /// Bytes the batch holds once read: its arrays and names.
+    pub batch_bytes: u64,
+    /// The most bytes held at once while it is read (the batch, and what the reader needs
+    /// beside it: an out-of-order MTX's cell column, a dense text's transposition).
+    pub read_bytes: u64,
+}
+
+/// Bytes a name (barcode, gene id or symbol) takes as a `String` in a batch: the string
+/// itself, its heap block and the allocator's overhead, for names of typical length.
+const NAME_BYTES: u64 = 64;
+/// The duplicate-barcode check's map, per cell.
+const BARCODE_CHECK_BYTES: u64 = 48;
+
+/// The [`Claims`] of `path`, or `None` when its headers cannot be read (the reader then says
+/// why) or its format has none the parent can read (HDF5, read in a child process).
+pub fn claims(path: &Path) -> Option<Claims> {
+    let format = detect_format(path).ok()?;
+    let names = |cells: u64, genes: u64| {
+        NAME_BYTES.saturating_mul(cells.saturating_add(genes.saturating_mul(2)))
+    };
+    let csr = |cells: u64, stored: u64| {
+        stored
+            .saturating_add(cells)
+            .saturating_add(1)
+            .saturating_mul(8)
+    };
+    let file_len = || std::fs::metadata(path).ok().map(|m| m.len());
+    let (cells, genes, stored, batch_bytes, extra) = match format {
+        Format::Mtx => {
+            let (cells, genes, stored) = mtx::claims(path)?;
+            // The cell of each entry, should the file not be in cell order; line buffers.
+            let extra = 4 * stored + 4 * source::MAX_LINE as u64;
+            (
+                cells,
+                genes,
+                stored,
+                csr(cells, stored) + names(cells, genes),
+                extra,
+            )
+        }
+        Format::Csb => {
+            let (cells, genes, stored) = csb::file_claims(path)?;
+            (
+                cells,
+                genes,
+                stored,
+                file_len()?.saturating_add(names(cells, 0)),
+                0,
+            )
+        }
+        Format::CsbZst => {
+            let (cells, genes, stored, span) = csb::zst_claims(path)?;
+            (
+                cells,
+                genes,
+                stored,
+                span.saturating_add(names(cells, 0)),
+                0,
+            )
+        }
+        Format::DenseText => {
+            let len = file_len()?;
+            let text = if source::read_head(path, 2).ok()? == source::GZIP_MAGIC {
+                // A gzip member's trailer holds its text's length (mod 2^32).
+                source::gzip_isize(path)?.max(len)
+            } else {
+                len
+            };
+            let (cells, genes, stored) = dense::claims(path, text)?;
+            // The per-gene arrays beside the CSR they are transposed into; the line buffer.
+            let extra = 8 * stored + 8 * genes + dense::MAX_DENSE_LINE as u64;
+            (
+                cells,
+                genes,
+                stored,
+                csr(cells, stored) + names(cells, genes),
+                extra,
+            )
+        }
+        Format::Hdf5 => return None,
+    };
+    Some(Claims {
+        format,
+        cells,
+        genes,
+        stored,
+        batch_bytes,
+        read_bytes: batch_bytes
+            .saturating_add(extra)
+            .saturating_add(BARCODE_CHECK_BYTES.saturating_mul(cells)),
+    })
 }
 
 /// Each record is keyed by (batch, barcode): two cells with one barcode would be two
@@ -353,12 +563,12 @@ fn check_unique_barcodes(batch: &CountBatch) -> Result<(), BatchError> {
 }
 
 #[cfg(feature = "hdf5")]
-fn read_hdf5(path: &Path, opts: &ReadOptions) -> Result<CountBatch, BatchError> {
+fn read_hdf5(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError> {
     h5::read(path, opts)
 }
 
 #[cfg(not(feature = "hdf5"))]
-fn read_hdf5(path: &Path, _opts: &ReadOptions) -> Result<CountBatch, BatchError> {
+fn read_hdf5(path: &Path, _opts: &Limits) -> Result<CountBatch, BatchError> {
     Err(BatchError::new(
         path,
         BatchErrorKind::UnknownFormat(

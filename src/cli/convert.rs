@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use cellstream::batch::{read_batch, write_csb_file, ReadOptions};
+use cellstream::batch::write_csb_file;
 
 use super::UsageError;
 
@@ -10,6 +10,8 @@ pub struct Args {
     input: PathBuf,
     /// Output file, ending in .csb or .csb.zst.
     out: PathBuf,
+    #[command(flatten)]
+    caps: super::InputCaps,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -20,7 +22,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let batch = read_batch(&args.input, &ReadOptions::default())?;
+    let batch = args.caps.read(&args.input)?;
     write_csb_file(&batch, &args.out)?; // its error names the file
     eprintln!(
         "wrote {} ({} cells × {} genes, {} entries)",

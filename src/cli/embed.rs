@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use cellstream::batch::{read_batch, BatchError, CountBatch, ReadOptions};
+use cellstream::batch::{BatchError, CountBatch};
 use cellstream::config::EmbeddingEncoding;
 use cellstream::model::{default_model_dir, ModelPackage};
 use cellstream::pipeline::{EmbedConfig, Embedder};
@@ -35,6 +35,8 @@ pub struct Args {
     /// adding `novelty` to each record, instead of by the model's classifier head.
     #[arg(long)]
     reference: Option<PathBuf>,
+    #[command(flatten)]
+    caps: super::InputCaps,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -46,12 +48,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The sender moves into the reader thread: its end ends the consumer's loop.
     let (batches, ready) = bounded(0);
     let inputs = &args.inputs;
+    let caps = args.caps;
     std::thread::scope(|scope| {
         std::thread::Builder::new()
             .name("read".into())
             .spawn_scoped(scope, move || {
                 for input in inputs {
-                    let read = read_batch(input, &ReadOptions::default());
+                    let read = caps.read(input);
                     let failed = read.is_err();
                     if batches.send(read).is_err() || failed {
                         break;

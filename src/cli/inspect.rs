@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use cellstream::batch::{read_batch, CountBatch, ReadOptions};
+use cellstream::batch::CountBatch;
 use cellstream::model::{ModelPackage, ModelRuntime};
 use cellstream::reference::Reference;
 use cellstream::tokenize::Vocab;
@@ -20,6 +20,8 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    caps: super::InputCaps,
 }
 
 /// "ensembl" when most names look like `ENSG00000141510`, else "symbol".
@@ -385,7 +387,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .as_deref()
         .map(Vocab::from_json_file)
         .transpose()?;
-    let batch = read_batch(&args.input, &ReadOptions::default())?;
+    let batch = args.caps.read(&args.input)?;
     let s = summary(&batch, vocab.as_ref());
     if args.json {
         println!("{s}");

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use cellstream::batch::{read_batch, ReadOptions};
 use cellstream::model::{default_model_dir, ModelPackage};
 use cellstream::pipeline::{EmbedConfig, Embedder};
 use cellstream::reference::{Provenance, Reference};
@@ -36,6 +35,8 @@ pub struct Args {
     /// Run seed (as `embed`'s; models trained with `ties = "expected"` ignore it).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    caps: super::InputCaps,
 }
 
 /// Barcode → label from a tab-separated file with a header; empty labels are left out.
@@ -95,7 +96,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     embedder.warm_up()?;
     let (mut cells, mut unlabelled, mut empty) = (Vec::new(), 0usize, 0usize);
     for input in &args.inputs {
-        let batch = read_batch(input, &ReadOptions::default())?;
+        let batch = args.caps.read(input)?;
         let results = embedder.embed(&batch)?;
         for (barcode, r) in batch.barcodes.iter().zip(results) {
             match (labels.get(barcode), r.embedding) {

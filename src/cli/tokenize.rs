@@ -2,7 +2,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use cellstream::batch::{read_batch, ReadOptions};
 use cellstream::tokenize::{TieMode, TokenBatch, Tokenizer, TokenizerConfig, Vocab};
 
 use super::UsageError;
@@ -39,6 +38,8 @@ pub struct Args {
     /// Output .jsonl file ("-" for stdout).
     #[arg(long)]
     out: PathBuf,
+    #[command(flatten)]
+    caps: super::InputCaps,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -69,7 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ties::Expected => TieMode::Expected,
     };
     let vocab = Vocab::from_json_file(&args.vocab)?;
-    let batch = read_batch(&args.input, &ReadOptions::default())?;
+    let batch = args.caps.read(&args.input)?;
     let genes = vocab.map_genes(&batch.gene_names);
     let cfg = TokenizerConfig {
         n_bins: args.n_bins,

@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod log;
+pub mod memory;
 pub mod pipeline;
 pub mod systemd;
 

@@ -12,6 +12,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,10 +21,11 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::log;
+use super::memory::{self, Budget, ModelShape};
 use super::systemd::Stage;
 use super::Shared;
-use crate::batch::isolated::{panic_message, read_contained, ChildReadError, ChildReader};
-use crate::batch::{detect_format, CountBatch, Format, ReadOptions};
+use crate::batch::isolated::{panic_message, read_contained_capped, ChildReadError, ChildReader};
+use crate::batch::{claims, detect_format, Caps, CountBatch, Format, ReadOptions};
 use crate::fsutil::write_atomic;
 use crate::model::runner::release_free_memory;
 use crate::model::ModelPackage;
@@ -32,7 +34,7 @@ use crate::reference::Reference;
 use crate::sink::ndjson;
 use crate::sink::stream::StreamBatch;
 use crate::sink::summary::{BatchSummary, StageTimings};
-use crate::source::spool::{Claimed, ErrorReport};
+use crate::source::spool::{clip, Claimed, ErrorReport};
 
 /// A batch that went through the model, on its way to the output: what the records and the
 /// summary need of the input, not its counts (a batch in the queue would hold them twice).
@@ -46,7 +48,13 @@ struct Finished {
     timings: EmbedTimings,
     /// The reference the cells were mapped on, if any (for the summary's run-level QC).
     reference: Option<Arc<Reference>>,
+    /// What its records were estimated to take, counted in [`Emitting`] until written.
+    reserved: u64,
 }
+
+/// Bytes the batches handed to the emit stage will still take (their records), by estimate:
+/// the batch stage admits the next batch beside them.
+type Emitting = Arc<AtomicU64>;
 
 /// Why a claimed batch cannot be processed; it goes to `failed/`.
 struct Failure {
@@ -70,6 +78,7 @@ impl Pipeline {
     ) -> std::io::Result<Pipeline> {
         let (claimed_tx, claimed_rx) = bounded::<Claimed>(0);
         let (finished_tx, finished_rx) = bounded::<Finished>(1);
+        let emitting = Emitting::default();
         let spawn = |name: &'static str, body: Box<dyn FnOnce() + Send>| {
             let ended = ended.clone();
             std::thread::Builder::new()
@@ -86,9 +95,13 @@ impl Pipeline {
             })?,
             spawn("batch", {
                 let shared = shared.clone();
-                Box::new(move || batch_loop(&shared, package, claimed_rx, finished_tx))
+                let emitting = emitting.clone();
+                Box::new(move || batch_loop(&shared, package, claimed_rx, finished_tx, &emitting))
             })?,
-            spawn("emit", Box::new(move || emit_loop(&shared, finished_rx)))?,
+            spawn(
+                "emit",
+                Box::new(move || emit_loop(&shared, finished_rx, &emitting)),
+            )?,
         ];
         Ok(Pipeline { handles })
     }
@@ -212,6 +225,7 @@ fn batch_loop(
     package: ModelPackage,
     claimed: Receiver<Claimed>,
     finished: Sender<Finished>,
+    emitting: &Emitting,
 ) {
     let cfg = shared.config();
     let embed_cfg = EmbedConfig {
@@ -245,6 +259,16 @@ fn batch_loop(
         mib(packed.shared),
         mib(packed.bytes),
     ));
+    // The batches' buffers go back to the system before the daemon's size is taken.
+    embedder.release_buffers();
+    release_free_memory();
+    let budget = Budget::of(&cfg);
+    log::info(&format!(
+        "memory budget {} ({}); {} resident once warmed",
+        memory::mib(budget.bytes),
+        budget.source,
+        memory::mib(memory::resident_bytes().unwrap_or(0)),
+    ));
     shared.set_ready();
     for c in claimed {
         if shared.is_draining() {
@@ -252,31 +276,100 @@ fn batch_loop(
             break;
         }
         shared.heartbeat.beat(Stage::Batch);
-        match process(shared, &mut embedder, &c) {
+        let processed = process(shared, &mut embedder, &c, emitting);
+        // What the batch needed goes back (the token buffers of a large batch would stay).
+        embedder.release_buffers();
+        match processed {
             Ok(job) => {
                 shared.heartbeat.idle(Stage::Batch);
+                emitting.fetch_add(job.reserved, Ordering::SeqCst);
+                let reserved = job.reserved;
                 if finished.send(job).is_err() {
+                    emitting.fetch_sub(reserved, Ordering::SeqCst);
                     break;
                 }
                 set_emit_depth(shared, finished.len());
             }
             Err(failure) => {
                 quarantine(shared, &c, failure);
+                release_free_memory();
                 shared.heartbeat.idle(Stage::Batch);
             }
         }
     }
 }
 
-fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Finished, Failure> {
-    check_entry(&c.path)?;
-    let opts = ReadOptions {
-        max_decompressed: shared.config().spool.max_decompressed_bytes,
-        // A producer that breaks the protocol could still truncate the file: copy, never map.
-        memory_map: false,
+/// Admits a claimed batch against the memory budget by what its headers claim (formats
+/// without claims the parent can read, HDF5, are read by a child under the caps): it goes
+/// ahead when it fits beside what the daemon holds and what the batches being written will
+/// take; it waits while only those stand in the way; it is refused (quarantined as
+/// `too_large`, the budget named) when it cannot fit even then. Returns its records' estimate.
+fn admit(
+    shared: &Shared,
+    embedder: &Embedder,
+    c: &Claimed,
+    emitting: &Emitting,
+) -> Result<u64, Failure> {
+    let Some(claims) = claims(&c.path) else {
+        return Ok(0);
     };
+    let cfg = shared.config();
+    let m = &embedder.package.manifest;
+    let shape = ModelShape {
+        embedding_dim: m.embedding_dim as u64,
+        n_classes: embedder
+            .package
+            .labels
+            .as_ref()
+            .map_or(0, |l| l.len() as u64),
+        max_len: m.max_len as u64,
+    };
+    let need = memory::estimate(&claims, &shape, cfg.output.embedding);
+    let budget = Budget::of(&cfg);
+    loop {
+        let resident = memory::resident_bytes().unwrap_or(0);
+        let pending = emitting.load(Ordering::SeqCst);
+        let held = resident.saturating_add(pending);
+        if held.saturating_add(need.total()) <= budget.bytes {
+            return Ok(need.records);
+        }
+        if pending == 0 {
+            return Err(Failure {
+                stage: "read",
+                kind: "too_large".into(),
+                error: format!(
+                    "{}: needs about {} by what it claims ({} cells, {} genes, {} stored counts, {}), but the memory budget of {} ({}) leaves {} beside the {} the daemon holds",
+                    c.path.display(),
+                    memory::mib(need.total()),
+                    claims.cells,
+                    claims.genes,
+                    claims.stored,
+                    claims.format.name(),
+                    memory::mib(budget.bytes),
+                    budget.source,
+                    memory::mib(budget.bytes.saturating_sub(held)),
+                    memory::mib(held),
+                ),
+            });
+        }
+        // Batches being written stand in the way: wait for them.
+        shared.heartbeat.beat(Stage::Batch);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn process(
+    shared: &Shared,
+    embedder: &mut Embedder,
+    c: &Claimed,
+    emitting: &Emitting,
+) -> Result<Finished, Failure> {
+    check_entry(&c.path)?;
+    // A producer that breaks the protocol could still truncate the file: copy, never map.
+    let (opts, caps) = shared.config().read_caps();
     let start = Instant::now();
-    let batch = read(shared, c, &opts)?;
+    let reserved = admit(shared, embedder, c, emitting)?;
+    let batch = read(shared, c, &opts, &caps)?;
     let read = start.elapsed();
     let beat = &mut |_cells: usize| shared.heartbeat.beat(Stage::Batch);
     // A panic in the model runtime on one strange batch fails that batch, not the daemon.
@@ -297,6 +390,7 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Fini
             read,
             timings,
             reference: embedder.reference().cloned(),
+            reserved,
         }),
         Err(e) => Err(match e.downcast_ref::<NoGeneInVocab>() {
             Some(_) => Failure {
@@ -315,11 +409,16 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Fini
 
 /// Reads a claimed batch: HDF5, read by C code that can crash the process, in a child process
 /// (`batch::isolated`), every other format here with a reader's panic contained.
-fn read(shared: &Shared, c: &Claimed, opts: &ReadOptions) -> Result<CountBatch, Failure> {
+fn read(
+    shared: &Shared,
+    c: &Claimed,
+    opts: &ReadOptions,
+    caps: &Caps,
+) -> Result<CountBatch, Failure> {
     if cfg!(feature = "hdf5") && matches!(detect_format(&c.path), Ok(Format::Hdf5)) {
-        return read_in_child(shared, c, opts);
+        return read_in_child(shared, c, opts, caps);
     }
-    read_contained(&c.path, opts).map_err(|r| Failure {
+    read_contained_capped(&c.path, opts, caps).map_err(|r| Failure {
         stage: "read",
         kind: r.kind,
         error: r.error,
@@ -329,10 +428,15 @@ fn read(shared: &Shared, c: &Claimed, opts: &ReadOptions) -> Result<CountBatch, 
 /// A read still running after this long is taken for a hang and killed.
 const CHILD_READ_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn read_in_child(shared: &Shared, c: &Claimed, opts: &ReadOptions) -> Result<CountBatch, Failure> {
+fn read_in_child(
+    shared: &Shared,
+    c: &Claimed,
+    opts: &ReadOptions,
+    caps: &Caps,
+) -> Result<CountBatch, Failure> {
     let reader = ChildReader::this_binary(CHILD_READ_TIMEOUT);
     let beat = &mut || shared.heartbeat.beat(Stage::Batch);
-    reader.read(&c.path, opts, beat).map_err(|e| {
+    reader.read_capped(&c.path, opts, caps, beat).map_err(|e| {
         let (kind, error) = match e {
             ChildReadError::Refused(r) => (r.kind, r.error),
             ChildReadError::Crashed(why) => (
@@ -391,18 +495,20 @@ fn check_entry(path: &Path) -> Result<(), Failure> {
 }
 
 fn quarantine(shared: &Shared, c: &Claimed, failure: Failure) {
+    // Whatever the input held, the log line and the report stay small.
+    let error = clip(&failure.error).into_owned();
     log::warn(&format!(
-        "{}: quarantined ({} failed): {}",
+        "{}: quarantined ({} failed, {}): {error}",
         c.name.to_string_lossy(),
         failure.stage,
-        failure.error
+        failure.kind,
     ));
     let report = ErrorReport {
         batch: c.batch_id.clone(),
         file: c.name.to_string_lossy().into_owned(),
         stage: failure.stage,
         kind: failure.kind,
-        error: failure.error,
+        error,
         failed_at: unix_seconds(),
     };
     match shared.spool.quarantine(c, &report) {
@@ -415,11 +521,12 @@ fn quarantine(shared: &Shared, c: &Claimed, failure: Failure) {
 }
 
 /// Writes and commits each finished batch, then archives its input and tells the world.
-fn emit_loop(shared: &Shared, finished: Receiver<Finished>) {
+fn emit_loop(shared: &Shared, finished: Receiver<Finished>, emitting: &Emitting) {
     for job in &finished {
         set_emit_depth(shared, finished.len());
         shared.heartbeat.beat(Stage::Emit);
         let name = job.claimed.name.clone();
+        let reserved = job.reserved;
         if let Err(e) = emit(shared, job) {
             log::error(&format!(
                 "{}: output not written ({e}); it goes back to incoming/ to be retried",
@@ -432,6 +539,7 @@ fn emit_loop(shared: &Shared, finished: Receiver<Finished>) {
         }
         // The batch's buffers are freed; hand their pages back before the next one.
         release_free_memory();
+        emitting.fetch_sub(reserved, Ordering::SeqCst);
         shared.heartbeat.idle(Stage::Emit);
     }
 }
@@ -454,6 +562,7 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
         read,
         timings,
         reference,
+        reserved: _,
     } = job;
     let start = Instant::now();
     let out_dir = &shared.out_dir;

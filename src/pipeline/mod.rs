@@ -256,6 +256,13 @@ impl Embedder {
         Ok((results, timings))
     }
 
+    /// Frees the buffers the last batch's tokens took (kept otherwise for the next batch, at
+    /// the size of the largest batch seen): the daemon calls it after each batch, so that
+    /// what it holds between batches does not depend on what came before.
+    pub fn release_buffers(&mut self) {
+        self.tokens = TokenBatch::default();
+    }
+
     /// Compiles the plan of every length bucket now, on as many threads as the embedder
     /// has, so that the first batches do not pay for it (the daemon calls this before it
     /// reports ready), then releases the parsed graph and the heap pages the optimizer freed:

@@ -8,6 +8,7 @@
 //! `<name>.error.json` report. Every step is a rename inside one file system, so a crash at
 //! any point leaves each batch in exactly one folder.
 
+use std::borrow::Cow;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
@@ -132,7 +133,14 @@ impl Spool {
     pub fn quarantine(&self, c: &Claimed, report: &ErrorReport) -> io::Result<()> {
         let mut report_name = c.name.clone();
         report_name.push(".error.json");
-        let json = serde_json::to_vec_pretty(report).map_err(io::Error::other)?;
+        let json = match clip(&report.error) {
+            Cow::Borrowed(_) => serde_json::to_vec_pretty(report),
+            Cow::Owned(error) => serde_json::to_vec_pretty(&ErrorReport {
+                error,
+                ..report.clone()
+            }),
+        }
+        .map_err(io::Error::other)?;
         write_atomic(&self.failed.join(report_name), |w| {
             w.write_all(&json)?;
             w.write_all(b"\n")
@@ -190,6 +198,27 @@ fn remove_entry(path: &Path) -> io::Result<()> {
         fs::remove_file(path)
     }
     .map_err(|e| annotate(e, path))
+}
+
+/// The most bytes of an error message a report (or a log line) carries: with the file name
+/// and the other fields, and JSON's escapes at their worst, a report stays under 64 KiB.
+pub const MAX_ERROR: usize = 4096;
+
+/// `text` cut to [`MAX_ERROR`] bytes (at a character boundary), saying how long it was.
+/// Readers already quote input by a short prefix; this holds whatever else a message holds.
+pub fn clip(text: &str) -> Cow<'_, str> {
+    if text.len() <= MAX_ERROR {
+        return Cow::Borrowed(text);
+    }
+    let mut end = MAX_ERROR - 64;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!(
+        "{}… (cut: {} bytes in all)",
+        &text[..end],
+        text.len()
+    ))
 }
 
 /// Checks a batch name given by a client (an upload): one plain path component of safe
@@ -311,5 +340,33 @@ mod tests {
                 .unwrap();
         assert_eq!(json["stage"], "read");
         assert!(fs::read_dir(&s.processing).unwrap().next().is_none());
+    }
+
+    /// Whatever the error says, the report stays under 64 KiB, the cut said.
+    #[test]
+    fn a_report_stays_small_whatever_the_error() {
+        let (_d, s) = spool();
+        let name = "b".repeat(200);
+        fs::write(s.incoming.join(&name), b"junk").unwrap();
+        let c = s.claim(OsStr::new(&name)).unwrap().unwrap();
+        let report = ErrorReport {
+            batch: name.clone(),
+            file: name.clone(),
+            stage: "read",
+            kind: "invalid".into(),
+            // Control characters take six bytes each as JSON.
+            error: "\u{1}".repeat(4 << 20),
+            failed_at: 0.0,
+        };
+        s.quarantine(&c, &report).unwrap();
+        let path = s.failed.join(format!("{name}.error.json"));
+        let len = fs::metadata(&path).unwrap().len();
+        assert!(len <= 64 << 10, "{len} bytes");
+        let json: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        assert!(json["error"]
+            .as_str()
+            .unwrap()
+            .ends_with("(cut: 4194304 bytes in all)"));
+        assert_eq!(clip("short"), "short");
     }
 }

@@ -11,7 +11,7 @@ use crate::common::daemon::*;
 use cellstream::batch::{write_csb, CountBatch};
 
 /// One malformed input, as a producer would drop it.
-enum Entry {
+pub(crate) enum Entry {
     File(Vec<u8>),
     /// An MTX directory: member name → bytes.
     Dir(Vec<(&'static str, Vec<u8>)>),
@@ -72,7 +72,7 @@ fn mtx_dir(matrix: Vec<u8>, features: &str, barcodes: &str) -> Entry {
 }
 
 /// The corpus: name → entry. Names are the spool names (MTX directories have none).
-fn corpus() -> Vec<(String, Entry)> {
+pub(crate) fn corpus() -> Vec<(String, Entry)> {
     let b = csb(&base());
     let mut c: Vec<(String, Entry)> = Vec::new();
     for k in 1..=10 {
@@ -194,7 +194,7 @@ fn corpus() -> Vec<(String, Entry)> {
     c
 }
 
-fn materialise(name: &str, entry: &Entry, dir: &Path) {
+pub(crate) fn materialise(name: &str, entry: &Entry, dir: &Path) {
     let path = dir.join(name);
     match entry {
         Entry::File(bytes) => std::fs::write(&path, bytes).unwrap(),
