@@ -19,19 +19,21 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::live::Problem;
 use super::log;
 use super::systemd::Stage;
 use super::Shared;
 use crate::batch::isolated::{panic_message, read_contained, ChildReadError, ChildReader};
 use crate::batch::{detect_format, CountBatch, Format, ReadOptions};
+use crate::config::OutputFormat;
 use crate::fsutil::write_atomic;
 use crate::model::runner::release_free_memory;
 use crate::model::ModelPackage;
 use crate::pipeline::{CellResult, EmbedConfig, EmbedTimings, Embedder, NoGeneInVocab};
 use crate::reference::Reference;
-use crate::sink::ndjson;
 use crate::sink::stream::StreamBatch;
 use crate::sink::summary::{BatchSummary, StageTimings};
+use crate::sink::{ndjson, parquet};
 use crate::source::spool::{Claimed, ErrorReport};
 
 /// A batch that went through the model, on its way to the output: what the records and the
@@ -46,6 +48,8 @@ struct Finished {
     timings: EmbedTimings,
     /// The reference the cells were mapped on, if any (for the summary's run-level QC).
     reference: Option<Arc<Reference>>,
+    /// The model's embedding width (a Parquet output's list size).
+    embedding_dim: usize,
 }
 
 /// Why a claimed batch cannot be processed; it goes to `failed/`.
@@ -245,6 +249,9 @@ fn batch_loop(
         mib(packed.shared),
         mib(packed.bytes),
     ));
+    if let Some(reference) = embedder.reference() {
+        shared.watch.set_reference(reference.clone());
+    }
     shared.set_ready();
     for c in claimed {
         if shared.is_draining() {
@@ -297,6 +304,7 @@ fn process(shared: &Shared, embedder: &mut Embedder, c: &Claimed) -> Result<Fini
             read,
             timings,
             reference: embedder.reference().cloned(),
+            embedding_dim: embedder.package.manifest.embedding_dim,
         }),
         Err(e) => Err(match e.downcast_ref::<NoGeneInVocab>() {
             Some(_) => Failure {
@@ -406,7 +414,19 @@ fn quarantine(shared: &Shared, c: &Claimed, failure: Failure) {
         failed_at: unix_seconds(),
     };
     match shared.spool.quarantine(c, &report) {
-        Ok(()) => shared.metrics.batches.with_label_values(&["failed"]).inc(),
+        Ok(()) => {
+            shared.metrics.batches.with_label_values(&["failed"]).inc();
+            shared.watch.batch_failed(
+                "failed",
+                &report.batch,
+                &report.file,
+                Problem {
+                    stage: report.stage.into(),
+                    kind: report.kind.clone(),
+                    error: report.error.clone(),
+                },
+            );
+        }
         Err(e) => log::error(&format!(
             "cannot move {} to failed/ ({e}); it stays in processing/",
             c.path.display()
@@ -420,12 +440,23 @@ fn emit_loop(shared: &Shared, finished: Receiver<Finished>) {
         set_emit_depth(shared, finished.len());
         shared.heartbeat.beat(Stage::Emit);
         let name = job.claimed.name.clone();
+        let batch_id = job.claimed.batch_id.clone();
         if let Err(e) = emit(shared, job) {
             log::error(&format!(
                 "{}: output not written ({e}); it goes back to incoming/ to be retried",
                 name.to_string_lossy()
             ));
             shared.metrics.batches.with_label_values(&["retried"]).inc();
+            shared.watch.batch_failed(
+                "retried",
+                &batch_id,
+                &name.to_string_lossy(),
+                Problem {
+                    stage: "emit".into(),
+                    kind: "io".into(),
+                    error: e.to_string(),
+                },
+            );
             // A full or read-only disk will not heal in a millisecond: pace the retries.
             shared.heartbeat.idle(Stage::Emit);
             std::thread::sleep(shared.config().rescan_interval());
@@ -454,21 +485,32 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
         read,
         timings,
         reference,
+        embedding_dim,
     } = job;
     let start = Instant::now();
     let out_dir = &shared.out_dir;
     let mut records = Vec::with_capacity(results.len() * 2048);
-    let encoding = shared.config().output.embedding;
+    let output = shared.config().output.clone();
+    // The stream carries the NDJSON records whatever the file's format.
     ndjson::write_batch(
         &mut records,
         &claimed.batch_id,
         &barcodes,
         &results,
-        encoding,
+        output.embedding,
     )?;
-    let committed = write_atomic(&out_dir.join(format!("{}.ndjson", claimed.batch_id)), |w| {
-        w.write_all(&records)
-    });
+    let file = out_dir.join(format!(
+        "{}.{}",
+        claimed.batch_id,
+        output.format.extension()
+    ));
+    let committed = match output.format {
+        OutputFormat::Ndjson => write_atomic(&file, |w| w.write_all(&records)),
+        OutputFormat::Parquet => {
+            parquet::batch_file(&claimed.batch_id, &barcodes, &results, embedding_dim)
+                .and_then(|table| write_atomic(&file, |w| w.write_all(&table)))
+        }
+    };
     if let Err(e) = committed {
         if let Err(e2) = shared.spool.requeue(&claimed) {
             log::error(&format!(
@@ -514,6 +556,7 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
     record_metrics(
         shared, &summary, &results, read, timings, emit_time, latency,
     );
+    shared.watch.batch_ok(&summary, &results);
     records.extend_from_slice(&summary_json);
     records.push(b'\n');
     shared.stream.publish(StreamBatch {

@@ -15,3 +15,4 @@ mod serve_corpus;
 mod serve_faults;
 mod tokenize_parity;
 mod tokenize_props;
+mod watch;
