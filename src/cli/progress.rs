@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 
 /// A bar counting cells, with rate and ETA; hidden when stderr is not a terminal.
 pub fn cells(total: u64) -> ProgressBar {
@@ -15,9 +15,15 @@ pub fn cells(total: u64) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
-            "{msg:.bold} [{bar:32}] {human_pos}/{human_len} cells, {per_sec}, ETA {eta}",
+            "{msg:.bold} [{bar:32}] {human_pos}/{human_len} cells, {rate}, ETA {eta}",
         )
         .expect("a valid template")
+        .with_key(
+            "rate",
+            |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} cells/s", state.per_sec());
+            },
+        )
         .progress_chars("=> "),
     );
     bar.enable_steady_tick(Duration::from_millis(200));

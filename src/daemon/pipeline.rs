@@ -556,12 +556,14 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
     record_metrics(
         shared, &summary, &results, read, timings, emit_time, latency,
     );
-    shared.watch.batch_ok(&summary, &results);
     records.extend_from_slice(&summary_json);
     records.push(b'\n');
     shared.stream.publish(StreamBatch {
         ndjson: records.into(),
     });
+    // Last: without a reference map the page's PCA is refitted here (power iterations over
+    // at most live::SAMPLE cells), after the stream has the batch.
+    shared.watch.batch_ok(&summary, &results);
     log::info(&format!(
         "{}: {} cells ({} assigned) committed {:.3} s after the claim",
         claimed.batch_id,
