@@ -70,6 +70,31 @@ pub struct OutputConfig {
     /// How a record carries its cell embedding.
     #[serde(default)]
     pub embedding: EmbeddingEncoding,
+    /// The per-batch file's format: `<batch-id>.ndjson` or `<batch-id>.parquet`.
+    #[serde(default)]
+    pub format: OutputFormat,
+}
+
+/// What the daemon writes per batch (DESIGN.md §5); the summary and the stream are JSON
+/// either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// `<batch-id>.ndjson`: one JSON record per cell.
+    #[default]
+    Ndjson,
+    /// `<batch-id>.parquet`: one row per cell, the embedding a fixed-size list of float32.
+    Parquet,
+}
+
+impl OutputFormat {
+    /// The output file's extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Ndjson => "ndjson",
+            OutputFormat::Parquet => "parquet",
+        }
+    }
 }
 
 /// How a cell record carries its embedding (DESIGN.md §5).
@@ -457,6 +482,21 @@ mod tests {
         let (merged, kept) = a.reload(c);
         assert!(kept.is_empty());
         assert_eq!(merged.spool.max_cells, 10);
+    }
+
+    #[test]
+    fn the_output_format_is_ndjson_unless_asked_and_reloads_at_once() {
+        let base = "[spool]\ndir = \"/s\"\n[output]\ndir = \"/o\"\n";
+        let a = Config::parse(base).unwrap();
+        assert_eq!(a.output.format, OutputFormat::Ndjson);
+        let b = Config::parse(&format!("{base}format = \"parquet\"\n")).unwrap();
+        assert_eq!(b.output.format, OutputFormat::Parquet);
+        assert_eq!(b.output.format.extension(), "parquet");
+        let (merged, kept) = a.reload(b);
+        assert!(kept.is_empty());
+        assert_eq!(merged.output.format, OutputFormat::Parquet);
+        let e = Config::parse(&format!("{base}format = \"csv\"\n")).unwrap_err();
+        assert!(e.contains("ndjson") && e.contains("parquet"), "{e}");
     }
 
     #[test]

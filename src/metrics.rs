@@ -148,6 +148,16 @@ impl Metrics {
         for stage in ["incoming", "claimed", "emit"] {
             m.queue_depth.with_label_values(&[stage]);
         }
+        for outcome in [
+            "accepted",
+            "too_large",
+            "queue_full",
+            "bad_request",
+            "error",
+            "draining",
+        ] {
+            m.uploads.with_label_values(&[outcome]);
+        }
         m
     }
 

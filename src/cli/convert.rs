@@ -22,8 +22,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ))
         .into());
     }
+    // The readers cannot count their progress: a spinner with the time spent per step.
+    let step = super::progress::spinner(format!("reading {}", args.input.display()));
     let batch = args.caps.read(&args.input)?;
+    step.set_message(format!(
+        "writing {} ({} cells)",
+        args.out.display(),
+        batch.n_cells()
+    ));
     write_csb_file(&batch, &args.out)?; // its error names the file
+    step.finish_and_clear();
     eprintln!(
         "wrote {} ({} cells × {} genes, {} entries)",
         args.out.display(),

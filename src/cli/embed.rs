@@ -1,4 +1,4 @@
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -7,7 +7,7 @@ use cellstream::batch::{BatchError, CountBatch};
 use cellstream::config::EmbeddingEncoding;
 use cellstream::model::{default_model_dir, ModelPackage};
 use cellstream::pipeline::{EmbedConfig, Embedder};
-use cellstream::sink::ndjson;
+use cellstream::sink::{ndjson, parquet::ParquetWriter};
 use crossbeam_channel::{bounded, Receiver};
 
 #[derive(clap::Args)]
@@ -18,7 +18,8 @@ pub struct Args {
     /// Model package directory (default: the shipped models/pbmc-compact).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Output NDJSON file ("-" for stdout).
+    /// Output file: NDJSON ("-" for stdout), or a Parquet table when the name ends in
+    /// `.parquet` (a row per cell, the embedding a fixed-size list of float32).
     #[arg(long, default_value = "-")]
     out: PathBuf,
     /// Inference threads.
@@ -92,41 +93,48 @@ fn embed_all(
         start.elapsed().as_secs_f64()
     );
 
-    let mut w = super::open_output(&args.out)?;
-    let progress = std::io::stderr().is_terminal();
+    let writing = || format!("writing {}", args.out.display());
+    let mut out = if args.out.to_string_lossy().ends_with(".parquet") {
+        let file = std::fs::File::create(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
+        let dim = embedder.package.manifest.embedding_dim;
+        let table = ParquetWriter::new(std::io::BufWriter::new(file), dim).with_context(writing)?;
+        Output::Parquet(Box::new(table))
+    } else {
+        Output::Ndjson(super::open_output(&args.out)?)
+    };
+    // Cells are counted as each batch arrives (they are read one ahead).
+    let bar = super::progress::cells(0);
     let mut cells = 0usize;
     for (k, batch) in ready.iter().enumerate() {
         let batch = batch?;
-        let mut done = 0usize;
-        let mut show = |n: usize| {
-            done += n;
-            if progress {
-                eprint!(
-                    "\r{}: {done}/{} cells (batch {}/{}), {:.0} cells/s   ",
-                    batch.batch_id(),
-                    batch.n_cells(),
-                    k + 1,
-                    args.inputs.len(),
-                    (cells + done) as f64 / start.elapsed().as_secs_f64()
-                );
-            }
-        };
-        let results = embedder.embed_with_progress(&batch, &mut show)?;
-        ndjson::write_batch(
-            &mut w,
-            &batch.batch_id(),
-            &batch.barcodes,
-            &results,
-            args.embedding,
-        )
-        .with_context(|| format!("writing {}", args.out.display()))?;
+        bar.inc_length(batch.n_cells() as u64);
+        bar.set_message(format!(
+            "{} ({}/{})",
+            batch.batch_id(),
+            k + 1,
+            args.inputs.len()
+        ));
+        let results = embedder.embed_with_progress(&batch, &mut |n| bar.inc(n as u64))?;
+        match &mut out {
+            Output::Ndjson(w) => ndjson::write_batch(
+                w,
+                &batch.batch_id(),
+                &batch.barcodes,
+                &results,
+                args.embedding,
+            ),
+            Output::Parquet(w) => w.write_batch(&batch.batch_id(), &batch.barcodes, &results),
+        }
+        .with_context(writing)?;
         cells += results.len();
     }
-    w.flush()
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    if progress {
-        eprintln!();
+    bar.finish_and_clear();
+    match out {
+        Output::Ndjson(mut w) => w.flush(),
+        Output::Parquet(w) => w.finish().and_then(|mut w| w.flush()),
     }
+    .with_context(writing)?;
     eprintln!(
         "embedded {cells} cells from {} batch(es) in {:.2} s with {}",
         args.inputs.len(),
@@ -134,4 +142,10 @@ fn embed_all(
         model_dir.display()
     );
     Ok(())
+}
+
+/// Where `embed` writes its records.
+enum Output {
+    Ndjson(std::io::BufWriter<Box<dyn Write>>),
+    Parquet(Box<ParquetWriter<std::io::BufWriter<std::fs::File>>>),
 }

@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod embed;
 pub mod inspect;
+pub mod progress;
 pub mod read_child;
 pub mod reference;
 pub mod serve;

@@ -37,6 +37,48 @@ pub struct Args {
     seed: u64,
     #[command(flatten)]
     caps: super::InputCaps,
+    /// The reference cells' 2-D map (e.g. a UMAP): tab-separated, a header row, the barcode
+    /// then x and y. The daemon's page places query cells on it. Default: the embeddings'
+    /// first two principal components.
+    #[arg(long)]
+    layout: Option<PathBuf>,
+}
+
+/// Coordinates for each of `barcodes` from a tab-separated file (header; barcode, x, y).
+fn read_layout(path: &Path, barcodes: &[String]) -> anyhow::Result<Vec<[f32; 2]>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut by_barcode = HashMap::new();
+    for (n, line) in text.lines().enumerate().skip(1) {
+        if line.is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        let xy = (f.len() >= 3)
+            .then(|| {
+                Some([
+                    f[1].trim().parse::<f32>().ok()?,
+                    f[2].trim().parse::<f32>().ok()?,
+                ])
+            })
+            .flatten()
+            .ok_or_else(|| {
+                UsageError(format!(
+                    "{}: line {}: expected barcode<TAB>x<TAB>y with numbers",
+                    path.display(),
+                    n + 1
+                ))
+            })?;
+        by_barcode.insert(f[0], xy);
+    }
+    barcodes
+        .iter()
+        .map(|b| {
+            by_barcode.get(b.as_str()).copied().ok_or_else(|| {
+                UsageError(format!("{}: no coordinates for cell {b}", path.display())).into()
+            })
+        })
+        .collect()
 }
 
 /// Barcode → label from a tab-separated file with a header; empty labels are left out.
@@ -95,9 +137,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut embedder = Embedder::new(package, cfg)?;
     embedder.warm_up()?;
     let (mut cells, mut unlabelled, mut empty) = (Vec::new(), 0usize, 0usize);
-    for input in &args.inputs {
+    let bar = super::progress::cells(0);
+    for (k, input) in args.inputs.iter().enumerate() {
+        bar.set_message(format!("reading {}", input.display()));
         let batch = args.caps.read(input)?;
-        let results = embedder.embed(&batch)?;
+        bar.inc_length(batch.n_cells() as u64);
+        bar.set_message(format!(
+            "{} ({}/{})",
+            batch.batch_id(),
+            k + 1,
+            args.inputs.len()
+        ));
+        let results = embedder.embed_with_progress(&batch, &mut |n| bar.inc(n as u64))?;
         for (barcode, r) in batch.barcodes.iter().zip(results) {
             match (labels.get(barcode), r.embedding) {
                 (None, _) => unlabelled += 1,
@@ -106,6 +157,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    bar.finish_and_clear();
     let n = cells.len();
     let built = Provenance {
         inputs: args
@@ -118,7 +170,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cellstream: env!("CARGO_PKG_VERSION").into(),
         unlabelled_cells: unlabelled,
     };
-    let reference = Reference::build(cells, dim, model, built).map_err(UsageError)?;
+    let mut reference = Reference::build(cells, dim, model, built).map_err(UsageError)?;
+    if let Some(path) = &args.layout {
+        let coords = read_layout(path, reference.barcodes())?;
+        reference
+            .set_layout(coords)
+            .map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+    }
     reference
         .write(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;

@@ -1,5 +1,7 @@
-//! The HTTP side (axum on tokio): health, readiness, metrics, the live stream, uploads.
-//! Nothing here does CPU work; uploads stream straight to a file in the spool.
+//! The HTTP side (axum on tokio): health, readiness, metrics, the live stream, uploads, and
+//! the live page (`GET /`, its assets, and the JSON and events it reads: `/v1/run`,
+//! `/v1/cells`, `/v1/events`). Nothing here does CPU work; uploads stream straight to a
+//! file in the spool.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,6 +39,12 @@ struct App {
 pub fn router(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) -> Router {
     let uploads = Arc::new(Semaphore::new(shared.config().http.max_concurrent_uploads));
     Router::new()
+        .route("/", get(page))
+        .route("/ui/page.js", get(page_js))
+        .route("/ui/page.css", get(page_css))
+        .route("/v1/run", get(run))
+        .route("/v1/cells", get(cells))
+        .route("/v1/events", get(events))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -56,7 +64,14 @@ pub fn router(shared: Arc<Shared>, shutdown: watch::Receiver<bool>) -> Router {
         })
 }
 
-/// With `[http] token_file` set, every endpoint but `/healthz` needs the bearer token.
+/// The cookie that carries the token for a browser (which cannot send a bearer header
+/// when it follows a link or opens an event stream).
+const TOKEN_COOKIE: &str = "cellstream_token";
+
+/// With `[http] token_file` set, every endpoint but `/healthz` needs the bearer token:
+/// `Authorization: Bearer <token>`, or, for reading (GET and HEAD) only, the cookie a
+/// browser is given by opening the page once as `/?token=<token>` (HttpOnly,
+/// SameSite=Strict, so that no other site's page can use it, and never for uploads).
 async fn require_token(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let cfg = shared.config();
     let Some(token) = cfg.token() else {
@@ -65,26 +80,174 @@ async fn require_token(State(shared): State<Arc<Shared>>, req: Request, next: Ne
     if req.uri().path() == "/healthz" {
         return next.run(req).await;
     }
+    let matches = |given: &str| same_secret(given.as_bytes(), token.as_bytes());
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+    if given.is_some_and(matches) {
         return next.run(req).await;
+    }
+    let reading =
+        req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD;
+    if reading && cookie(req.headers(), TOKEN_COOKIE).is_some_and(matches) {
+        return next.run(req).await;
+    }
+    if reading && req.uri().path() == "/" {
+        let query = req.uri().query().unwrap_or("");
+        let offered = query.split('&').find_map(|kv| kv.strip_prefix("token="));
+        if offered.is_some_and(matches) {
+            // Into the cookie, and out of the address bar (and the browser's history). No
+            // Path: the cookie's path is then the page's, behind a reverse proxy's prefix too.
+            return (
+                StatusCode::SEE_OTHER,
+                [
+                    (header::LOCATION, "./".to_string()),
+                    (
+                        header::SET_COOKIE,
+                        format!("{TOKEN_COOKIE}={token}; HttpOnly; SameSite=Strict"),
+                    ),
+                ],
+            )
+                .into_response();
+        }
     }
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, "Bearer")],
-        "a bearer token is required (Authorization: Bearer <token>)\n",
+        "a bearer token is required (Authorization: Bearer <token>; in a browser, open the page once as /?token=<token>)\n",
     )
         .into_response()
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| kv.trim().strip_prefix(name)?.strip_prefix('='))
 }
 
 /// Compares without stopping at the first difference, so that timing does not reveal how
 /// much of a guess was right.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The page and its assets, compiled in: no CDN, nothing fetched from elsewhere (the
+/// Content-Security-Policy says so to the browser too). Every URL in them is relative, so
+/// the page works behind a reverse proxy that serves the daemon under a path prefix.
+const PAGE_HTML: &str = include_str!("page/index.html");
+const PAGE_JS: &str = include_str!("page/page.js");
+const PAGE_CSS: &str = include_str!("page/page.css");
+const PAGE_CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'";
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, PAGE_CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn page() -> Response {
+    asset("text/html; charset=utf-8", PAGE_HTML)
+}
+
+async fn page_js() -> Response {
+    asset("text/javascript; charset=utf-8", PAGE_JS)
+}
+
+async fn page_css() -> Response {
+    asset("text/css; charset=utf-8", PAGE_CSS)
+}
+
+fn json(body: String) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// The alert conditions of `dashboards/alerts.yml`, evaluated on the daemon's own state.
+fn alerts(shared: &Shared) -> Vec<super::live::AlertState> {
+    let queued: i64 = ["incoming", "claimed", "emit"]
+        .iter()
+        .map(|s| shared.metrics.queue_depth.with_label_values(&[s]).get())
+        .sum();
+    shared
+        .watch
+        .alerts(queued, shared.is_ready() && !shared.is_draining())
+}
+
+/// `GET /v1/run`: the run so far, as the page starts from it (the last batches, run-wide
+/// counts and QC histograms, the reference's composition, the alert states).
+async fn run(State(app): State<App>) -> Response {
+    let s = &app.shared;
+    let model = serde_json::to_value(&s.model).unwrap_or_default();
+    json(s.watch.run_json(model, &alerts(s)))
+}
+
+/// `GET /v1/cells`: a bounded sample of the run's cells on a 2-D map.
+async fn cells(State(app): State<App>) -> Response {
+    json(app.shared.watch.cells_json())
+}
+
+/// `GET /v1/events`: Server-Sent Events for the page. `event: batch` per finished batch
+/// (its history entry, the run's totals and histograms, the alert states), `event: alerts`
+/// every 15 s (the states alone: some depend on time), `event: reload` after a client fell
+/// more than [`super::live::EVENT_BUFFER`] updates behind. Ends when the daemon stops.
+async fn events(State(app): State<App>) -> Response {
+    let rx = app.shared.watch.subscribe();
+    let shared = app.shared.clone();
+    let state = (rx, app.shutdown.clone(), shared);
+    let body = futures_util::stream::unfold(state, |(mut rx, mut shutdown, shared)| async move {
+        let tick = tokio::time::sleep(Duration::from_secs(15));
+        let alerts_json = |shared: &Shared| {
+            serde_json::to_string(&alerts(shared)).unwrap_or_else(|_| "[]".into())
+        };
+        let bytes = tokio::select! {
+            r = rx.recv() => match r {
+                Ok(update) => {
+                    // The update is a JSON object: the alert states join it.
+                    let body = update.strip_suffix('}').unwrap_or(&update);
+                    format!("event: batch\ndata: {body},\"alerts\":{}}}\n\n", alerts_json(&shared))
+                }
+                Err(RecvError::Lagged(_)) => "event: reload\ndata: {}\n\n".to_string(),
+                Err(RecvError::Closed) => return None,
+            },
+            _ = tick => format!("event: alerts\ndata: {}\n\n", alerts_json(&shared)),
+            _ = shutdown.wait_for(|&stop| stop) => return None,
+        };
+        Some((
+            Ok::<_, std::convert::Infallible>(Bytes::from(bytes)),
+            (rx, shutdown, shared),
+        ))
+    });
+    // A comment first, so that the client sees the stream open at once.
+    let hello = futures_util::stream::once(async {
+        Ok::<_, std::convert::Infallible>(Bytes::from_static(b": cellstream events\n\n"))
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(hello.chain(body)),
+    )
+        .into_response()
 }
 
 async fn healthz() -> &'static str {
@@ -348,4 +511,45 @@ async fn receive(body: Body, path: &std::path::Path, cap: u64) -> Result<u64, Re
     }
     file.sync_all().await.map_err(io_err)?;
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_uses_only_relative_urls_of_its_own() {
+        for (name, text) in [
+            ("index.html", PAGE_HTML),
+            ("page.js", PAGE_JS),
+            ("page.css", PAGE_CSS),
+        ] {
+            // An absolute path would leave a reverse proxy's prefix; another host, the
+            // appliance's network.
+            for absolute in ["=\"/", "='/", "('/", "(\"/", "(`/", "url(/", "https:"] {
+                assert!(!text.contains(absolute), "{name} has {absolute:?}");
+            }
+            let foreign = text
+                .match_indices("http://")
+                .filter(|(i, _)| !text[*i..].starts_with("http://www.w3.org/2000/svg"))
+                .count();
+            assert_eq!(foreign, 0, "{name} names another host");
+        }
+        for path in ["ui/page.js", "ui/page.css"] {
+            assert!(PAGE_HTML.contains(&format!("\"{path}\"")), "{path}");
+        }
+        for path in ["'v1/run'", "'v1/cells'", "'v1/events'"] {
+            assert!(PAGE_JS.contains(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn cookies_are_found_by_exact_name() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, "a=1; cellstream_token2=x".parse().unwrap());
+        h.append(header::COOKIE, "cellstream_token=secret".parse().unwrap());
+        assert_eq!(cookie(&h, TOKEN_COOKIE), Some("secret"));
+        assert_eq!(cookie(&h, "a"), Some("1"));
+        assert_eq!(cookie(&h, "b"), None);
+    }
 }

@@ -7,6 +7,7 @@
 //! `pipeline.drain_seconds`, exit 0. SIGHUP: reload the config.
 
 pub mod http;
+pub mod live;
 pub mod log;
 pub mod memory;
 pub mod pipeline;
@@ -38,6 +39,10 @@ pub struct Shared {
     pub out_dir: PathBuf,
     pub metrics: Metrics,
     pub stream: StreamHub,
+    /// What the live page shows (`GET /`): recent batches, a sample of cells, alerts.
+    pub watch: live::Watch,
+    /// The model served, for the page.
+    pub model: ModelInfo,
     pub heartbeat: Heartbeat,
     pub notifier: Notifier,
     ready: AtomicBool,
@@ -74,6 +79,7 @@ impl Shared {
         }
         self.ready.store(true, Ordering::SeqCst);
         self.metrics.ready.set(1);
+        self.watch.set_ready();
         self.notifier.notify("READY=1\nSTATUS=serving");
         log::info("ready");
     }
@@ -89,6 +95,15 @@ impl Shared {
     fn set_fatal(&self, err: anyhow::Error) {
         *self.fatal.lock().unwrap() = Some(err);
     }
+}
+
+/// The model package and reference being served, as the page names them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: String,
+    pub dir: String,
+    pub reference: Option<String>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT (Ok: drained) or a fatal error.
@@ -109,6 +124,16 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
     let package = ModelPackage::load(&model_dir)?;
     let m = &package.manifest;
     let metrics = Metrics::new(&m.name, m.version.as_deref().unwrap_or(""));
+    let model_info = ModelInfo {
+        name: m.name.clone(),
+        version: m.version.clone().unwrap_or_default(),
+        dir: model_dir.display().to_string(),
+        reference: cfg
+            .model
+            .reference
+            .as_ref()
+            .map(|r| r.display().to_string()),
+    };
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -136,6 +161,8 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         config: RwLock::new(Arc::new(cfg)),
         spool,
         metrics,
+        watch: live::Watch::new(),
+        model: model_info,
         heartbeat: Heartbeat::default(),
         notifier: Notifier::from_env(),
         ready: AtomicBool::new(false),

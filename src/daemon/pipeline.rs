@@ -20,20 +20,22 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::live::Problem;
 use super::log;
 use super::memory::{self, Budget, ModelShape};
 use super::systemd::Stage;
 use super::Shared;
 use crate::batch::isolated::{panic_message, read_contained_capped, ChildReadError, ChildReader};
 use crate::batch::{claims, detect_format, Caps, CountBatch, Format, ReadOptions};
+use crate::config::OutputFormat;
 use crate::fsutil::write_atomic;
 use crate::model::runner::release_free_memory;
 use crate::model::ModelPackage;
 use crate::pipeline::{CellResult, EmbedConfig, EmbedTimings, Embedder, NoGeneInVocab};
 use crate::reference::Reference;
-use crate::sink::ndjson;
 use crate::sink::stream::StreamBatch;
 use crate::sink::summary::{BatchSummary, StageTimings};
+use crate::sink::{ndjson, parquet};
 use crate::source::spool::{clip, Claimed, ErrorReport};
 
 /// A batch that went through the model, on its way to the output: what the records and the
@@ -50,6 +52,8 @@ struct Finished {
     reference: Option<Arc<Reference>>,
     /// What its records were estimated to take, counted in [`Emitting`] until written.
     reserved: u64,
+    /// The model's embedding width (a Parquet output's list size).
+    embedding_dim: usize,
 }
 
 /// Bytes the batches handed to the emit stage will still take (their records), by estimate:
@@ -269,6 +273,9 @@ fn batch_loop(
         budget.source,
         memory::mib(memory::resident_bytes().unwrap_or(0)),
     ));
+    if let Some(reference) = embedder.reference() {
+        shared.watch.set_reference(reference.clone());
+    }
     shared.set_ready();
     for c in claimed {
         if shared.is_draining() {
@@ -391,6 +398,7 @@ fn process(
             timings,
             reference: embedder.reference().cloned(),
             reserved,
+            embedding_dim: embedder.package.manifest.embedding_dim,
         }),
         Err(e) => Err(match e.downcast_ref::<NoGeneInVocab>() {
             Some(_) => Failure {
@@ -512,7 +520,19 @@ fn quarantine(shared: &Shared, c: &Claimed, failure: Failure) {
         failed_at: unix_seconds(),
     };
     match shared.spool.quarantine(c, &report) {
-        Ok(()) => shared.metrics.batches.with_label_values(&["failed"]).inc(),
+        Ok(()) => {
+            shared.metrics.batches.with_label_values(&["failed"]).inc();
+            shared.watch.batch_failed(
+                "failed",
+                &report.batch,
+                &report.file,
+                Problem {
+                    stage: report.stage.into(),
+                    kind: report.kind.clone(),
+                    error: report.error.clone(),
+                },
+            );
+        }
         Err(e) => log::error(&format!(
             "cannot move {} to failed/ ({e}); it stays in processing/",
             c.path.display()
@@ -527,12 +547,23 @@ fn emit_loop(shared: &Shared, finished: Receiver<Finished>, emitting: &Emitting)
         shared.heartbeat.beat(Stage::Emit);
         let name = job.claimed.name.clone();
         let reserved = job.reserved;
+        let batch_id = job.claimed.batch_id.clone();
         if let Err(e) = emit(shared, job) {
             log::error(&format!(
                 "{}: output not written ({e}); it goes back to incoming/ to be retried",
                 name.to_string_lossy()
             ));
             shared.metrics.batches.with_label_values(&["retried"]).inc();
+            shared.watch.batch_failed(
+                "retried",
+                &batch_id,
+                &name.to_string_lossy(),
+                Problem {
+                    stage: "emit".into(),
+                    kind: "io".into(),
+                    error: e.to_string(),
+                },
+            );
             // A full or read-only disk will not heal in a millisecond: pace the retries.
             shared.heartbeat.idle(Stage::Emit);
             std::thread::sleep(shared.config().rescan_interval());
@@ -563,21 +594,32 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
         timings,
         reference,
         reserved: _,
+        embedding_dim,
     } = job;
     let start = Instant::now();
     let out_dir = &shared.out_dir;
     let mut records = Vec::with_capacity(results.len() * 2048);
-    let encoding = shared.config().output.embedding;
+    let output = shared.config().output.clone();
+    // The stream carries the NDJSON records whatever the file's format.
     ndjson::write_batch(
         &mut records,
         &claimed.batch_id,
         &barcodes,
         &results,
-        encoding,
+        output.embedding,
     )?;
-    let committed = write_atomic(&out_dir.join(format!("{}.ndjson", claimed.batch_id)), |w| {
-        w.write_all(&records)
-    });
+    let file = out_dir.join(format!(
+        "{}.{}",
+        claimed.batch_id,
+        output.format.extension()
+    ));
+    let committed = match output.format {
+        OutputFormat::Ndjson => write_atomic(&file, |w| w.write_all(&records)),
+        OutputFormat::Parquet => {
+            parquet::batch_file(&claimed.batch_id, &barcodes, &results, embedding_dim)
+                .and_then(|table| write_atomic(&file, |w| w.write_all(&table)))
+        }
+    };
     if let Err(e) = committed {
         if let Err(e2) = shared.spool.requeue(&claimed) {
             log::error(&format!(
@@ -628,6 +670,9 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
     shared.stream.publish(StreamBatch {
         ndjson: records.into(),
     });
+    // Last: without a reference map the page's PCA is refitted here (power iterations over
+    // at most live::SAMPLE cells), after the stream has the batch.
+    shared.watch.batch_ok(&summary, &results);
     log::info(&format!(
         "{}: {} cells ({} assigned) committed {:.3} s after the claim",
         claimed.batch_id,

@@ -5,7 +5,9 @@
 //! A reference is a folder (`cellstream reference` writes it): `reference.json` (what it was
 //! built from and for, its calibration), `embeddings.f32` (the cells' L2-normalised embeddings,
 //! little-endian f32, `cells × embedding_dim`), `cells.tsv` (barcode and label per cell, in the
-//! same order). For a query cell ([`Reference::map`]):
+//! same order) and, from this version on, `layout.f32` (each cell's 2-D coordinates for the
+//! daemon's map, little-endian f32, `cells × 2`, the same order; a folder without it still
+//! loads, and older readers ignore it). For a query cell ([`Reference::map`]):
 //!
 //! - distance `1 − cos`; the `k` nearest reference cells by exact scan;
 //! - `label`: the majority among them (a tie goes to the label met first, nearest first);
@@ -19,6 +21,7 @@
 //!   precision in leave-one-out) and novelty at most 1.
 
 mod knn;
+pub mod layout;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
@@ -41,6 +44,7 @@ const LOO_CELLS: usize = 5000;
 const META: &str = "reference.json";
 const EMBEDDINGS: &str = "embeddings.f32";
 const CELLS: &str = "cells.tsv";
+const LAYOUT: &str = "layout.f32";
 const FORMAT: &str = "cellstream-reference";
 
 /// Which model a reference's embeddings come from.
@@ -117,6 +121,8 @@ pub struct Reference {
     /// Per cell, its label's index in `meta.labels`.
     labels: Vec<u32>,
     barcodes: Vec<String>,
+    /// Per cell, its 2-D coordinates on the reference's map (`layout.f32`), if it has one.
+    layout: Option<Vec<[f32; 2]>>,
 }
 
 /// A query cell's mapping.
@@ -201,8 +207,18 @@ impl Reference {
             embeddings,
             labels,
             barcodes,
+            layout: None,
         };
         reference.calibrate();
+        // A map until one is given (`cellstream reference --layout`): the two principal axes.
+        let pca = layout::Pca::fit(&reference.embeddings, dim, None);
+        reference.layout = Some(
+            reference
+                .embeddings
+                .chunks_exact(dim)
+                .map(|e| pca.project(e))
+                .collect(),
+        );
         Ok(reference)
     }
 
@@ -311,6 +327,59 @@ impl Reference {
         &self.meta.labels[label]
     }
 
+    /// The reference's cells' barcodes, in order.
+    pub fn barcodes(&self) -> &[String] {
+        &self.barcodes
+    }
+
+    /// Cell `i`'s label, an index into `meta.labels`.
+    pub fn label_of(&self, i: usize) -> usize {
+        self.labels[i] as usize
+    }
+
+    /// Each cell's 2-D map coordinates, when the reference has a layout.
+    pub fn layout(&self) -> Option<&[[f32; 2]]> {
+        self.layout.as_deref()
+    }
+
+    /// Replaces the layout (one pair of coordinates per cell, in order; all finite).
+    pub fn set_layout(&mut self, coords: Vec<[f32; 2]>) -> Result<(), String> {
+        if coords.len() != self.barcodes.len() {
+            return Err(format!(
+                "{} coordinates for {} cells",
+                coords.len(),
+                self.barcodes.len()
+            ));
+        }
+        if let Some(i) = coords
+            .iter()
+            .position(|c| !c[0].is_finite() || !c[1].is_finite())
+        {
+            return Err(format!("cell {}: coordinates not finite", self.barcodes[i]));
+        }
+        self.layout = Some(coords);
+        Ok(())
+    }
+
+    /// Where a query cell goes on the reference's map: the mean of its `k` nearest reference
+    /// cells' coordinates, each weighted by its similarity `1 − distance` (floored at a
+    /// small positive weight). `None` without a layout.
+    pub fn place(&self, embedding: &[f32], nb: &mut Neighbours) -> Option<[f32; 2]> {
+        let layout = self.layout.as_ref()?;
+        let mut q = embedding.to_vec();
+        l2_normalize(&mut q);
+        self.nearest(&q, None, nb);
+        let (mut x, mut y, mut total) = (0f64, 0f64, 0f64);
+        for &(d, cell) in nb.sorted() {
+            let w = (1.0 - d).max(1e-3);
+            let [cx, cy] = layout[cell as usize];
+            x += w * f64::from(cx);
+            y += w * f64::from(cy);
+            total += w;
+        }
+        (total > 0.0).then(|| [(x / total) as f32, (y / total) as f32])
+    }
+
     /// Writes the folder (each file atomically).
     pub fn write(&self, dir: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
@@ -327,6 +396,15 @@ impl Reference {
             }
             Ok(())
         })?;
+        if let Some(layout) = &self.layout {
+            write_atomic(&dir.join(LAYOUT), |w| {
+                for [x, y] in layout {
+                    w.write_all(&x.to_le_bytes())?;
+                    w.write_all(&y.to_le_bytes())?;
+                }
+                Ok(())
+            })?;
+        }
         // Last: a folder with reference.json is a complete reference.
         write_atomic(&dir.join(META), |w| {
             serde_json::to_writer_pretty(&mut *w, &self.meta)?;
@@ -436,13 +514,56 @@ impl Reference {
                 format!("{} cells, reference.json says {}", labels.len(), meta.cells),
             ));
         }
+        let layout = load_layout(&dir.join(LAYOUT), meta.cells)?;
         Ok(Reference {
             meta,
             embeddings,
             labels,
             barcodes,
+            layout,
         })
     }
+}
+
+/// `layout.f32` when the folder has one (references built before it existed do not).
+fn load_layout(path: &Path, cells: usize) -> Result<Option<Vec<[f32; 2]>>, ReferenceError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => {
+            return Err(ReferenceError::Io {
+                path: path.to_path_buf(),
+                err,
+            })
+        }
+    };
+    let invalid = |what: String| ReferenceError::Invalid {
+        path: path.to_path_buf(),
+        what,
+    };
+    if bytes.len() != cells * 8 {
+        return Err(invalid(format!(
+            "{} bytes, expected {} ({cells} cells × 2 f32)",
+            bytes.len(),
+            cells * 8
+        )));
+    }
+    let coords: Vec<[f32; 2]> = bytes
+        .chunks_exact(8)
+        .map(|b| {
+            [
+                f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                f32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            ]
+        })
+        .collect();
+    if let Some(i) = coords
+        .iter()
+        .position(|c| !c[0].is_finite() || !c[1].is_finite())
+    {
+        return Err(invalid(format!("cell {i}: coordinates not finite")));
+    }
+    Ok(Some(coords))
 }
 
 /// The calibration table from leave-one-out `(winner's votes, right)` pairs: per vote count
@@ -588,6 +709,16 @@ mod tests {
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
+        r.write(dir.path()).unwrap();
+        let back = Reference::load(dir.path(), Some(&model())).unwrap();
+        assert_eq!(back.layout, r.layout);
+        let mut nb = back.neighbours();
+        let placed = back.place(&back.embeddings[..8], &mut nb).unwrap();
+        assert!(placed.iter().all(|c| c.is_finite()));
+        // A folder written before layouts existed loads without one.
+        std::fs::remove_file(dir.path().join(LAYOUT)).unwrap();
+        let old = Reference::load(dir.path(), Some(&model())).unwrap();
+        assert!(old.layout().is_none() && old.place(&[1.0; 8], &mut nb).is_none());
         r.write(dir.path()).unwrap();
         let back = Reference::load(dir.path(), Some(&model())).unwrap();
         assert_eq!(back.embeddings, r.embeddings);

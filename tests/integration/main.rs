@@ -18,3 +18,4 @@ mod serve_faults;
 mod soak;
 mod tokenize_parity;
 mod tokenize_props;
+mod watch;

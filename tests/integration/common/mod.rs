@@ -2,6 +2,7 @@
 //! binary, and batch comparison.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod daemon;
 
 use std::path::{Path, PathBuf};
