@@ -8,8 +8,8 @@
 #
 # Passes when nothing is lost (every good batch's output equals `cellstream embed`'s, every
 # malformed one has its report, no partial upload or output is left) and nothing drifts:
-# resident memory (median over a sixth of the run) grows by at most 5% between the sixth
-# after the first (ten minutes of an hour) and the last, and the floor of open descriptors
+# resident memory (median over a sixth of the run) grows by at most 5% (or 2 MiB) between the
+# sixth after the first (ten minutes of an hour) and the last, and the floor of open descriptors
 # and threads stays flat. The same test, a minute long, runs in `cargo test`
 # (tests/integration/soak.rs).
 #
