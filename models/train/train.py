@@ -367,6 +367,11 @@ def main():
     if args.exclude_class:
         k = COARSE.index(args.exclude_class)
         fit, val = fit[y_all[fit] != k], val[y_all[val] != k]
+    # the package's reference (cellstream reference --labels): every training cell, fit and
+    # validation, with its coarse label
+    ref_cells = np.sort(np.concatenate([fit, val]))
+    (aux / "reference_labels.tsv").write_text("barcode\tcell_type_coarse\n" + "".join(
+        f"{d.barcodes[i]}\t{COARSE[y_all[i]]}\n" for i in ref_cells))
     log(f"pbmc3k: {len(fit)} training cells, {len(val)} validation, {len(te)} held out (never "
         f"used here){'; class left out: ' + args.exclude_class if args.exclude_class else ''}")
 
