@@ -118,18 +118,67 @@ def tokenize_cell(vocab_ids, counts, rng, max_len, cls_id):
     return gene_ids, values
 
 
+def bin_counts_expected(x: np.ndarray) -> np.ndarray:
+    """`bin_counts` with the draw replaced by its mean (float32, possibly a half-integer).
+
+    Same edges and left/right digitize; value = left where left == right, else
+    (left + right + 1) / 2, the mean of the uniform draw over right+1..=left.
+    """
+    edges = np.quantile(x, np.linspace(0, 1, N_BINS - 1))
+    left = np.digitize(x, edges)
+    right = np.digitize(x, edges, right=True)
+    return np.where(left == right, left, (left + right + 1) / 2).astype(np.float32)
+
+
+def select_expected(ids: np.ndarray, x: np.ndarray, n: int) -> np.ndarray:
+    """Indices (input order) of the `n` entries with the largest counts, ties broken by the
+    lowest vocabulary id, then (the same gene twice in one input) by input position."""
+    order = np.lexsort((np.arange(len(ids)), ids, -x.astype(np.float64)))
+    return np.sort(order[:n])
+
+
+def tokenize_cell_expected(vocab_ids, counts, max_len, cls_id):
+    """Tokenization mode `expected`: deterministic, no RNG. One cell -> (gene_ids, values).
+
+    1. the in-vocabulary non-zero entries in input order, counts as float32;
+    2. scGPT binning over ALL of them with the tie draw replaced by its mean
+       (`bin_counts_expected`);
+    3. more than max_len - 1 entries: keep the max_len - 1 largest counts, ties by lowest
+       vocabulary id, survivors in input order (binning happens before selection, as scGPT's);
+    4. <cls> first with value pad_value.
+    """
+    keep = (vocab_ids >= 0) & (counts > 0)
+    ids = vocab_ids[keep]
+    x = counts[keep].astype(np.float32)
+    vals = bin_counts_expected(x) if len(x) else np.zeros(0, np.float32)
+    if len(ids) + 1 > max_len:
+        sel = select_expected(ids, x, max_len - 1)
+        ids, vals = ids[sel], vals[sel]
+    gene_ids = np.concatenate([[cls_id], ids]).astype(np.int64)
+    values = np.concatenate([[PAD_VALUE], vals]).astype(np.float32)
+    return gene_ids, values
+
+
+TIES = ("seeded", "expected")  # tokenization modes: scGPT's random draw / its mean
+
+
 def cell_rng(seed: int, barcode: str) -> np.random.Generator:
     """Per-cell RNG from (run seed, barcode): a cell's tokens do not depend on its batch."""
     return np.random.default_rng([seed, zlib.crc32(barcode.encode())])
 
 
-def tokenize_dataset(X, g2v, barcodes, seed, max_len, cls_id):
-    """All cells of a CSR matrix, deterministic per (seed, barcode)."""
+def tokenize_dataset(X, g2v, barcodes, seed, max_len, cls_id, ties="seeded"):
+    """All cells of a CSR matrix, deterministic per (seed, barcode); `ties="expected"`:
+    the seed-free mode (`tokenize_cell_expected`)."""
+    assert ties in TIES, ties
     out = []
     for i in range(X.shape[0]):
         lo, hi = X.indptr[i], X.indptr[i + 1]
-        out.append(tokenize_cell(g2v[X.indices[lo:hi]], X.data[lo:hi], cell_rng(seed, barcodes[i]),
-                                 max_len, cls_id))
+        if ties == "expected":
+            out.append(tokenize_cell_expected(g2v[X.indices[lo:hi]], X.data[lo:hi], max_len, cls_id))
+        else:
+            out.append(tokenize_cell(g2v[X.indices[lo:hi]], X.data[lo:hi],
+                                     cell_rng(seed, barcodes[i]), max_len, cls_id))
     return out
 
 

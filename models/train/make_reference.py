@@ -5,9 +5,11 @@
 
 Line 1: {"type": "header", ...} (model sha256, onnxruntime version, grouping/padding).
 Then one line per cell: {"cell", "gene_ids", "values", "embedding", "logits", "group", "padded_to"}
-- gene_ids / values: the EXACT unpadded tokens fed (<cls> first), as this script's Python
-  tokenizer produced them (scGPT binning, per-cell RNG from (seed 0, barcode)); a Rust test
-  should feed these tokens, not re-tokenize (its tie draws use another RNG);
+- gene_ids / values: the EXACT unpadded tokens fed (<cls> first), as common.py's tokenizer
+  produced them in the manifest's mode (`ties`): "expected" (seed-free, so a Rust tokenizer in
+  that mode must reproduce them exactly from the raw counts of bench-data/pbmc3k), or "seeded"
+  (scGPT binning, per-cell RNG from (seed 0, barcode); a Rust test should feed these tokens,
+  not re-tokenize: its tie draws use another RNG);
 - embedding: the raw <cls> output of the last layer (NOT normalised); logits: classifier output;
 - computed by onnxruntime (CPU, 1 thread) running each group padded to a common length
   `padded_to` with <pad> / pad_value (outputs do not depend on the padding up to float error).
@@ -29,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DATA_3K, PACKAGE, PAD_VALUE, REPO, TRAIN_DIR, Dataset10x, cell_rng,
-                    gene_to_vocab, length_batches, pad_batch, sha256_file, tokenize_cell)
+                    gene_to_vocab, length_batches, pad_batch, sha256_file, tokenize_cell,
+                    tokenize_cell_expected)
 
 SEED = 0
 
@@ -49,6 +52,7 @@ def main():
     assert man["onnx_sha256"] == sha
     vocab = json.loads((args.model / "vocab.json").read_text())
     pad_id, cls_id, max_len = vocab[man["pad_token"]], vocab[man["cls_token"]], man["max_len"]
+    ties = man.get("ties", "seeded")
     so = ort.SessionOptions()
     so.intra_op_num_threads = so.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(args.model / "model.onnx"), so,
@@ -61,8 +65,12 @@ def main():
     cells, tokens = [], []
     for i in rows:
         lo, hi = d.X.indptr[i], d.X.indptr[i + 1]
-        tokens.append(tokenize_cell(g2v[d.X.indices[lo:hi]], d.X.data[lo:hi],
-                                    cell_rng(SEED, d.barcodes[i]), max_len, cls_id))
+        if ties == "expected":
+            tokens.append(tokenize_cell_expected(g2v[d.X.indices[lo:hi]], d.X.data[lo:hi],
+                                                 max_len, cls_id))
+        else:
+            tokens.append(tokenize_cell(g2v[d.X.indices[lo:hi]], d.X.data[lo:hi],
+                                        cell_rng(SEED, d.barcodes[i]), max_len, cls_id))
         cells.append(d.barcodes[i])
     real = len(cells)
 
@@ -102,9 +110,15 @@ def main():
         "n_real_cells": real, "n_crafted": len(tokens) - real,
         "source": "bench-data/pbmc3k, first %d held-out cells (models/train/heldout_barcodes.txt) "
                   "in file order" % real,
-        "tokenization": "models/train/common.py tokenize_cell: scGPT binning (n_bins 51), "
-                        "per-cell numpy default_rng([0, crc32(barcode)]), <cls> first, "
-                        "uniform subsample to max_len keeping input order",
+        "ties": ties,
+        "tokenization": ("models/train/common.py tokenize_cell_expected: scGPT binning (n_bins 51) "
+                         "with each tie draw replaced by its mean (left where left == right, else "
+                         "(left + right + 1) / 2), <cls> first, past max_len the max_len - 1 "
+                         "largest counts (ties: lowest vocabulary id) in input order; no RNG"
+                         if ties == "expected" else
+                         "models/train/common.py tokenize_cell: scGPT binning (n_bins 51), "
+                         "per-cell numpy default_rng([0, crc32(barcode)]), <cls> first, "
+                         "uniform subsample to max_len keeping input order"),
         "grouping": "real cells sorted by token count (stable), groups of %d, each padded to its "
                     "longest cell; crafted rows one group padded to max_len; padding = <pad> id "
                     "and pad_value; `group` and `padded_to` on each line" % args.group_size,

@@ -26,16 +26,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CLS, export_module, COARSE, DATA_3K, EOC, N_BINS, PACKAGE, PAD, PAD_VALUE, TRAIN_DIR,
-                    Dataset10x, build_model, cell_rng, label_index, length_batches, pad_batch,
-                    sha256_file, thin_counts, tokenize_cell, tokenize_dataset)
+from common import (CLS, export_module, COARSE, DATA_3K, EOC, N_BINS, PACKAGE, PAD, PAD_VALUE, TIES,
+                    TRAIN_DIR, Dataset10x, build_model, cell_rng, label_index, length_batches,
+                    pad_batch, sha256_file, thin_counts, tokenize_cell, tokenize_cell_expected,
+                    tokenize_dataset)
 
 import torch  # noqa: E402  (after the thread settings)
 import torch.nn.functional as F  # noqa: E402
 
-EVAL_SEED = 0  # tokenization seed for held-out evaluation / threshold (the runtime's default)
+EVAL_SEED = 0  # tokenization seed (seeded mode) for validation (the runtime's default)
+# read depths of the validation cells for temperature and threshold: (fraction, thinning seed);
+# the seeds differ from evaluate.py's (25, 10), which thin the test sets
+VAL_DEPTHS = ((1.0, None), (0.25, 125), (0.10, 110))
 
 
 def log(*a):
@@ -51,8 +56,17 @@ def split_heldout(labels, seed, frac=0.2):
     return np.sort(tr), np.sort(te)
 
 
+def split_validation(tr, labels, seed, frac):
+    """The training cells -> (fit, validation), stratified; validation is never trained on
+    (temperature, threshold and the choice between training configurations use it)."""
+    from sklearn.model_selection import train_test_split
+
+    fit, val = train_test_split(tr, test_size=frac, stratify=labels[tr], random_state=seed + 1)
+    return np.sort(fit), np.sort(val)
+
+
 # ------------------------------------------------------------------------------ vocabulary
-def choose_vocab(X, symbols, y, n_hvg, min_detect, n_markers):
+def choose_vocab(X, symbols, y, n_hvg, min_detect, n_markers, id_order="priority", exclude=None):
     """Gene selection on the training cells only. Returns (gene indices in file order, table).
 
     - highly variable: top `n_hvg` by variance of analytic Pearson residuals (theta=100,
@@ -61,10 +75,17 @@ def choose_vocab(X, symbols, y, n_hvg, min_detect, n_markers):
       that any panel or shallow run still measures, and they carry the rank context);
     - markers: per coarse class, the top `n_markers` genes by mean log-normalised expression
       difference (class vs rest) — the label-informative genes, rare classes included.
+    Genes whose symbol matches the regular expression `exclude` are left out of all three.
+    id_order "priority": vocabulary ids in order of variability (HVG rank), so that where the
+    `expected` tokenizer keeps the largest counts of a long cell, a tie keeps the more
+    variable gene; "file": ids in input-file order (the first shipped model).
     """
+    import re
     det_n = (X > 0).sum(0).A1
     det = det_n / X.shape[0]
     cand = np.where(det_n >= 3)[0]
+    if exclude:
+        cand = np.array([g for g in cand if not re.search(exclude, symbols[g])], dtype=np.int64)
     Xc = X[:, cand].toarray().astype(np.float64)
     n = Xc.sum(1, keepdims=True)
     p = Xc.sum(0, keepdims=True) / Xc.sum()
@@ -76,15 +97,19 @@ def choose_vocab(X, symbols, y, n_hvg, min_detect, n_markers):
     order = np.argsort(-rv, kind="stable")
     hvg_rank[cand[order]] = np.arange(len(order))
     hvg = set(cand[order[:n_hvg]].tolist())
-    well = set(np.where(det >= min_detect)[0].tolist())
+    well = set(cand[det[cand] >= min_detect].tolist())
     L = np.log1p(Xc / n * 1e4)
     marker_of = {}
     for k, name in enumerate(COARSE):
         a = y == k
+        if not a.any():  # a class left out of training (leave-one-type-out)
+            continue
         lfc = L[a].mean(0) - L[~a].mean(0)
         for g in cand[np.argsort(-lfc, kind="stable")[:n_markers]]:
             marker_of.setdefault(int(g), []).append(name)
     genes = np.array(sorted(hvg | well | set(marker_of)), dtype=np.int64)
+    if id_order == "priority":
+        genes = genes[np.argsort(hvg_rank[genes], kind="stable")]
     table = []
     for g in genes:
         why = [w for w, s in (("hvg", hvg), ("expressed", well)) if g in s]
@@ -106,6 +131,7 @@ class Augmenter:
     """
 
     def __init__(self, vocab_size, hvg_weight, args):
+        self.ties = args.ties
         self.G = vocab_size
         self.logw = np.log(hvg_weight)
         self.a = args
@@ -127,6 +153,8 @@ class Augmenter:
             counts = np.where(in_panel[np.maximum(vids, 0)], counts, 0)
         if rng.random() < a.p_drop:
             counts = np.where(rng.random(len(counts)) < rng.uniform(0, a.drop_max), 0, counts)
+        if self.ties == "expected":
+            return tokenize_cell_expected(vids, counts, max_len, cls_id)
         return tokenize_cell(vids, counts, rng, max_len, cls_id)
 
 
@@ -228,16 +256,44 @@ def check_onnx(model, path, tokens, pad_id):
     return sess, float(np.abs(te - oe).max()), float(np.abs(tl - ol).max()), oe, ol
 
 
-def choose_threshold(probs_list, y_list, target):
-    """Smallest t (0.05 steps) at which the assigned cells (max prob >= t) have precision
+def fit_temperature(logits, y):
+    """T > 0 minimising the negative log-likelihood of softmax(logits / T) (bounded search on
+    log T over [1/20, 20])."""
+    from scipy.optimize import minimize_scalar
+
+    def nll(logt):
+        z = logits / np.exp(logt)
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
+
+    r = minimize_scalar(nll, bounds=(-math.log(20), math.log(20)), method="bounded",
+                        options={"xatol": 1e-5})
+    return float(np.exp(r.x)), nll(0.0), float(r.fun)
+
+
+def ece(conf, correct, n_bins=15):
+    """Expected calibration error: equal-width bins of the confidence over [0, 1], the
+    cell-weighted mean of |accuracy - mean confidence| per bin."""
+    b = np.minimum((conf * n_bins).astype(np.int64), n_bins - 1)
+    e = 0.0
+    for k in range(n_bins):
+        m = b == k
+        if m.any():
+            e += m.sum() / len(conf) * abs(correct[m].mean() - conf[m].mean())
+    return float(e)
+
+
+def choose_threshold(probs_list, y_list, target, step=0.01):
+    """Smallest t (grid of `step`) at which the assigned cells (max prob >= t) have precision
     >= target, pooled over the given evaluation conditions."""
     p = np.concatenate([pr.max(1) for pr in probs_list])
     ok = np.concatenate([pr.argmax(1) == y for pr, y in zip(probs_list, y_list)])
-    for t in np.round(np.arange(0.0, 1.0, 0.05), 2):
+    grid = np.round(np.arange(0.0, 1.0, step), 4)
+    for t in grid:
         a = p >= t
         if a.sum() and ok[a].mean() >= target:
             return float(t), float(ok[a].mean()), float(a.mean())
-    t = 0.95  # target not reachable on the grid: use the highest grid value
+    t = float(grid[-1])  # target not reachable on the grid: use the highest grid value
     a = p >= t
     return t, float(ok[a].mean()) if a.any() else float("nan"), float(a.mean())
 
@@ -248,8 +304,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=PACKAGE)
     ap.add_argument("--aux-dir", type=Path, default=TRAIN_DIR,
-                    help="where heldout_barcodes.txt, vocab_genes.tsv, checkpoint.pt, "
-                         "train_summary.json go")
+                    help="where heldout_barcodes.txt, validation_barcodes.txt, vocab_genes.tsv, "
+                         "checkpoint.pt, train_summary.json go")
+    ap.add_argument("--ties", choices=TIES, default="expected",
+                    help="tokenization: expected (deterministic, the draw's mean; top counts "
+                         "past max_len) or seeded (scGPT's random draw and subsample)")
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=128)
@@ -261,9 +320,20 @@ def main():
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--label-smoothing", type=float, default=0.1)
+    ap.add_argument("--views", type=int, choices=(1, 2), default=1,
+                    help="2: two augmented views of each cell per step, with --consistency")
+    ap.add_argument("--consistency", type=float, default=0.0,
+                    help="weight of the symmetric KL between the two views' predictions")
+    ap.add_argument("--val-frac", type=float, default=0.15,
+                    help="stratified share of the training cells kept for validation")
+    ap.add_argument("--exclude-class", default="",
+                    help="leave this class out of training and validation (unknown-type runs)")
     ap.add_argument("--n-hvg", type=int, default=2000)
     ap.add_argument("--min-detect", type=float, default=0.10)
     ap.add_argument("--n-markers", type=int, default=50)
+    ap.add_argument("--vocab-order", choices=("priority", "file"), default="priority")
+    ap.add_argument("--exclude-genes", default="",
+                    help="regular expression: symbols left out of the vocabulary")
     ap.add_argument("--p-thin", type=float, default=0.7)
     ap.add_argument("--thin-min", type=float, default=0.1)
     ap.add_argument("--p-panel", type=float, default=0.6)
@@ -272,7 +342,7 @@ def main():
     ap.add_argument("--p-drop", type=float, default=0.3)
     ap.add_argument("--drop-max", type=float, default=0.3)
     ap.add_argument("--opset", type=int, default=23,
-                    help="23: one ONNX Attention per layer (tract's fused SDPA); 18: MatMul/Softmax")
+                    help="23: the fast form (common.export_module); 18: nn.TransformerEncoder")
     ap.add_argument("--precision-target", type=float, default=0.95)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--max-train-cells", type=int, default=0, help="debug: subsample training")
@@ -291,11 +361,23 @@ def main():
     y_all = label_index(d.coarse())
     assert (y_all >= 0).all()
     tr, te = split_heldout(y_all, args.seed)
+    fit, val = split_validation(tr, y_all, args.seed, args.val_frac)
     (aux / "heldout_barcodes.txt").write_text("".join(d.barcodes[i] + "\n" for i in te))
-    log(f"pbmc3k: {len(tr)} training cells, {len(te)} held out")
+    (aux / "validation_barcodes.txt").write_text("".join(d.barcodes[i] + "\n" for i in val))
+    if args.exclude_class:
+        k = COARSE.index(args.exclude_class)
+        fit, val = fit[y_all[fit] != k], val[y_all[val] != k]
+    # the package's reference (cellstream reference --labels): every training cell, fit and
+    # validation, with its coarse label
+    ref_cells = np.sort(np.concatenate([fit, val]))
+    (aux / "reference_labels.tsv").write_text("barcode\tcell_type_coarse\n" + "".join(
+        f"{d.barcodes[i]}\t{COARSE[y_all[i]]}\n" for i in ref_cells))
+    log(f"pbmc3k: {len(fit)} training cells, {len(val)} validation, {len(te)} held out (never "
+        f"used here){'; class left out: ' + args.exclude_class if args.exclude_class else ''}")
 
-    genes, table, hvg_rank = choose_vocab(d.X[tr], d.symbols, y_all[tr], args.n_hvg,
-                                          args.min_detect, args.n_markers)
+    genes, table, hvg_rank = choose_vocab(d.X[fit], d.symbols, y_all[fit], args.n_hvg,
+                                          args.min_detect, args.n_markers, args.vocab_order,
+                                          args.exclude_genes)
     G = len(genes)
     vocab = {d.symbols[g]: i for i, g in enumerate(genes)}
     pad_id, cls_id = G, G + 1
@@ -304,7 +386,8 @@ def main():
         f.write("symbol\thvg_rank\tdetected_frac_train\tselected_as\n")
         for s, r, dt, why in table:
             f.write(f"{s}\t{r}\t{dt:.4f}\t{why}\n")
-    log(f"vocabulary: {G} genes (+3 specials); <pad>={pad_id} <cls>={cls_id}")
+    log(f"vocabulary: {G} genes (+3 specials, ids in {args.vocab_order} order); "
+        f"<pad>={pad_id} <cls>={cls_id}")
 
     g2v = np.full(len(d.symbols), -1, dtype=np.int64)
     g2v[genes] = np.arange(G)
@@ -314,18 +397,23 @@ def main():
     hvg_weight = 1.0 / (1.0 + hr / 300.0)
     aug = Augmenter(G, hvg_weight, args)
 
-    Xtr = d.X[tr]
-    ytr = y_all[tr]
+    Xtr = d.X[fit]
+    ytr = y_all[fit]
     if args.max_train_cells:
-        sub = np.random.default_rng(args.seed).permutation(len(tr))[: args.max_train_cells]
+        sub = np.random.default_rng(args.seed).permutation(len(fit))[: args.max_train_cells]
         Xtr, ytr = Xtr[np.sort(sub)], ytr[np.sort(sub)]
     rows = [(g2v[Xtr.indices[Xtr.indptr[i]:Xtr.indptr[i + 1]]],
              Xtr.data[Xtr.indptr[i]:Xtr.indptr[i + 1]]) for i in range(Xtr.shape[0])]
 
-    # held-out evaluation sets (log only; nothing is selected on them except the threshold)
-    Xte, yte, bte = d.X[te], y_all[te], [d.barcodes[i] for i in te]
-    te_clean = tokenize_dataset(Xte, g2v, bte, EVAL_SEED, args.max_len, cls_id)
-    te_10 = tokenize_dataset(thin_counts(Xte, 0.10, 10), g2v, bte, EVAL_SEED, args.max_len, cls_id)
+    # validation cells at three read depths: progress log, temperature, threshold
+    Xva, yva, bva = d.X[val], y_all[val], [d.barcodes[i] for i in val]
+    va_toks = [tokenize_dataset(Xva if s is None else thin_counts(Xva, f, s), g2v, bva, EVAL_SEED,
+                                args.max_len, cls_id, args.ties) for f, s in VAL_DEPTHS]
+    # and restricted to the fit cells' 765 most variable genes (a "reduced" dataset; log only)
+    panel = np.zeros(len(d.symbols))
+    panel[np.argsort(hvg_rank, kind="stable")[:765]] = 1
+    va_panel = tokenize_dataset((Xva @ sp.diags(panel)).astype(np.int64).tocsr(), g2v, bva,
+                                EVAL_SEED, args.max_len, cls_id, args.ties)
 
     counts = np.bincount(ytr, minlength=len(COARSE)).astype(np.float64)
     cw = torch.tensor((counts.sum() / np.maximum(counts, 1)) ** 0.5, dtype=torch.float32)
@@ -347,40 +435,49 @@ def main():
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
     rng = np.random.default_rng(args.seed + 1)
+    history = []
 
     for epoch in range(1, args.epochs + 1):
         model.train()
         t0 = time.time()
-        toks = [aug(v, c, rng, args.max_len, cls_id) for v, c in rows]
+        views = [[aug(v, c, rng, args.max_len, cls_id) for v, c in rows] for _ in range(args.views)]
+        toks = views[0]
         # length-bucketed batches (little padding), visited in random order
         order = np.argsort([len(t[0]) + rng.random() * 8 for t in toks], kind="stable")
         batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
         rng.shuffle(batches)
         tot_loss, tot_ok, n_seen, n_tok = 0.0, 0, 0, 0
         for b in batches:
-            ids, vals = pad_batch([toks[i] for i in b], pad_id)
+            ids, vals = pad_batch([v[i] for v in views for i in b], pad_id)
             yb = torch.from_numpy(ytr[b]).to(device)
             _, logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(vals).to(device))
-            loss = F.cross_entropy(logits, yb, weight=cw.to(device),
+            yv = yb.repeat(args.views)
+            loss = F.cross_entropy(logits, yv, weight=cw.to(device),
                                    label_smoothing=args.label_smoothing)
+            if args.views == 2 and args.consistency > 0:
+                lp1, lp2 = F.log_softmax(logits[:len(b)], 1), F.log_softmax(logits[len(b):], 1)
+                sym_kl = 0.5 * (F.kl_div(lp1, lp2, log_target=True, reduction="batchmean")
+                                + F.kl_div(lp2, lp1, log_target=True, reduction="batchmean"))
+                loss = loss + args.consistency * sym_kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             tot_loss += loss.item() * len(b)
-            tot_ok += int((logits.argmax(1) == yb).sum())
+            tot_ok += int((logits.argmax(1) == yv).sum())
             n_seen += len(b)
             n_tok += ids.size
         msg = (f"epoch {epoch}/{args.epochs}: loss {tot_loss / n_seen:.4f} train-acc(aug) "
-               f"{tot_ok / n_seen:.3f} lr {sched.get_last_lr()[0]:.2e} "
+               f"{tot_ok / (n_seen * args.views):.3f} lr {sched.get_last_lr()[0]:.2e} "
                f"{time.time() - t0:.1f}s ({n_tok / (time.time() - t0):.0f} tok/s)")
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             model.cpu()
-            _, lc = predict_torch(model, te_clean, pad_id)
-            _, l10 = predict_torch(model, te_10, pad_id)
+            accs = [accuracy(predict_torch(model, t, pad_id)[1], yva) for t in va_toks + [va_panel]]
             model.to(device)
-            msg += f" | held-out acc {accuracy(lc, yte):.3f}, at 10% depth {accuracy(l10, yte):.3f}"
+            history.append({"epoch": epoch, "validation_accuracy": accs})
+            msg += " | validation acc " + " / ".join(
+                f"{a:.3f}" for a in accs) + " (depth 100/25/10%, HVG panel)"
         log(msg)
     train_s = time.time() - t_start
     model.cpu().eval()
@@ -393,29 +490,38 @@ def main():
     onnx_path = out / "model.onnx"
     export_onnx(model, onnx_path, pad_id, args.opset)
     log(f"exported {onnx_path} ({onnx_path.stat().st_size} bytes)")
-    sess, de, dl, oe, ol = check_onnx(model, onnx_path, te_clean, pad_id)
-    log(f"held-out {len(te)} cells, torch vs onnxruntime: max|d emb|={de:.3e} max|d logits|={dl:.3e}")
+    sess, de, dl, oe, ol = check_onnx(model, onnx_path, va_toks[0], pad_id)
+    log(f"validation {len(val)} cells, torch vs onnxruntime: max|d emb|={de:.3e} max|d logits|={dl:.3e}")
 
-    # confidence threshold on held-out pbmc3k at full, 25% and 10% read depth
-    te_25 = tokenize_dataset(thin_counts(Xte, 0.25, 25), g2v, bte, EVAL_SEED, args.max_len, cls_id)
-    probs = [softmax(predict_ort(sess, t, pad_id)[1]) for t in (te_clean, te_25, te_10)]
-    thr, prec, cov = choose_threshold(probs, [yte] * 3, args.precision_target)
-    log(f"confidence threshold {thr} (held-out, depths 100/25/10% pooled): precision {prec:.3f}, "
+    # calibration on the validation cells, read depths 100/25/10% pooled
+    vlog = [predict_ort(sess, t, pad_id)[1] for t in va_toks]
+    lg, yy = np.concatenate(vlog), np.concatenate([yva] * len(vlog))
+    T, nll1, nllT = fit_temperature(lg, yy)
+    T = round(T, 4)  # as the manifest carries it
+    pT = softmax(lg / T)
+    ece1 = ece(softmax(lg).max(1), softmax(lg).argmax(1) == yy)
+    eceT = ece(pT.max(1), pT.argmax(1) == yy)
+    log(f"temperature {T:.4f} (validation NLL {nll1:.4f} -> {nllT:.4f}, ECE {ece1:.4f} -> {eceT:.4f})")
+    thr, prec, cov = choose_threshold([softmax(l / T) for l in vlog], [yva] * len(vlog),
+                                      args.precision_target)
+    log(f"confidence threshold {thr} (validation, depths 100/25/10% pooled): precision {prec:.3f}, "
         f"assigned {cov:.3f}")
 
     (out / "vocab.json").write_text(json.dumps(vocab, indent=0) + "\n")
     (out / "labels.txt").write_text("".join(c + "\n" for c in COARSE))
     (out / "manifest.toml").write_text(f"""name = "pbmc-compact"
 architecture = "scgpt"
-version = "1"
+version = "2"
 embedding_dim = {args.d_model}
 n_bins = {N_BINS}
 max_len = {args.max_len}
 pad_token = "{PAD}"
 cls_token = "{CLS}"
 pad_value = {PAD_VALUE}
+ties = "{args.ties}"   # tokenization the model was trained for (models/train/common.py)
 normalize_embedding = true
-confidence_threshold = {thr}   # chosen on held-out data, see README
+temperature = {T}   # logits / temperature before the softmax; fitted on validation cells
+confidence_threshold = {thr}   # precision >= {args.precision_target} on validation cells, see README
 onnx_sha256 = "{sha256_file(onnx_path)}"
 [inputs]
 gene_ids = "gene_ids"
@@ -428,8 +534,14 @@ logits = "logits"
         "seed": args.seed, "args": hparams, "n_params": n_params,
         "vocab_size": G, "onnx_bytes": onnx_path.stat().st_size,
         "onnx_sha256": sha256_file(onnx_path), "train_seconds": round(train_s, 1),
-        "heldout_acc_clean_ort": accuracy(ol, yte),
+        "cells": {"fit": len(fit), "validation": len(val), "heldout": len(te)},
+        "validation_history": history,
+        "validation_acc_ort": [accuracy(l, yva) for l in vlog],
+        "validation_acc_ort_hvg_panel": accuracy(predict_ort(sess, va_panel, pad_id)[1], yva),
         "torch_vs_ort_max_abs_diff": {"embedding": de, "logits": dl},
+        "temperature": {"value": T, "nll_before": nll1, "nll_after": nllT,
+                        "ece_before": ece1, "ece_after": eceT,
+                        "fitted_on": "validation cells at read depth 100/25/10% pooled"},
         "confidence_threshold": {"value": thr, "precision": prec, "assigned_fraction": cov,
                                  "target_precision": args.precision_target},
         "torch": torch.__version__, "device": str(device),
