@@ -111,7 +111,9 @@ fn replacing_the_model_while_running_changes_nothing_until_a_restart_refuses_it(
     std::fs::create_dir(&model).unwrap();
     for e in std::fs::read_dir(common::repo().join("models/pbmc-compact")).unwrap() {
         let e = e.unwrap();
-        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+        }
     }
     write_config(
         root,
