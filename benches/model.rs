@@ -23,7 +23,7 @@ use cellstream::batch::{read_batch, ReadOptions};
 use cellstream::config::DEFAULT_TOKEN_BUDGET;
 use cellstream::model::batching::{buckets, rows_for};
 use cellstream::model::{Batch, ModelPackage, ModelRuntime, Options, Worker};
-use cellstream::pipeline::{EmbedConfig, Embedder};
+use cellstream::embed::{EmbedConfig, Embedder};
 use cellstream::tokenize::{Tokenizer, TokenizerConfig};
 
 /// A number from the environment variable `var`, else `default`.

@@ -1,7 +1,7 @@
 //! cellstream: single-cell count batches in, scGPT tokens, embeddings and labels out.
 //!
 //! The pipeline reads as its modules: [`batch`] (readers → `CountBatch`), [`tokenize`]
-//! (`CountBatch` → `TokenBatch`, exactly as scGPT bins), and the model, pipeline and sinks
+//! (`CountBatch` → `TokenBatch`, exactly as scGPT bins), and the model, [`embed`] (the stages wired) and the sinks
 //! that follow.
 
 pub mod batch;
@@ -14,7 +14,7 @@ pub mod metrics;
 #[cfg(feature = "runtime")]
 pub mod model;
 #[cfg(feature = "runtime")]
-pub mod pipeline;
+pub mod embed;
 pub mod qc;
 pub mod reference;
 pub mod simd;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use cellstream::batch::{BatchError, CountBatch};
 use cellstream::config::EmbeddingEncoding;
 use cellstream::model::{default_model_dir, ModelPackage};
-use cellstream::pipeline::{EmbedConfig, Embedder};
+use cellstream::embed::{EmbedConfig, Embedder};
 use cellstream::sink::{ndjson, parquet::ParquetWriter};
 use crossbeam_channel::{bounded, Receiver};
 

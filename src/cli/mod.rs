@@ -17,7 +17,7 @@ use anyhow::Context;
 use cellstream::batch::{read_batch_capped, BatchError, Caps, CountBatch, ReadOptions};
 use cellstream::config::ConfigError;
 use cellstream::model::ModelError;
-use cellstream::pipeline::NoGeneInVocab;
+use cellstream::embed::NoGeneInVocab;
 use cellstream::reference::ReferenceError;
 use cellstream::tokenize::VocabError;
 

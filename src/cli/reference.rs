@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use cellstream::model::{default_model_dir, ModelPackage};
-use cellstream::pipeline::{EmbedConfig, Embedder};
+use cellstream::embed::{EmbedConfig, Embedder};
 use cellstream::reference::{Provenance, Reference};
 
 use super::UsageError;

@@ -14,7 +14,7 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::pipeline::CellResult;
+use crate::embed::CellResult;
 use crate::reference::layout::Pca;
 use crate::reference::Reference;
 use crate::sink::summary::{BatchSummary, QcMedians, StageTimings};

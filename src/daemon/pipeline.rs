@@ -31,7 +31,7 @@ use crate::config::OutputFormat;
 use crate::fsutil::write_atomic;
 use crate::model::runner::release_free_memory;
 use crate::model::ModelPackage;
-use crate::pipeline::{CellResult, EmbedConfig, EmbedTimings, Embedder, NoGeneInVocab};
+use crate::embed::{CellResult, EmbedConfig, EmbedTimings, Embedder, NoGeneInVocab};
 use crate::reference::Reference;
 use crate::sink::stream::StreamBatch;
 use crate::sink::summary::{BatchSummary, StageTimings};

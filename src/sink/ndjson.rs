@@ -7,7 +7,7 @@ use base64::Engine;
 use serde::Serialize;
 
 use crate::config::EmbeddingEncoding;
-use crate::pipeline::CellResult;
+use crate::embed::CellResult;
 use crate::qc::CellQc;
 
 #[derive(Serialize)]

@@ -17,7 +17,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
-use crate::pipeline::CellResult;
+use crate::embed::CellResult;
 
 /// The columns, in order: what a reader of the files may rely on.
 pub const COLUMNS: [&str; 12] = [

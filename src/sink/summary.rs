@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::pipeline::{CellResult, UNASSIGNED};
+use crate::embed::{CellResult, UNASSIGNED};
 use crate::reference::Reference;
 
 #[derive(Debug, Clone, Serialize)]
