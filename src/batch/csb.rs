@@ -5,7 +5,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::Path;
 
-use super::source::Image;
+use super::bytes::Image;
 use super::{validate_csr, BatchError, CountBatch, Format, Limits, Storage};
 
 pub const MAGIC: &[u8; 4] = b"CSB1";
@@ -38,9 +38,9 @@ pub fn read_mapped(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError>
 /// Reads the file into an aligned buffer instead of mapping it (see `ReadOptions::memory_map`).
 /// A consistent header's claims are checked against the caps before the copy.
 pub fn read_copied(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError> {
-    let file = super::source::open_regular(path)?;
+    let file = super::bytes::open_regular(path)?;
     let size = file.metadata().map_err(|e| BatchError::io(path, e))?.len();
-    let head = super::source::read_head(path, HEADER_LEN)?;
+    let head = super::bytes::read_head(path, HEADER_LEN)?;
     if let Some(h) = consistent_header(path, &head, size) {
         check_claims(path, &h, opts)?;
     }
@@ -49,7 +49,7 @@ pub fn read_copied(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError>
 }
 
 pub fn read_zst(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError> {
-    let file = super::source::open_regular(path)?;
+    let file = super::bytes::open_regular(path)?;
     zst_image(path, file, opts)
 }
 
@@ -189,7 +189,7 @@ fn check_claims(path: &Path, h: &Header, opts: &Limits) -> Result<(), BatchError
 /// with its length, for the daemon's memory admission.
 pub(crate) fn file_claims(path: &Path) -> Option<(u64, u64, u64)> {
     let len = std::fs::metadata(path).ok()?.len();
-    let head = super::source::read_head(path, HEADER_LEN).ok()?;
+    let head = super::bytes::read_head(path, HEADER_LEN).ok()?;
     let h = consistent_header(path, &head, len)?;
     Some((h.n_cells, h.n_genes, h.nnz))
 }
@@ -198,7 +198,7 @@ pub(crate) fn file_claims(path: &Path) -> Option<(u64, u64, u64)> {
 /// first bytes decompressed), when that header is consistent.
 pub(crate) fn zst_claims(path: &Path) -> Option<(u64, u64, u64, u64)> {
     use std::io::Read;
-    let file = super::source::open_regular(path).ok()?;
+    let file = super::bytes::open_regular(path).ok()?;
     let decoder = zstd::stream::read::Decoder::new(file).ok()?;
     let mut head = Vec::with_capacity(HEADER_LEN);
     decoder

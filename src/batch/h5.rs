@@ -6,7 +6,7 @@ use std::path::Path;
 use hdf5::types::{FixedAscii, FixedUnicode, TypeDescriptor, VarLenAscii, VarLenUnicode};
 use hdf5::{Container, Dataset, File, Group, H5Type};
 
-use super::source::{gunzip_to, GZIP_MAGIC};
+use super::bytes::{gunzip_to, GZIP_MAGIC};
 use super::{BatchError, CountBatch, CsrArrays, Format, Limits};
 
 /// Why the HDF5 reader gave no batch: the file breaks the format's rules, or it claims more
@@ -25,7 +25,7 @@ impl From<String> for H5Fail {
 type H5Result<T> = Result<T, H5Fail>;
 
 pub fn read(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError> {
-    let gzipped = super::source::read_head(path, 2)? == GZIP_MAGIC;
+    let gzipped = super::bytes::read_head(path, 2)? == GZIP_MAGIC;
     let parts = if gzipped {
         read_gzipped(path, opts)?
     } else {

@@ -13,7 +13,7 @@ mod error;
 mod h5;
 pub mod isolated;
 mod mtx;
-mod source;
+mod bytes;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -231,7 +231,7 @@ enum Storage {
     },
     /// Byte ranges inside a validated `.csb` image (mapped file or decompressed buffer).
     Image {
-        image: source::Image,
+        image: bytes::Image,
         indptr: Range<usize>,
         indices: Range<usize>,
         data: Range<usize>,
@@ -483,7 +483,7 @@ pub fn claims(path: &Path) -> Option<Claims> {
         Format::Mtx => {
             let (cells, genes, stored) = mtx::claims(path)?;
             // The cell of each entry, should the file not be in cell order; line buffers.
-            let extra = 4 * stored + 4 * source::MAX_LINE as u64;
+            let extra = 4 * stored + 4 * bytes::MAX_LINE as u64;
             (
                 cells,
                 genes,
@@ -514,9 +514,9 @@ pub fn claims(path: &Path) -> Option<Claims> {
         }
         Format::DenseText => {
             let len = file_len()?;
-            let text = if source::read_head(path, 2).ok()? == source::GZIP_MAGIC {
+            let text = if bytes::read_head(path, 2).ok()? == bytes::GZIP_MAGIC {
                 // A gzip member's trailer holds its text's length (mod 2^32).
-                source::gzip_isize(path)?.max(len)
+                bytes::gzip_isize(path)?.max(len)
             } else {
                 len
             };
@@ -586,11 +586,11 @@ pub fn detect_format(path: &Path) -> Result<Format, BatchError> {
     if meta.is_dir() {
         return Ok(Format::Mtx);
     }
-    let head = source::read_head(path, 16)?;
+    let head = bytes::read_head(path, 16)?;
     if head.starts_with(csb::MAGIC) {
         return Ok(Format::Csb);
     }
-    if head.starts_with(&source::ZSTD_MAGIC) {
+    if head.starts_with(&bytes::ZSTD_MAGIC) {
         return Ok(Format::CsbZst);
     }
     if head.starts_with(HDF5_MAGIC) {
@@ -604,11 +604,11 @@ pub fn detect_format(path: &Path) -> Result<Format, BatchError> {
             ),
         ));
     }
-    if head.starts_with(&source::GZIP_MAGIC) && source::gunzip_head(path, 8).starts_with(HDF5_MAGIC)
+    if head.starts_with(&bytes::GZIP_MAGIC) && bytes::gunzip_head(path, 8).starts_with(HDF5_MAGIC)
     {
         return Ok(Format::Hdf5);
     }
-    if head.starts_with(&source::GZIP_MAGIC) {
+    if head.starts_with(&bytes::GZIP_MAGIC) {
         return Err(BatchError::new(
             path,
             BatchErrorKind::UnknownFormat(

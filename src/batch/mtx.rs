@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::source::{Lines, TextCap, MAX_LINE};
+use super::bytes::{Lines, TextCap, MAX_LINE};
 use super::{quote, BatchError, BatchErrorKind, CountBatch, CsrArrays, Format, Limits};
 
 /// The three members of a 10x directory, as found on disk.
