@@ -21,9 +21,9 @@ use std::time::Instant;
 
 use cellstream::batch::{read_batch, ReadOptions};
 use cellstream::config::DEFAULT_TOKEN_BUDGET;
-use cellstream::model::batching::{buckets, rows_for};
-use cellstream::model::{Batch, ModelPackage, ModelRuntime, Options, Worker};
 use cellstream::embed::{EmbedConfig, Embedder};
+use cellstream::model::chunking::{buckets, rows_for};
+use cellstream::model::{ModelInput, ModelPackage, ModelRuntime, Options, Worker};
 use cellstream::tokenize::{Tokenizer, TokenizerConfig};
 
 /// A number from the environment variable `var`, else `default`.
@@ -55,7 +55,7 @@ fn time(repeat: usize, mut f: impl FnMut()) -> Vec<f64> {
         .collect()
 }
 
-fn write_batches(dir: &Path, s: usize, batches: &[Batch]) {
+fn write_batches(dir: &Path, s: usize, batches: &[ModelInput]) {
     let path = dir.join(format!("S{s}-N{}-B{}.bin", batches[0].n, batches.len()));
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
     for b in batches {
@@ -130,10 +130,10 @@ fn main() {
         by_fit.sort_by_key(|&i| std::cmp::Reverse(tokens.cell(i).0.len().min(s)));
         let cells_used = &by_fit[..cells_per_bucket.min(by_fit.len())];
         let n = rows_for(s, token_budget).min(cells_per_bucket.div_ceil(2));
-        let batches: Vec<Batch> = cells_used
+        let batches: Vec<ModelInput> = cells_used
             .chunks(n)
             .map(|rows| {
-                let mut b = Batch::new(n, s);
+                let mut b = ModelInput::new(n, s);
                 for (r, &i) in rows.iter().enumerate() {
                     let (ids, values) = tokens.cell(i);
                     let k = ids.len().min(s);

@@ -8,13 +8,13 @@ pub mod batch;
 pub mod config;
 #[cfg(feature = "runtime")]
 pub mod daemon;
+#[cfg(feature = "runtime")]
+pub mod embed;
 pub mod fsutil;
 #[cfg(feature = "runtime")]
 pub mod metrics;
 #[cfg(feature = "runtime")]
 pub mod model;
-#[cfg(feature = "runtime")]
-pub mod embed;
 pub mod qc;
 pub mod reference;
 pub mod simd;

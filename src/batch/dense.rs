@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use super::mtx::MAX_NAME;
 use super::bytes::{Lines, TextCap};
+use super::mtx::MAX_NAME;
 use super::{quote, too_large, BatchError, CountBatch, CsrArrays, Format, Limits};
 
 /// Longest line of a dense text matrix: one count per cell, so far longer than an MTX line.

@@ -6,6 +6,7 @@
 //! the one-shot commands, copied into one aligned buffer by the daemon), the others build them
 //! on the heap.
 
+mod bytes;
 mod csb;
 mod dense;
 mod error;
@@ -13,7 +14,6 @@ mod error;
 mod h5;
 pub mod isolated;
 mod mtx;
-mod bytes;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -604,8 +604,7 @@ pub fn detect_format(path: &Path) -> Result<Format, BatchError> {
             ),
         ));
     }
-    if head.starts_with(&bytes::GZIP_MAGIC) && bytes::gunzip_head(path, 8).starts_with(HDF5_MAGIC)
-    {
+    if head.starts_with(&bytes::GZIP_MAGIC) && bytes::gunzip_head(path, 8).starts_with(HDF5_MAGIC) {
         return Ok(Format::Hdf5);
     }
     if head.starts_with(&bytes::GZIP_MAGIC) {

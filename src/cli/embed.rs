@@ -5,8 +5,8 @@ use std::time::Instant;
 use anyhow::Context;
 use cellstream::batch::{BatchError, CountBatch};
 use cellstream::config::EmbeddingEncoding;
-use cellstream::model::{default_model_dir, ModelPackage};
 use cellstream::embed::{EmbedConfig, Embedder};
+use cellstream::model::{default_model_dir, ModelPackage};
 use cellstream::sink::{ndjson, parquet::ParquetWriter};
 use crossbeam_channel::{bounded, Receiver};
 

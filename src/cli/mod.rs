@@ -16,8 +16,8 @@ use std::path::Path;
 use anyhow::Context;
 use cellstream::batch::{read_batch_capped, BatchError, Caps, CountBatch, ReadOptions};
 use cellstream::config::ConfigError;
-use cellstream::model::ModelError;
 use cellstream::embed::NoGeneInVocab;
+use cellstream::model::ModelError;
 use cellstream::reference::ReferenceError;
 use cellstream::tokenize::VocabError;
 

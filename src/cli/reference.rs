@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use cellstream::model::{default_model_dir, ModelPackage};
 use cellstream::embed::{EmbedConfig, Embedder};
+use cellstream::model::{default_model_dir, ModelPackage};
 use cellstream::reference::{Provenance, Reference};
 
 use super::UsageError;

@@ -1,4 +1,4 @@
-//! Wiring the stages: `CountBatch` → `TokenBatch` → model batches → `CellResult`s.
+//! Wiring the stages: `CountBatch` → `TokenBatch` → chunks → `CellResult`s.
 
 pub mod pool;
 
@@ -9,10 +9,10 @@ use anyhow::Context;
 use crossbeam_channel::unbounded;
 
 use crate::batch::CountBatch;
-use crate::model::batching::{buckets, plan_chunks, rows_for};
+use crate::model::chunking::{buckets, plan_chunks, rows_for};
 use crate::model::runner::release_free_memory;
 use crate::model::shared_weights::PackedUsage;
-use crate::model::{Batch, ModelPackage, ModelRuntime};
+use crate::model::{ModelInput, ModelPackage, ModelRuntime};
 use crate::qc::{cell_qc, mito_mask, CellQc};
 use crate::reference::{l2_normalize, Reference, ReferenceError};
 use crate::tokenize::{GeneMap, TokenBatch, Tokenizer, TokenizerConfig};
@@ -57,7 +57,7 @@ struct CellOutput {
 #[derive(Debug, Clone)]
 pub struct EmbedConfig {
     pub threads: usize,
-    /// Tokens per model batch (rows × padded length).
+    /// Tokens per chunk (rows × padded length).
     pub token_budget: usize,
     pub seed: u64,
 }
@@ -155,7 +155,7 @@ impl Embedder {
         self.embed_with_progress(batch, &mut |_| {})
     }
 
-    /// [`Embedder::embed`], calling `progress(cells)` as each model batch completes.
+    /// [`Embedder::embed`], calling `progress(cells)` as each chunk completes.
     pub fn embed_with_progress(
         &mut self,
         batch: &CountBatch,
@@ -305,7 +305,7 @@ impl Embedder {
         let mut take =
             |id: usize, out: anyhow::Result<crate::model::Outputs>| -> anyhow::Result<()> {
                 received += 1;
-                let out = out.with_context(|| format!("model batch {id}"))?;
+                let out = out.with_context(|| format!("chunk {id}"))?;
                 progress(chunks[id].cells.len());
                 for (row, &cell) in chunks[id].cells.iter().enumerate() {
                     per_cell[cell] = CellOutput {
@@ -320,7 +320,7 @@ impl Embedder {
             };
         // Packing runs here while the workers compute; `submit` blocks when they fall behind.
         for (id, chunk) in chunks.iter().enumerate() {
-            let mut batch = Batch::new(chunk.n, chunk.s);
+            let mut batch = ModelInput::new(chunk.n, chunk.s);
             for row in 0..chunk.n {
                 match chunk.cells.get(row) {
                     Some(&cell) => {
@@ -354,7 +354,7 @@ impl Embedder {
         }
         anyhow::ensure!(
             received == chunks.len(),
-            "{} of {} model batches never came back from the inference workers",
+            "{} of {} chunks never came back from the inference workers",
             chunks.len() - received,
             chunks.len()
         );

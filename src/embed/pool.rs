@@ -8,12 +8,12 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::batch::isolated::panic_message;
-use crate::model::{Batch, ModelRuntime, Outputs, Worker};
+use crate::model::{ModelInput, ModelRuntime, Outputs, Worker};
 
 /// One batch to run, and where to send its outputs (tagged with `id`).
 pub struct Job {
     pub id: usize,
-    pub batch: Batch,
+    pub batch: ModelInput,
     pub reply: Sender<(usize, anyhow::Result<Outputs>)>,
 }
 

@@ -1,8 +1,8 @@
-//! The model stage: the package on disk, batching cells by length, and running them in tract
+//! The model stage: the package on disk, cells chunked by length, and running them in tract
 //! (attention layers and LayerNorms fused into ops of our own where the CPU has the kernels,
 //! and tract's matmul kernel choice corrected where it was measured wrong).
 
-pub mod batching;
+pub mod chunking;
 pub mod fuse;
 pub mod kernel_choice;
 mod onnx_names;
@@ -11,7 +11,7 @@ pub mod runner;
 pub mod shared_weights;
 
 pub use package::{default_model_dir, Manifest, ModelError, ModelPackage};
-pub use runner::{Batch, Fused, ModelRuntime, Options, Outputs, Worker};
+pub use runner::{Fused, ModelInput, ModelRuntime, Options, Outputs, Worker};
 
 /// The choice the environment variable `var` names among `available` (by `name`), or `best`
 /// where it is unset: the knobs for comparisons (`CELLSTREAM_FUSION`, `CELLSTREAM_KERNELS`),

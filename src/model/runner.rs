@@ -24,7 +24,7 @@ use super::shared_weights::{self, PackedUsage, PACKED_BYTES_PROPERTY, SHARED_BYT
 use crate::simd::Simd;
 
 /// Padded model input for `n` rows of length `s`, and the outputs that came back.
-pub struct Batch {
+pub struct ModelInput {
     pub n: usize,
     pub s: usize,
     pub gene_ids: Vec<i64>,
@@ -179,7 +179,7 @@ impl ModelRuntime {
 
     /// One `<cls>`-only row through a one-token plan: proves the model runs.
     fn probe(&self) -> anyhow::Result<Outputs> {
-        let mut batch = Batch::new(1, 1);
+        let mut batch = ModelInput::new(1, 1);
         batch.gene_ids[0] = self.cls_id;
         batch.values[0] = self.pad_value;
         run_state(&mut self.plan(1, 1)?.spawn_state()?, self, &batch)
@@ -291,9 +291,9 @@ fn count_of(property: Tensor) -> anyhow::Result<usize> {
     Ok(property.as_shape_and_slice::<i64>()?.1[0] as usize)
 }
 
-impl Batch {
-    pub fn new(n: usize, s: usize) -> Batch {
-        Batch {
+impl ModelInput {
+    pub fn new(n: usize, s: usize) -> ModelInput {
+        ModelInput {
             n,
             s,
             gene_ids: vec![0; n * s],
@@ -351,7 +351,7 @@ impl Worker {
         &self.rt
     }
 
-    pub fn run(&mut self, batch: &Batch) -> anyhow::Result<Outputs> {
+    pub fn run(&mut self, batch: &ModelInput) -> anyhow::Result<Outputs> {
         let state = match self.states.entry((batch.n, batch.s)) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(self.rt.plan(batch.n, batch.s)?.spawn_state()?),
@@ -361,7 +361,7 @@ impl Worker {
     }
 }
 
-fn run_state(state: &mut State, rt: &ModelRuntime, batch: &Batch) -> anyhow::Result<Outputs> {
+fn run_state(state: &mut State, rt: &ModelRuntime, batch: &ModelInput) -> anyhow::Result<Outputs> {
     let shape = [batch.n, batch.s];
     let ids = Tensor::from_slice(&shape, &batch.gene_ids)?;
     let vals = Tensor::from_slice(&shape, &batch.values)?;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::common::{cellstream, stderr};
 use cellstream::model::fuse::{Fusion, TokenTables};
 use cellstream::model::kernel_choice::KernelChoice;
-use cellstream::model::{Batch, Fused, ModelPackage, ModelRuntime, Options, Worker};
+use cellstream::model::{Fused, ModelInput, ModelPackage, ModelRuntime, Options, Worker};
 use cellstream::simd::Simd;
 use serde::Deserialize;
 
@@ -47,7 +47,7 @@ fn argmax(v: &[f32]) -> usize {
 /// Runs `cells` as one padded batch of length `s` and checks every row against onnxruntime.
 fn check_batch(worker: &mut Worker, cells: &[&RefCell], s: usize) -> f32 {
     let rt = worker.runtime().clone();
-    let mut batch = Batch::new(cells.len(), s);
+    let mut batch = ModelInput::new(cells.len(), s);
     for (row, c) in cells.iter().enumerate() {
         batch.set_row(row, &c.gene_ids, &c.values, rt.pad_id, rt.pad_value);
     }
@@ -148,7 +148,7 @@ fn the_kernel_choice_changes_no_bit_of_the_output() {
         };
         let rt = ModelRuntime::with(&pkg, options).unwrap();
         assert_eq!(rt.options.kernels, kernels);
-        let mut batch = Batch::new(4, rt.max_len);
+        let mut batch = ModelInput::new(4, rt.max_len);
         for (row, c) in cells.iter().take(4).enumerate() {
             batch.set_row(row, &c.gene_ids, &c.values, rt.pad_id, rt.pad_value);
         }
@@ -184,7 +184,7 @@ fn token_tables_compute_what_they_fold_keyed_or_not() {
             ..Options::best()
         };
         let rt = ModelRuntime::with(&pkg, options).unwrap();
-        let mut batch = Batch::new(4, rt.max_len);
+        let mut batch = ModelInput::new(4, rt.max_len);
         for (row, c) in cells.iter().take(4).enumerate() {
             let mut values = c.values.clone();
             if odd {

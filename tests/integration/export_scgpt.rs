@@ -5,7 +5,7 @@
 //! sequences up to 1,200 tokens, padded rows included, for every kernel tier this CPU runs.
 
 use crate::common;
-use cellstream::model::{Batch, ModelPackage, ModelRuntime, Options, Worker};
+use cellstream::model::{ModelInput, ModelPackage, ModelRuntime, Options, Worker};
 use cellstream::simd::Simd;
 use serde::Deserialize;
 
@@ -58,7 +58,7 @@ fn check(dir: &std::path::Path, options: Options) -> f32 {
     let mut worker = Worker::new(rt.clone());
     let (d, k) = (rt.embedding_dim, rt.n_classes);
     let longest = refs.iter().map(|r| r.gene_ids.len()).max().unwrap();
-    let mut batch = Batch::new(refs.len(), longest);
+    let mut batch = ModelInput::new(refs.len(), longest);
     for (row, r) in refs.iter().enumerate() {
         batch.set_row(row, &r.gene_ids, &r.values, rt.pad_id, rt.pad_value);
     }
@@ -73,7 +73,7 @@ fn check(dir: &std::path::Path, options: Options) -> f32 {
         diff = diff.max(worst(out.logits.as_ref().unwrap(), k, &ort));
     }
     for r in &refs {
-        let mut one = Batch::new(1, r.gene_ids.len());
+        let mut one = ModelInput::new(1, r.gene_ids.len());
         one.set_row(0, &r.gene_ids, &r.values, rt.pad_id, rt.pad_value);
         let out = worker.run(&one).unwrap();
         diff = diff.max(worst(&out.embedding, d, &[&r.embedding_torch]));

@@ -1,4 +1,4 @@
-//! Packing cells into model batches: by length bucket, so padding stays small, and by a token
+//! Packing cells into chunks: by length bucket, so padding stays small, and by a token
 //! budget, so a batch of short cells holds more rows than a batch of long ones.
 
 /// Sequence-length buckets: powers of two from 16 up to 256, then every [`STEP`] tokens,
@@ -26,7 +26,7 @@ pub struct Chunk {
     pub cells: Vec<usize>,
 }
 
-/// Rows of a model batch of length `s`: as many as fit in `token_budget` tokens, at least one.
+/// Rows of a chunk of length `s`: as many as fit in `token_budget` tokens, at least one.
 pub fn rows_for(s: usize, token_budget: usize) -> usize {
     (token_budget / s).max(1)
 }
