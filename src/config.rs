@@ -152,7 +152,7 @@ pub struct PipelineConfig {
     /// Run seed: tie draws and subsampling are keyed by it and the barcode.
     #[serde(default)]
     pub seed: u64,
-    /// Tokens per model batch (rows × padded length).
+    /// Tokens per chunk (rows × padded length).
     #[serde(default = "default_token_budget")]
     pub token_budget: usize,
     /// On SIGTERM, how long in-flight batches may take to finish before the daemon exits
@@ -204,7 +204,7 @@ fn default_token_budget() -> usize {
     DEFAULT_TOKEN_BUDGET
 }
 
-/// Tokens per model batch by default (`[pipeline] token_budget`, and `embed`). Small batches
+/// Tokens per chunk by default (`[pipeline] token_budget`, and `embed`). Small batches
 /// are fastest on a CPU: a batch's attention scores stay in cache (BENCHMARKS.md, model
 /// forward; `CELLSTREAM_TOKEN_BUDGET=T cargo bench --bench model` measures another budget).
 pub const DEFAULT_TOKEN_BUDGET: usize = 256;
