@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures_util::StreamExt;
+use subtle::ConstantTimeEq;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::broadcast::error::RecvError;
@@ -131,10 +132,10 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .find_map(|kv| kv.trim().strip_prefix(name)?.strip_prefix('='))
 }
 
-/// Compares without stopping at the first difference, so that timing does not reveal how
-/// much of a guess was right.
+/// Compares in constant time (subtle), so that timing does not reveal how much of a guess was
+/// right. Only the length can differ in time, and it is not secret.
 fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.ct_eq(b).into()
 }
 
 /// The page and its assets, compiled in: no CDN, nothing fetched from elsewhere (the

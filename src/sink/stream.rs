@@ -44,6 +44,8 @@ pub fn lagged_record(missed_batches: u64) -> Vec<u8> {
 }
 
 /// NDJSON lines as Server-Sent Events: `event: cell|batch|lagged`, `data: <line>`.
+/// Framed here rather than by axum's `Sse`: a committed batch goes out as one buffer of all
+/// its records (no line of ours holds a newline), not as one `Event` per cell.
 pub fn to_sse(ndjson: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(ndjson.len() + ndjson.len() / 8);
     for line in ndjson.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
