@@ -529,3 +529,23 @@ fn parquet_output_holds_the_ndjson_records_from_embed_and_the_daemon() {
         Err(_) => eprintln!("skipped the pandas/polars check: no {python}"),
     }
 }
+
+/// Not a check: the README's picture of the page. Point it at a running daemon
+/// (`CELLSTREAM_PAGE_URL`, with `?token=` if it has one) and it writes `docs/live-page.png`
+/// once the page shows at least one batch:
+/// `CELLSTREAM_PAGE_URL=http://127.0.0.1:9464/ cargo test --test integration readme_screenshot -- --ignored`
+#[test]
+#[ignore]
+fn readme_screenshot() {
+    let url = std::env::var("CELLSTREAM_PAGE_URL").expect("CELLSTREAM_PAGE_URL");
+    let chromium = browser::find().expect("chromium on PATH");
+    let mut b = Browser::launch(&chromium, 1300, 1250);
+    b.open(&url);
+    b.wait_until(
+        "document.querySelectorAll('#batches tbody tr').length > 0 && Number(document.getElementById('map').dataset.cells) > 0",
+        Duration::from_secs(60),
+        PAGE_STATE,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    b.screenshot(&common::repo().join("docs/live-page.png"));
+}
