@@ -151,9 +151,12 @@ fn main() {
         .unwrap();
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
+    // The closing line ("embedded N cells … in S s"), not the model's "loaded and warmed in".
     let secs: f64 = log
-        .split(" in ")
-        .nth(1)
+        .lines()
+        .rev()
+        .find(|l| l.contains("embedded "))
+        .and_then(|l| l.split(" in ").nth(1))
         .and_then(|s| s.split(" s").next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("embed's summary line: {log}"));
