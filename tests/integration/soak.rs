@@ -5,7 +5,8 @@
 //! and threads are sampled. At the end: nothing lost (every good batch's output equals
 //! `cellstream embed`'s), nothing left behind, and no drift: resident memory grows by at most
 //! 5% (or 2 MiB, the noise of which batches are in flight) after the first sixth of the run
-//! (ten minutes of an hour), and the floor of descriptors and threads stays flat.
+//! (ten minutes of an hour), and the floor of descriptors and threads at the end stays
+//! within what was usual (the median) after the first sixth.
 //!
 //! CI runs it for a minute. `bench-data/soak.sh [SECONDS]` runs it for longer
 //! (`CELLSTREAM_SOAK_SECONDS`, default 60) and keeps the samples
@@ -394,6 +395,16 @@ fn a_soak_at_90_percent_load_loses_nothing_and_does_not_drift() {
         mib(rss0),
         mib(rss1)
     );
-    assert!(fd1 <= fd0 + 2, "open fds went from {fd0} to {fd1}");
-    assert!(th1 <= th0 + 2, "threads went from {th0} to {th1}");
+    // What stays at the end (the last window's floor) against what was usual at the start
+    // (the baseline's median): tokio's blocking threads live 10 s past their last task, so a
+    // window's floor alone moves by a few threads with the moment it happens to catch, while
+    // a leak raises what stays above anything usual.
+    assert!(
+        fd1 <= fd0.max(fdm0) + 2,
+        "open fds went from {fd0} (median {fdm0}) to {fd1}"
+    );
+    assert!(
+        th1 <= th0.max(thm0) + 2,
+        "threads went from {th0} (median {thm0}) to {th1}"
+    );
 }
