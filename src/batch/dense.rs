@@ -86,16 +86,7 @@ pub fn read(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError> {
             if !barcodes.is_empty() && n == barcodes.len() {
                 barcodes.remove(0);
             }
-            if barcodes.len() as u64 > opts.max_cells {
-                return Err(too_large(
-                    path,
-                    format!(
-                        "line 1 names {} cells (barcodes), over the max_cells cap of {}",
-                        barcodes.len(),
-                        opts.max_cells
-                    ),
-                ));
-            }
+            check_cells(path, barcodes.len(), opts)?;
             corner_checked = true;
         }
         if n != barcodes.len() + 1 {
@@ -146,18 +137,25 @@ pub fn read(path: &Path, opts: &Limits) -> Result<CountBatch, BatchError> {
         }
         gene_ptr.push(counts.len() as u64);
     }
-    if !corner_checked && barcodes.len() as u64 > opts.max_cells {
+    if !corner_checked {
+        check_cells(path, barcodes.len(), opts)?;
+    }
+    let csr = transpose(&gene_ptr, cells, counts, barcodes.len());
+    CountBatch::from_csr(path, Format::DenseText, gene_names, None, barcodes, csr)
+}
+
+/// The header's cell count against the max_cells cap.
+fn check_cells(path: &Path, cells: usize, opts: &Limits) -> Result<(), BatchError> {
+    if cells as u64 > opts.max_cells {
         return Err(too_large(
             path,
             format!(
-                "line 1 names {} cells (barcodes), over the max_cells cap of {}",
-                barcodes.len(),
+                "line 1 names {cells} cells (barcodes), over the max_cells cap of {}",
                 opts.max_cells
             ),
         ));
     }
-    let csr = transpose(&gene_ptr, cells, counts, barcodes.len());
-    CountBatch::from_csr(path, Format::DenseText, gene_names, None, barcodes, csr)
+    Ok(())
 }
 
 /// A field as read: surrounding spaces and quotes dropped.
