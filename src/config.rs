@@ -2,7 +2,8 @@
 //! rejected, every key documented in `systemd/cellstream.toml`.
 //!
 //! `[spool] dir`, `[output] dir` and `[http] listen` are used by checks outside the repo:
-//! keep their spelling.
+//! keep their spelling, and that of the `[nats]` keys. With a `[nats]` section, `[spool]` and
+//! `[output] dir` become optional (an empty `dir` is no spool folder, or no output files).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,9 @@ use serde::Deserialize;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    #[serde(default)]
     pub spool: SpoolConfig,
+    #[serde(default)]
     pub output: OutputConfig,
     #[serde(default)]
     pub http: HttpConfig,
@@ -21,12 +24,17 @@ pub struct Config {
     pub model: ModelConfig,
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// NATS JetStream: batches from a work queue shared by daemons, results on a stream.
+    #[serde(default)]
+    pub nats: Option<NatsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
-    /// `incoming/ processing/ done/ failed/` are made under it.
+    /// `incoming/ processing/ done/ failed/` are made under it. Required unless `[nats]` is
+    /// set; empty: no spool folder (and no HTTP uploads).
+    #[serde(default)]
     pub dir: PathBuf,
     /// Seconds between full rescans of `incoming/` (inotify wakes the daemon sooner).
     #[serde(default = "default_rescan_seconds")]
@@ -65,7 +73,9 @@ pub enum OnDone {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputConfig {
-    /// One `<batch-id>.ndjson` (and `<batch-id>.summary.json`) per batch.
+    /// One `<batch-id>.ndjson` (and `<batch-id>.summary.json`) per batch. Required unless
+    /// `[nats]` is set; empty: no output files.
+    #[serde(default)]
     pub dir: PathBuf,
     /// How a record carries its cell embedding.
     #[serde(default)]
@@ -167,6 +177,55 @@ pub struct PipelineConfig {
     pub memory_budget: Option<u64>,
 }
 
+/// `[nats]`: the daemon also takes batches from a JetStream work queue (one durable pull
+/// consumer shared by every daemon with the same settings) and publishes every batch's
+/// records on `cellstream.results.<batch>` (DESIGN.md §6, "NATS JetStream").
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL, or several separated by commas (`nats://host:4222`, `tls://host:4222`).
+    pub url: String,
+    /// The work stream (subjects `cellstream.batches.>`); the results stream is
+    /// `<stream>_RESULTS` and the payload bucket `<stream>_PAYLOADS`.
+    #[serde(default = "default_nats_stream")]
+    pub stream: String,
+    /// The durable pull consumer every daemon of a deployment shares.
+    #[serde(default = "default_nats_consumer")]
+    pub consumer: String,
+    /// A NATS credentials file (`.creds`: user JWT and nkey seed).
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+    /// PEM CA certificates that verify the server (TLS is then required).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that verify clients.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+    /// Seconds a claimed batch may go without an acknowledgement (in-progress acks are sent
+    /// every third of it) before the server hands it to another daemon.
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait_seconds: f64,
+    /// Deliveries of one batch before it is quarantined: a batch whose daemon died or could
+    /// not commit its results this many times is set aside with the reason.
+    #[serde(default = "default_max_deliver")]
+    pub max_deliver: u32,
+}
+
+fn default_nats_stream() -> String {
+    "CELLSTREAM".into()
+}
+fn default_nats_consumer() -> String {
+    "cellstream".into()
+}
+fn default_ack_wait() -> f64 {
+    30.0
+}
+fn default_max_deliver() -> u32 {
+    5
+}
+
 fn default_rescan_seconds() -> f64 {
     2.0
 }
@@ -210,6 +269,31 @@ fn default_token_budget() -> usize {
 pub const DEFAULT_TOKEN_BUDGET: usize = 256;
 fn default_drain_seconds() -> f64 {
     60.0
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: PathBuf::new(),
+            rescan_seconds: default_rescan_seconds(),
+            on_done: OnDone::default(),
+            max_queued: default_max_queued(),
+            max_decompressed_bytes: default_max_decompressed(),
+            max_cells: default_max_cells(),
+            max_genes: default_max_genes(),
+            max_stored_counts: default_max_stored_counts(),
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            dir: PathBuf::new(),
+            embedding: EmbeddingEncoding::default(),
+            format: OutputFormat::default(),
+        }
+    }
 }
 
 impl Default for HttpConfig {
@@ -339,7 +423,19 @@ impl Config {
                 ));
             }
         }
-        if self.spool.dir == self.output.dir {
+        if let Some(nats) = &self.nats {
+            nats.check()?;
+        }
+        let without_nats = |key: &str| {
+            format!("{key} is required (it may be left out only when a [nats] section is set)")
+        };
+        if self.nats.is_none() && !self.has_spool() {
+            return Err(without_nats("spool.dir"));
+        }
+        if self.nats.is_none() && !self.has_output_dir() {
+            return Err(without_nats("output.dir"));
+        }
+        if self.has_spool() && self.spool.dir == self.output.dir {
             return Err("spool.dir and output.dir must differ".into());
         }
         Ok(())
@@ -360,6 +456,16 @@ impl Config {
                 max_stored_counts: self.spool.max_stored_counts,
             },
         )
+    }
+
+    /// Whether batches come from a spool folder (`[spool] dir` set).
+    pub fn has_spool(&self) -> bool {
+        !self.spool.dir.as_os_str().is_empty()
+    }
+
+    /// Whether results are written as files (`[output] dir` set).
+    pub fn has_output_dir(&self) -> bool {
+        !self.output.dir.as_os_str().is_empty()
     }
 
     pub fn rescan_interval(&self) -> Duration {
@@ -393,7 +499,59 @@ impl Config {
         keep!("pipeline.threads", pipeline.threads);
         keep!("pipeline.seed", pipeline.seed);
         keep!("pipeline.token_budget", pipeline.token_budget);
+        keep!("nats", nats);
         (new, kept)
+    }
+}
+
+impl NatsConfig {
+    /// The config `cellstream submit --nats URL` connects with (default names, no files).
+    pub fn with_url(url: &str) -> NatsConfig {
+        NatsConfig {
+            url: url.to_string(),
+            stream: default_nats_stream(),
+            consumer: default_nats_consumer(),
+            credentials_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            ack_wait_seconds: default_ack_wait(),
+            max_deliver: default_max_deliver(),
+        }
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs_f64(self.ack_wait_seconds)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.url.trim().is_empty() {
+            return Err("nats.url must name a server (nats://host:4222)".into());
+        }
+        for (key, name) in [
+            ("nats.stream", &self.stream),
+            ("nats.consumer", &self.consumer),
+        ] {
+            let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+            if name.is_empty() || name.len() > 32 || !name.chars().all(ok) {
+                return Err(format!(
+                    "{key} must be 1 to 32 letters, digits, '_' or '-', not {name:?}"
+                ));
+            }
+        }
+        if !(self.ack_wait_seconds.is_finite() && self.ack_wait_seconds >= 1.0) {
+            return Err(format!(
+                "nats.ack_wait_seconds must be at least 1, not {}",
+                self.ack_wait_seconds
+            ));
+        }
+        if self.max_deliver < 1 {
+            return Err("nats.max_deliver must be at least 1".into());
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err("nats.tls_cert_file and nats.tls_key_file go together".into());
+        }
+        Ok(())
     }
 }
 
@@ -500,6 +658,48 @@ mod tests {
     }
 
     #[test]
+    fn with_nats_the_spool_and_the_output_folder_are_optional() {
+        let cfg = Config::parse("[nats]\nurl = \"nats://127.0.0.1:4222\"\n").unwrap();
+        assert!(!cfg.has_spool() && !cfg.has_output_dir());
+        let nats = cfg.nats.as_ref().unwrap();
+        assert_eq!(nats.stream, "CELLSTREAM");
+        assert_eq!(nats.consumer, "cellstream");
+        assert_eq!(nats.ack_wait(), Duration::from_secs(30));
+        assert_eq!(nats.max_deliver, 5);
+        let both = Config::parse(
+            "[spool]\ndir = \"/s\"\n[output]\ndir = \"/o\"\n[nats]\nurl = \"nats://h:4222\"\nstream = \"RUNS\"\nack_wait_seconds = 5\nmax_deliver = 2\n",
+        )
+        .unwrap();
+        assert!(both.has_spool() && both.has_output_dir());
+        // Without [nats], both stay required.
+        let e = Config::parse("[output]\ndir = \"/o\"\n").unwrap_err();
+        assert!(e.contains("spool.dir is required"), "{e}");
+        let e = Config::parse("[spool]\ndir = \"/s\"\n").unwrap_err();
+        assert!(e.contains("output.dir is required"), "{e}");
+        for (bad, says) in [
+            ("url = \"\"", "nats.url"),
+            ("url = \"nats://h\"\nstream = \"a.b\"", "nats.stream"),
+            ("url = \"nats://h\"\nconsumer = \"\"", "nats.consumer"),
+            (
+                "url = \"nats://h\"\nack_wait_seconds = 0.5",
+                "nats.ack_wait_seconds",
+            ),
+            ("url = \"nats://h\"\nmax_deliver = 0", "nats.max_deliver"),
+            ("url = \"nats://h\"\ntls_cert_file = \"/c\"", "tls_key_file"),
+            ("url = \"nats://h\"\nsubject = \"x\"", "subject"),
+        ] {
+            let e = Config::parse(&format!("[nats]\n{bad}\n")).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // The section is restart-only.
+        let mut other = both.clone();
+        other.nats.as_mut().unwrap().url = "nats://elsewhere:4222".into();
+        let (merged, kept) = both.reload(other);
+        assert_eq!(kept, vec!["nats"]);
+        assert_eq!(merged.nats, both.nats);
+    }
+
+    #[test]
     fn the_example_config_documents_every_key() {
         let example = include_str!("../systemd/cellstream.toml");
         let cfg = Config::parse(example).expect("systemd/cellstream.toml parses");
@@ -517,7 +717,9 @@ mod tests {
             assert!(
                 example.contains(&format!("\n{key} = "))
                     || example.contains(&format!("\n# {key} = "))
-                    || example.contains(&format!("\n[{key}]\n")),
+                    || example.contains(&format!("\n[{key}]\n"))
+                    // An optional section, documented commented out ([nats]).
+                    || example.contains(&format!("\n# [{key}]\n")),
                 "systemd/cellstream.toml does not document `{key}`"
             );
         }

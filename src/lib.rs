@@ -15,6 +15,8 @@ pub mod fsutil;
 pub mod metrics;
 #[cfg(feature = "runtime")]
 pub mod model;
+#[cfg(feature = "runtime")]
+pub mod nats;
 pub mod qc;
 pub mod reference;
 pub mod simd;

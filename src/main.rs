@@ -31,6 +31,8 @@ enum Command {
     Reference(cli::reference::Args),
     /// Run the daemon: watch a spool folder, stream results, serve metrics (DESIGN.md §6).
     Serve(cli::serve::Args),
+    /// Send batches to the daemons' NATS JetStream work stream, one per input (DESIGN.md §6).
+    Submit(cli::submit::Args),
     /// The daemon's child reader (`cellstream::batch::isolated`); not for people.
     #[command(name = "__read-child", hide = true)]
     ReadChild(cli::read_child::Args),
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cli::inspect::run(a),
         Command::Reference(a) => cli::reference::run(a),
         Command::Serve(a) => cli::serve::run(a),
+        Command::Submit(a) => cli::submit::run(a),
         Command::ReadChild(a) => cli::read_child::run(a),
     };
     match result {

@@ -125,6 +125,8 @@ metrics! {
     ready: IntGauge = "ready", "1 once the model is loaded and warmed, 0 while draining";
     model_info: IntGaugeVec = "model_info", "The model package being served", labels ["name", "version"];
     build_info: IntGaugeVec = "build_info", "The cellstream build", labels ["version"];
+    nats_reconnects: IntCounter = "nats_reconnects_total", "Reconnections to the NATS server after a lost connection";
+    nats_redeliveries: IntCounter = "nats_redeliveries_total", "Batches delivered again by JetStream (an earlier delivery was not acknowledged)";
 }
 
 impl Metrics {
@@ -192,6 +194,8 @@ mod tests {
             "cellstream_queue_depth{stage=\"incoming\"} 0",
             "cellstream_model_info{name=\"pbmc-compact\",version=\"1\"} 1",
             "cellstream_build_info{version=",
+            "cellstream_nats_reconnects_total 0",
+            "cellstream_nats_redeliveries_total 0",
         ] {
             assert!(text.contains(want), "missing {want} in\n{text}");
         }

@@ -7,6 +7,7 @@ pub mod progress;
 pub mod read_child;
 pub mod reference;
 pub mod serve;
+pub mod submit;
 pub mod tokenize;
 
 use std::fs::File;

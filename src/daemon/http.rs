@@ -261,6 +261,8 @@ async fn readyz(State(app): State<App>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else if !s.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "loading the model\n").into_response()
+    } else if let Some(problem) = s.upstream_problem() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")).into_response()
     } else {
         "ready\n".into_response()
     }
@@ -366,6 +368,13 @@ async fn upload(
             "the daemon is shutting down".into(),
         );
     }
+    let Some(spool) = shared.spool.clone() else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "bad_request",
+            "this daemon has no spool folder ([spool] dir): send batches with `cellstream submit --nats URL`".into(),
+        );
+    };
     let cfg = shared.config();
     let cap = cfg.http.max_upload_bytes;
     let name = match query.name.as_deref().map(check_name) {
@@ -398,7 +407,7 @@ async fn upload(
             ),
         );
     };
-    let spool = shared.spool.clone();
+    let incoming = spool.incoming.clone();
     let waiting = tokio::task::spawn_blocking(move || spool.waiting().map(|w| w.len()))
         .await
         .unwrap_or(Ok(usize::MAX));
@@ -420,10 +429,7 @@ async fn upload(
         }
     }
     let seq = app.upload_seq.fetch_add(1, Ordering::Relaxed);
-    let tmp = shared
-        .spool
-        .incoming
-        .join(format!("{UPLOAD_PREFIX}{}-{seq}.part", std::process::id()));
+    let tmp = incoming.join(format!("{UPLOAD_PREFIX}{}-{seq}.part", std::process::id()));
     let written = receive(body, &tmp, cap).await;
     let written = match written {
         Ok(n) => n,
@@ -444,7 +450,6 @@ async fn upload(
         let _ = tokio::fs::remove_file(&tmp).await;
         return refuse(StatusCode::BAD_REQUEST, "bad_request", "empty body".into());
     }
-    let incoming = shared.spool.incoming.clone();
     let final_name = name.clone();
     let tmp2 = tmp.clone();
     let linked = tokio::task::spawn_blocking(move || {

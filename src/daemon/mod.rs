@@ -2,8 +2,9 @@
 //!
 //! tokio serves HTTP, signals and the systemd watchdog; the CPU work runs on the dedicated
 //! threads of [`pipeline`]. Start-up: config → spool folders → model package → HTTP
-//! listening (`/healthz` answers, `/readyz` says 503) → model compiled and warmed on the
-//! batch thread → ready (READY=1). SIGTERM: stop claiming, finish the batch in flight within
+//! listening (`/healthz` answers, `/readyz` says 503) → the NATS link (`[nats]`; it
+//! connects in the background) → model compiled and warmed on the batch thread → ready
+//! (READY=1). SIGTERM: stop claiming, finish the batch in flight within
 //! `pipeline.drain_seconds`, exit 0. SIGHUP: reload the config.
 
 pub mod http;
@@ -11,6 +12,7 @@ pub mod live;
 pub mod log;
 pub mod memory;
 pub mod pipeline;
+pub mod spool_source;
 pub mod systemd;
 
 use std::path::{Path, PathBuf};
@@ -26,18 +28,27 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::model::{default_model_dir, ModelPackage};
+use crate::nats::{Health, Link};
+use crate::sink::files::FileSink;
+use crate::sink::nats::NatsSink;
 use crate::sink::stream::StreamHub;
+use crate::sink::ResultSink;
+use crate::source::nats::NatsSource;
 use crate::source::spool::Spool;
+use crate::source::BatchSource;
 use pipeline::Pipeline;
+use spool_source::SpoolSource;
 use systemd::{Heartbeat, Notifier};
 
 /// What the HTTP handlers and the pipeline threads share.
 pub struct Shared {
     config_path: PathBuf,
     config: RwLock<Arc<Config>>,
-    pub spool: Spool,
-    pub out_dir: PathBuf,
+    /// The spool folder, when `[spool] dir` is set (uploads land in it).
+    pub spool: Option<Spool>,
     pub metrics: Metrics,
+    /// The NATS link's health, when `[nats]` is set: `/readyz` says 503 while it is down.
+    pub nats: Option<Arc<Health>>,
     pub stream: StreamHub,
     /// What the live page shows (`GET /`): recent batches, a sample of cells, alerts.
     pub watch: live::Watch,
@@ -66,6 +77,11 @@ impl Shared {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Why a source the daemon needs is unusable now (the NATS server unreachable), if it is.
+    pub fn upstream_problem(&self) -> Option<String> {
+        self.nats.as_ref().and_then(|h| h.problem())
     }
 
     /// Wakes the claimer to look at `incoming/` now.
@@ -115,11 +131,19 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cfg = Config::load(config_path)?;
-    let spool = Spool::open(&cfg.spool.dir)
-        .with_context(|| format!("preparing the spool {}", cfg.spool.dir.display()))?;
-    std::fs::create_dir_all(&cfg.output.dir)
-        .with_context(|| format!("creating the output folder {}", cfg.output.dir.display()))?;
-    remove_stale_temporaries(&cfg.output.dir, &spool.incoming);
+    let spool = if cfg.has_spool() {
+        let spool = Spool::open(&cfg.spool.dir)
+            .with_context(|| format!("preparing the spool {}", cfg.spool.dir.display()))?;
+        remove_stale_temporaries(&spool.incoming, &|n| n.starts_with(http::UPLOAD_PREFIX));
+        Some(spool)
+    } else {
+        None
+    };
+    if cfg.has_output_dir() {
+        std::fs::create_dir_all(&cfg.output.dir)
+            .with_context(|| format!("creating the output folder {}", cfg.output.dir.display()))?;
+        remove_stale_temporaries(&cfg.output.dir, &crate::fsutil::is_atomic_temporary);
+    }
     let model_dir = cfg.model.dir.clone().unwrap_or_else(default_model_dir);
     let package = ModelPackage::load(&model_dir)?;
     let m = &package.manifest;
@@ -147,19 +171,52 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         .block_on(tokio::net::TcpListener::bind(cfg.http.listen))
         .with_context(|| format!("listening on {}", cfg.http.listen))?;
     let addr = listener.local_addr()?;
+    let or_none = |set: bool, dir: &Path| {
+        if set {
+            dir.display().to_string()
+        } else {
+            "none".into()
+        }
+    };
     log::info(&format!(
-        "listening on http://{addr}; spool {}, output {}",
-        cfg.spool.dir.display(),
-        cfg.output.dir.display()
+        "listening on http://{addr}; spool {}, output {}{}",
+        or_none(cfg.has_spool(), &cfg.spool.dir),
+        or_none(cfg.has_output_dir(), &cfg.output.dir),
+        cfg.nats
+            .as_ref()
+            .map_or(String::new(), |n| format!(", NATS {}", n.url))
     ));
+    let nats = match &cfg.nats {
+        Some(n) => Some(Arc::new(
+            Link::connect(
+                n,
+                Some(crate::nats::Events {
+                    reconnects: metrics.nats_reconnects.clone(),
+                    log: log::info,
+                    warn: log::warn,
+                }),
+            )
+            .context("[nats]")?,
+        )),
+        None => None,
+    };
 
     let (wake_tx, wake_rx) = bounded(1);
+    let mut sinks: Vec<Box<dyn ResultSink>> = Vec::new();
+    if cfg.has_output_dir() {
+        sinks.push(Box::new(FileSink::new(cfg.output.dir.clone())));
+    }
+    if let Some(link) = &nats {
+        sinks.push(Box::new(NatsSink::new(link.clone(), log::warn)));
+    }
+    let stream = StreamHub::new(cfg.http.stream_buffer_batches);
+    sinks.push(Box::new(stream.clone()));
     let shared = Arc::new(Shared {
         config_path: config_path.to_path_buf(),
-        stream: StreamHub::new(cfg.http.stream_buffer_batches),
-        out_dir: cfg.output.dir.clone(),
+        stream,
         config: RwLock::new(Arc::new(cfg)),
-        spool,
+        spool: spool.clone(),
+        nats: nats.as_ref().map(|l| l.health.clone()),
         metrics,
         watch: live::Watch::new(),
         model: model_info,
@@ -171,8 +228,21 @@ pub fn serve(config_path: &Path) -> anyhow::Result<()> {
         wake_tx,
         wake_rx,
     });
+    let mut sources: Vec<Arc<dyn BatchSource>> = Vec::new();
+    if let Some(spool) = spool {
+        sources.push(Arc::new(SpoolSource::new(shared.clone(), spool)));
+    }
+    if let Some(link) = nats {
+        let counters = crate::source::nats::Counters {
+            redeliveries: shared.metrics.nats_redeliveries.clone(),
+            failed: shared.metrics.batches.with_label_values(&["failed"]),
+        };
+        sources.push(Arc::new(
+            NatsSource::new(link, counters).context("preparing the NATS source")?,
+        ));
+    }
     let (ended_tx, ended_rx) = mpsc::unbounded_channel();
-    let pipeline = Pipeline::start(shared.clone(), package, ended_tx)
+    let pipeline = Pipeline::start(shared.clone(), package, sources, sinks, ended_tx)
         .context("starting the pipeline threads")?;
     let result = runtime.block_on(run(shared, listener, signals, ended_rx, pipeline));
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -310,20 +380,16 @@ fn reload(shared: &Shared) {
     shared.wake();
 }
 
-/// Temporary files a crash left behind: partial outputs (never committed, so never seen by
-/// a reader) and partial uploads (never acknowledged to their client).
-fn remove_stale_temporaries(out_dir: &Path, incoming: &Path) {
-    let stale = |dir: &Path, pick: &dyn Fn(&str) -> bool| {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if pick(&name.to_string_lossy()) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
+/// Temporary files a crash left behind in `dir`: partial outputs (never committed, so never
+/// seen by a reader) and partial uploads (never acknowledged to their client).
+fn remove_stale_temporaries(dir: &Path, pick: &dyn Fn(&str) -> bool) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
     };
-    stale(out_dir, &crate::fsutil::is_atomic_temporary);
-    stale(incoming, &|n| n.starts_with(http::UPLOAD_PREFIX));
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if pick(&name.to_string_lossy()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }

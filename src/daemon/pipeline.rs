@@ -1,14 +1,19 @@
 //! The daemon's CPU side: three dedicated threads joined by bounded crossbeam channels.
 //!
 //! ```text
-//!  spool ──(claimed, rendezvous)──▶ batch ──(finished, 1)──▶ emit
-//!  claim by rename                 read, tokenize,           write + fsync + rename the
-//!  (blocks while the batch         infer (the inference      output, archive the input,
-//!  thread is busy: backpressure)   pool's own threads)       metrics, live stream
+//!  spool ─┐
+//!  nats  ─┴(claimed, rendezvous)──▶ batch ──(finished, 1)──▶ emit
+//!  one thread per source:           read, tokenize,          the sinks commit (files:
+//!  claim by rename, or pull         infer (the inference     write + fsync + rename; nats:
+//!  from JetStream (blocks while     pool's own threads)      publish, acks awaited), the
+//!  the batch thread is busy:                                 source is acked (the input
+//!  backpressure)                                             archived), metrics, stream
 //! ```
 //!
-//! A full channel blocks the stage before it, so the spool simply waits: nothing is
-//! claimed that cannot be worked on, and nothing is dropped.
+//! A full channel blocks the stage before it, so the sources simply wait: nothing is
+//! claimed that cannot be worked on, and nothing is dropped. Where batches come from and
+//! where results go are the [`BatchSource`]s and [`ResultSink`]s given to
+//! [`Pipeline::start`].
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -27,21 +32,28 @@ use super::systemd::Stage;
 use super::Shared;
 use crate::batch::isolated::{panic_message, read_contained_capped, ChildReadError, ChildReader};
 use crate::batch::{claims, detect_format, Caps, CountBatch, Format, ReadOptions};
-use crate::config::OutputFormat;
 use crate::embed::{CellResult, EmbedConfig, EmbedTimings, Embedder, NoGeneInVocab};
-use crate::fsutil::write_atomic;
 use crate::model::runner::release_free_memory;
 use crate::model::ModelPackage;
 use crate::reference::Reference;
-use crate::sink::stream::StreamBatch;
+use crate::sink::ndjson;
 use crate::sink::summary::{BatchSummary, StageTimings};
-use crate::sink::{ndjson, parquet};
+use crate::sink::{Outgoing, Phase, ResultSink};
 use crate::source::spool::{clip, Claimed, ErrorReport};
+use crate::source::BatchSource;
+
+/// A claimed batch and the source that settles it.
+#[derive(Clone)]
+pub struct Claim {
+    pub batch: Claimed,
+    pub source: Arc<dyn BatchSource>,
+}
 
 /// A batch that went through the model, on its way to the output: what the records and the
 /// summary need of the input, not its counts (a batch in the queue would hold them twice).
 struct Finished {
     claimed: Claimed,
+    source: Arc<dyn BatchSource>,
     barcodes: Vec<String>,
     format: Format,
     n_genes: usize,
@@ -73,14 +85,17 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Starts the threads. Each one sends its name on `ended` when it stops, normally or
-    /// not, so that the daemon notices a pipeline that died.
+    /// Starts the threads: one claiming from each of `sources`, the batch thread, and the
+    /// emit thread that hands results to `sinks`. Each one sends its name on `ended` when
+    /// it stops, normally or not, so that the daemon notices a pipeline that died.
     pub fn start(
         shared: Arc<Shared>,
         package: ModelPackage,
+        sources: Vec<Arc<dyn BatchSource>>,
+        sinks: Vec<Box<dyn ResultSink>>,
         ended: UnboundedSender<&'static str>,
     ) -> std::io::Result<Pipeline> {
-        let (claimed_tx, claimed_rx) = bounded::<Claimed>(0);
+        let (claimed_tx, claimed_rx) = bounded::<Claim>(0);
         let (finished_tx, finished_rx) = bounded::<Finished>(1);
         let emitting = Emitting::default();
         let spawn = |name: &'static str, body: Box<dyn FnOnce() + Send>| {
@@ -92,21 +107,24 @@ impl Pipeline {
                     body()
                 })
         };
-        let handles = vec![
-            spawn("spool", {
-                let shared = shared.clone();
-                Box::new(move || claim_loop(&shared, claimed_tx))
-            })?,
-            spawn("batch", {
-                let shared = shared.clone();
-                let emitting = emitting.clone();
-                Box::new(move || batch_loop(&shared, package, claimed_rx, finished_tx, &emitting))
-            })?,
-            spawn(
-                "emit",
-                Box::new(move || emit_loop(&shared, finished_rx, &emitting)),
-            )?,
-        ];
+        let mut handles = Vec::new();
+        for source in sources {
+            let (shared, claimed_tx) = (shared.clone(), claimed_tx.clone());
+            handles.push(spawn(
+                source.name(),
+                Box::new(move || claim_loop(&shared, source, claimed_tx)),
+            )?);
+        }
+        drop(claimed_tx);
+        handles.push(spawn("batch", {
+            let shared = shared.clone();
+            let emitting = emitting.clone();
+            Box::new(move || batch_loop(&shared, package, claimed_rx, finished_tx, &emitting))
+        })?);
+        handles.push(spawn(
+            "emit",
+            Box::new(move || emit_loop(&shared, sinks, finished_rx, &emitting)),
+        )?);
         Ok(Pipeline { handles })
     }
 
@@ -130,94 +148,36 @@ impl Drop for EndReport {
     }
 }
 
-/// Claims batches: first those an earlier run left in `processing/`, then `incoming/`
-/// oldest first, woken by inotify or the rescan timer.
-fn claim_loop(shared: &Shared, claimed: Sender<Claimed>) {
-    let _watcher = watch_incoming(shared);
-    match shared.spool.interrupted() {
-        Ok(list) => {
-            for c in list {
-                log::info(&format!(
-                    "{}: interrupted by a stop, redoing it",
-                    c.path.display()
-                ));
-                if claimed.send(c).is_err() {
-                    return;
-                }
-            }
-        }
-        Err(e) => log::error(&format!("cannot list processing/: {e}")),
-    }
-    let depth = |stage: &str, n: usize| {
+/// Claims batches from `source` until draining, handing each to the batch thread (which
+/// blocks while it is busy).
+fn claim_loop(shared: &Shared, source: Arc<dyn BatchSource>, claimed: Sender<Claim>) {
+    let depth = |n: i64| {
         shared
             .metrics
             .queue_depth
-            .with_label_values(&[stage])
-            .set(n as i64)
+            .with_label_values(&["claimed"])
+            .set(n)
     };
     while !shared.is_draining() {
-        match shared.spool.waiting() {
-            Ok(names) => {
-                depth("incoming", names.len());
-                for (k, name) in names.iter().enumerate() {
-                    if shared.is_draining() {
-                        return;
-                    }
-                    match shared.spool.claim(name) {
-                        Ok(Some(c)) => {
-                            depth("incoming", names.len() - k - 1);
-                            depth("claimed", 1);
-                            let sent = claimed.send(c);
-                            depth("claimed", 0);
-                            if sent.is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(e) => log::warn(&format!("cannot claim {name:?}: {e}")),
-                    }
-                }
+        let batch = match source.claim() {
+            Ok(Some(batch)) => batch,
+            Ok(None) => continue,
+            Err(e) => {
+                log::warn(&format!("{}: cannot claim: {e}", source.name()));
+                std::thread::sleep(shared.config().rescan_interval());
+                continue;
             }
-            Err(e) => log::error(&format!("cannot list incoming/: {e}")),
-        }
-        let _ = shared
-            .wake_rx
-            .recv_timeout(shared.config().rescan_interval());
-    }
-}
-
-/// Wakes the claimer when something lands in `incoming/`; `None` (rescans only) when
-/// inotify is unavailable.
-fn watch_incoming(shared: &Shared) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let wake = shared.wake_tx.clone();
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        use notify::event::{EventKind, ModifyKind};
-        // Only arrivals. Our own scans open the folder, and waking on that would make the
-        // claimer rescan forever.
-        let arrival = event.map_or(true, |e| {
-            matches!(
-                e.kind,
-                EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
-            )
+        };
+        depth(1);
+        let sent = claimed.send(Claim {
+            batch,
+            source: source.clone(),
         });
-        if arrival {
-            let _ = wake.try_send(());
-        }
-    })
-    .and_then(|mut w| {
-        w.watch(&shared.spool.incoming, notify::RecursiveMode::NonRecursive)?;
-        Ok(w)
-    });
-    match watcher {
-        Ok(w) => Some(w),
-        Err(e) => {
-            log::warn(&format!(
-                "cannot watch {} ({e}); relying on rescans every {:?}",
-                shared.spool.incoming.display(),
-                shared.config().rescan_interval()
-            ));
-            None
+        depth(0);
+        if let Err(unsent) = sent {
+            // The batch thread has stopped (draining): not worked on.
+            source.release(&unsent.0.batch);
+            return;
         }
     }
 }
@@ -227,7 +187,7 @@ fn watch_incoming(shared: &Shared) -> Option<notify::RecommendedWatcher> {
 fn batch_loop(
     shared: &Shared,
     package: ModelPackage,
-    claimed: Receiver<Claimed>,
+    claimed: Receiver<Claim>,
     finished: Sender<Finished>,
     emitting: &Emitting,
 ) {
@@ -279,7 +239,8 @@ fn batch_loop(
     shared.set_ready();
     for c in claimed {
         if shared.is_draining() {
-            // Left in processing/: redone first at the next start.
+            // The spool leaves it in processing/ (redone first at the next start).
+            c.source.release(&c.batch);
             break;
         }
         shared.heartbeat.beat(Stage::Batch);
@@ -368,9 +329,10 @@ fn admit(
 fn process(
     shared: &Shared,
     embedder: &mut Embedder,
-    c: &Claimed,
+    claim: &Claim,
     emitting: &Emitting,
 ) -> Result<Finished, Failure> {
+    let c = &claim.batch;
     check_entry(&c.path)?;
     // A producer that breaks the protocol could still truncate the file: copy, never map.
     let (opts, caps) = shared.config().read_caps();
@@ -390,6 +352,7 @@ fn process(
     match embedded {
         Ok((results, timings)) => Ok(Finished {
             claimed: c.clone(),
+            source: claim.source.clone(),
             format: batch.format,
             n_genes: batch.n_genes(),
             barcodes: batch.barcodes,
@@ -502,7 +465,8 @@ fn check_entry(path: &Path) -> Result<(), Failure> {
     })
 }
 
-fn quarantine(shared: &Shared, c: &Claimed, failure: Failure) {
+fn quarantine(shared: &Shared, claim: &Claim, failure: Failure) {
+    let c = &claim.batch;
     // Whatever the input held, the log line and the report stay small.
     let error = clip(&failure.error).into_owned();
     log::warn(&format!(
@@ -519,7 +483,7 @@ fn quarantine(shared: &Shared, c: &Claimed, failure: Failure) {
         error,
         failed_at: unix_seconds(),
     };
-    match shared.spool.quarantine(c, &report) {
+    match claim.source.quarantine(c, &report) {
         Ok(()) => {
             shared.metrics.batches.with_label_values(&["failed"]).inc();
             shared.watch.batch_failed(
@@ -534,23 +498,30 @@ fn quarantine(shared: &Shared, c: &Claimed, failure: Failure) {
             );
         }
         Err(e) => log::error(&format!(
-            "cannot move {} to failed/ ({e}); it stays in processing/",
-            c.path.display()
+            "cannot quarantine {} ({e}); it stays with its source ({}) to be tried again",
+            c.path.display(),
+            claim.source.name()
         )),
     }
 }
 
 /// Writes and commits each finished batch, then archives its input and tells the world.
-fn emit_loop(shared: &Shared, finished: Receiver<Finished>, emitting: &Emitting) {
+fn emit_loop(
+    shared: &Shared,
+    mut sinks: Vec<Box<dyn ResultSink>>,
+    finished: Receiver<Finished>,
+    emitting: &Emitting,
+) {
     for job in &finished {
         set_emit_depth(shared, finished.len());
         shared.heartbeat.beat(Stage::Emit);
         let name = job.claimed.name.clone();
         let reserved = job.reserved;
         let batch_id = job.claimed.batch_id.clone();
-        if let Err(e) = emit(shared, job) {
+        let source = job.source.name();
+        if let Err(e) = emit(shared, &mut sinks, job) {
             log::error(&format!(
-                "{}: output not written ({e}); it goes back to incoming/ to be retried",
+                "{}: output not written ({e}); it goes back to its source ({source}) to be retried",
                 name.to_string_lossy()
             ));
             shared.metrics.batches.with_label_values(&["retried"]).inc();
@@ -583,9 +554,13 @@ fn set_emit_depth(shared: &Shared, n: usize) {
         .set(n as i64);
 }
 
-fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
+/// Hands a finished batch to the sinks: the records to every `Commit` sink, the summary
+/// (timed up to the records' commit) to them too, then the source is acknowledged, then the
+/// `Notify` sinks hear of it. A `Commit` sink that fails sends the batch back to its source.
+fn emit(shared: &Shared, sinks: &mut [Box<dyn ResultSink>], job: Finished) -> std::io::Result<()> {
     let Finished {
         claimed,
+        source,
         barcodes,
         format,
         n_genes,
@@ -597,10 +572,9 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
         embedding_dim,
     } = job;
     let start = Instant::now();
-    let out_dir = &shared.out_dir;
     let mut records = Vec::with_capacity(results.len() * 2048);
     let output = shared.config().output.clone();
-    // The stream carries the NDJSON records whatever the file's format.
+    // Every sink but a Parquet file takes the NDJSON records.
     ndjson::write_batch(
         &mut records,
         &claimed.batch_id,
@@ -608,26 +582,29 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
         &results,
         output.embedding,
     )?;
-    let file = out_dir.join(format!(
-        "{}.{}",
-        claimed.batch_id,
-        output.format.extension()
-    ));
-    let committed = match output.format {
-        OutputFormat::Ndjson => write_atomic(&file, |w| w.write_all(&records)),
-        OutputFormat::Parquet => {
-            parquet::batch_file(&claimed.batch_id, &barcodes, &results, embedding_dim)
-                .and_then(|table| write_atomic(&file, |w| w.write_all(&table)))
-        }
+    let out = Outgoing {
+        batch_id: &claimed.batch_id,
+        barcodes: &barcodes,
+        results: &results,
+        records: &records,
+        file_format: output.format,
+        embedding_dim,
     };
-    if let Err(e) = committed {
-        if let Err(e2) = shared.spool.requeue(&claimed) {
+    let requeue = |e: std::io::Error, sink: &dyn ResultSink| {
+        if let Err(e2) = source.requeue(&claimed) {
             log::error(&format!(
-                "cannot move {} back to incoming/ ({e2}); it stays in processing/ until the next start",
-                claimed.path.display()
+                "cannot give {} back to its source ({}): {e2}; it is redone at the next start or delivery",
+                claimed.path.display(),
+                source.name()
             ));
         }
-        return Err(e);
+        std::io::Error::new(e.kind(), format!("{}: {e}", sink.name()))
+    };
+    let committing = |s: &&mut Box<dyn ResultSink>| s.phase() == Phase::Commit;
+    for sink in sinks.iter_mut().filter(committing) {
+        if let Err(e) = sink.records(&out) {
+            return Err(requeue(e, sink.as_ref()));
+        }
     }
     let emit_time = start.elapsed();
     let latency = claimed.claimed_at.elapsed();
@@ -645,31 +622,36 @@ fn emit(shared: &Shared, job: Finished) -> std::io::Result<()> {
         latency: latency.as_secs_f64(),
     };
     let summary_json = serde_json::to_vec(&summary).map_err(std::io::Error::other)?;
-    if let Err(e) = write_atomic(
-        &out_dir.join(format!("{}.summary.json", claimed.batch_id)),
-        |w| {
-            w.write_all(&summary_json)?;
-            w.write_all(b"\n")
-        },
-    ) {
-        log::warn(&format!("{}: summary not written: {e}", claimed.batch_id));
+    for sink in sinks.iter_mut().filter(committing) {
+        match sink.summary(&out, &summary, &summary_json) {
+            Ok(()) => {}
+            Err(e) if sink.summary_required() => return Err(requeue(e, sink.as_ref())),
+            Err(e) => log::warn(&format!(
+                "{}: summary not written ({}): {e}",
+                claimed.batch_id,
+                sink.name()
+            )),
+        }
     }
-    if let Err(e) = shared.spool.finish(&claimed, shared.config().spool.on_done) {
-        // The output is committed; the input stays in processing/ and is redone (its
-        // output replaced by the same records) at the next start.
+    if let Err(e) = source.finish(&claimed) {
+        // The output is committed; the input is redone (its output replaced by the same
+        // records, or found complete) at the next start or delivery.
         log::warn(&format!(
-            "{}: output committed but the input could not be archived: {e}",
+            "{}: output committed but the input could not be archived or acknowledged: {e}",
             claimed.path.display()
         ));
     }
     record_metrics(
         shared, &summary, &results, read, timings, emit_time, latency,
     );
-    records.extend_from_slice(&summary_json);
-    records.push(b'\n');
-    shared.stream.publish(StreamBatch {
-        ndjson: records.into(),
-    });
+    for sink in sinks.iter_mut().filter(|s| s.phase() == Phase::Notify) {
+        let told = sink
+            .records(&out)
+            .and_then(|()| sink.summary(&out, &summary, &summary_json));
+        if let Err(e) = told {
+            log::warn(&format!("{}: {}: {e}", claimed.batch_id, sink.name()));
+        }
+    }
     // Last: without a reference map the page's PCA is refitted here (power iterations over
     // at most live::SAMPLE cells), after the stream has the batch.
     shared.watch.batch_ok(&summary, &results);

@@ -7,6 +7,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::broadcast;
 
+use super::summary::BatchSummary;
+use super::{Outgoing, Phase, ResultSink};
+
 /// One committed batch as the stream carries it: its NDJSON cell records, then its summary
 /// line.
 #[derive(Debug)]
@@ -35,6 +38,33 @@ impl StreamHub {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<StreamBatch>> {
         self.tx.subscribe()
+    }
+}
+
+/// The live stream is told of a batch once its source is acknowledged, best effort: its cell
+/// records, then its summary line, as one message.
+impl ResultSink for StreamHub {
+    fn name(&self) -> &'static str {
+        "stream"
+    }
+
+    fn phase(&self) -> Phase {
+        Phase::Notify
+    }
+
+    fn records(&mut self, _: &Outgoing) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn summary(&mut self, batch: &Outgoing, _: &BatchSummary, json: &[u8]) -> std::io::Result<()> {
+        let mut ndjson = Vec::with_capacity(batch.records.len() + json.len() + 1);
+        ndjson.extend_from_slice(batch.records);
+        ndjson.extend_from_slice(json);
+        ndjson.push(b'\n');
+        self.publish(StreamBatch {
+            ndjson: ndjson.into(),
+        });
+        Ok(())
     }
 }
 

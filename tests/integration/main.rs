@@ -10,6 +10,7 @@ mod csb_python;
 mod embed;
 mod export_scgpt;
 mod memory;
+mod nats;
 mod readers;
 mod reference;
 mod serve;
