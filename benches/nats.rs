@@ -317,8 +317,7 @@ impl Ctx {
         &self,
         mode: &str,
         round: usize,
-        daemons: usize,
-        t: usize,
+        (daemons, t): (usize, usize),
         secs: f64,
         cpu: f64,
         server_cpu: Option<f64>,
@@ -354,7 +353,7 @@ impl Ctx {
                 wait_files(&d.out, batches);
                 let secs = t0.elapsed().as_secs_f64();
                 let cpu = Daemon::cpu_seconds(d.child.id()) - cpu0;
-                self.report(mode, round, 1, threads, secs, cpu, None);
+                self.report(mode, round, (1, threads), secs, cpu, None);
             }
             // Batches waiting before the daemon starts: timed from its start.
             "spool_queued" => {
@@ -363,7 +362,7 @@ impl Ctx {
                 wait_files(&d.out, batches);
                 let secs = d.spawned.elapsed().as_secs_f64();
                 let cpu = Daemon::cpu_seconds(d.child.id());
-                self.report(mode, round, 1, threads, secs, cpu, None);
+                self.report(mode, round, (1, threads), secs, cpu, None);
             }
             // Batches on the work stream before the daemon starts: timed from its start.
             "nats_queued" => {
@@ -378,7 +377,7 @@ impl Ctx {
                 let secs = d.spawned.elapsed().as_secs_f64();
                 let cpu = Daemon::cpu_seconds(d.child.id());
                 let server_cpu = Daemon::cpu_seconds(server.child.id()) - server_cpu0;
-                self.report(mode, round, 1, threads, secs, cpu, Some(server_cpu));
+                self.report(mode, round, (1, threads), secs, cpu, Some(server_cpu));
             }
             // Batches sent by `submit` to running daemons.
             _ => {
@@ -410,7 +409,7 @@ impl Ctx {
                 let secs = t0.elapsed().as_secs_f64();
                 let cpu = daemons_cpu() - cpu0;
                 let server_cpu = Daemon::cpu_seconds(server.child.id()) - server_cpu0;
-                self.report(mode, round, daemons, t, secs, cpu, Some(server_cpu));
+                self.report(mode, round, (daemons, t), secs, cpu, Some(server_cpu));
             }
         }
     }

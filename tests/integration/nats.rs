@@ -635,7 +635,7 @@ fn submit_refuses_unusable_inputs_and_names_the_ones_it_could_not_send() {
         .unwrap()
         .port();
     let url = format!("nats://127.0.0.1:{port}");
-    let out = submit(&url, &[file.clone()], &[]);
+    let out = submit(&url, std::slice::from_ref(&file), &[]);
     assert_eq!(out.status.code(), Some(1), "{}", common::stderr(&out));
     assert!(
         common::stderr(&out).contains("ok.csb"),
@@ -652,7 +652,7 @@ fn submit_refuses_unusable_inputs_and_names_the_ones_it_could_not_send() {
         common::stderr(&out)
     );
 
-    let out = submit(&url, &[file.clone()], &["--name", "a..b"]);
+    let out = submit(&url, std::slice::from_ref(&file), &["--name", "a..b"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         common::stderr(&out).contains("a..b"),
