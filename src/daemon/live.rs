@@ -18,6 +18,7 @@ use crate::embed::CellResult;
 use crate::reference::layout::Pca;
 use crate::reference::Reference;
 use crate::sink::summary::{BatchSummary, QcMedians, StageTimings};
+use crate::source::unix_seconds;
 
 /// Batches kept in the history the page starts from.
 pub const HISTORY: usize = 500;
@@ -238,7 +239,7 @@ impl Watch {
                 ready_at: None,
             }),
             events: broadcast::channel(EVENT_BUFFER).0,
-            started_at: unix_now(),
+            started_at: unix_seconds(),
         }
     }
 
@@ -272,7 +273,7 @@ impl Watch {
             batch: summary.batch.clone(),
             file: summary.file.clone(),
             outcome: "ok",
-            finished_at: unix_now(),
+            finished_at: unix_seconds(),
             cells: summary.cells,
             assigned: summary.assigned,
             labels: summary.labels.clone(),
@@ -302,7 +303,7 @@ impl Watch {
             batch: batch.into(),
             file: file.into(),
             outcome,
-            finished_at: unix_now(),
+            finished_at: unix_seconds(),
             cells: 0,
             assigned: 0,
             labels: BTreeMap::new(),
@@ -353,7 +354,7 @@ impl Watch {
             "model": model,
             "reference": reference,
             "started_at": self.started_at,
-            "now": unix_now(),
+            "now": unix_seconds(),
             "batches": &s.history,
             "totals": &s.totals,
             "run_qc": &s.run_qc,
@@ -404,7 +405,7 @@ impl Watch {
     pub fn alerts(&self, queued: i64, ready: bool) -> Vec<AlertState> {
         use alert::*;
         let s = self.state.lock().unwrap();
-        let now = unix_now();
+        let now = unix_seconds();
         let last_ok = s.history.iter().rev().find(|e| e.outcome == "ok");
         let within = |minutes: f64| {
             s.history
@@ -570,12 +571,6 @@ impl State {
         }
         self.pca = Some(pca);
     }
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ use crate::sink::ndjson;
 use crate::sink::summary::{BatchSummary, StageTimings};
 use crate::sink::{Outgoing, Phase, ResultSink};
 use crate::source::spool::{clip, Claimed, ErrorReport};
-use crate::source::BatchSource;
+use crate::source::{unix_seconds, BatchSource};
 
 /// A claimed batch and the source that settles it.
 #[derive(Clone)]
@@ -714,10 +714,4 @@ fn record_metrics(
         .map_or((0.0, 0.0), |r| (r.median_novelty, r.composition_drift));
     m.last_batch_median_novelty.set(novelty);
     m.last_batch_composition_drift.set(drift);
-}
-
-fn unix_seconds() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }

@@ -10,6 +10,13 @@ use std::io;
 
 pub use spool::{Claimed, ErrorReport};
 
+/// Seconds since the Unix epoch (0 before it), as error reports and the live page give times.
+pub fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// A place batches come from, as the daemon's pipeline uses it. A claimed batch belongs to
 /// this daemon until one of [`finish`](BatchSource::finish),
 /// [`requeue`](BatchSource::requeue), [`quarantine`](BatchSource::quarantine) or

@@ -32,7 +32,7 @@ use serde::Serialize;
 use tokio::io::AsyncReadExt;
 
 use super::spool::{check_name, Claimed, ErrorReport};
-use super::BatchSource;
+use super::{unix_seconds, BatchSource};
 use crate::daemon::log;
 use crate::nats::{header, subject_token, Link, FAILED_PREFIX, WORK_PREFIX};
 
@@ -650,12 +650,6 @@ pub fn pack_flat(dir: &Path, out: impl Write) -> io::Result<()> {
         builder.append_path_with_name(entry.path(), &name)?;
     }
     builder.into_inner()?.flush()
-}
-
-fn unix_seconds() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 #[cfg(test)]
