@@ -204,7 +204,7 @@ fn wait_results(link: &Link, batches: &[PathBuf]) {
                         break;
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                tokio::time::sleep(poll_interval()).await;
             }
         }
     })
@@ -227,7 +227,7 @@ fn wait_files(out: &Path, batches: &[PathBuf]) {
     for p in batches {
         let id = p.file_stem().unwrap().to_str().unwrap();
         while !out.join(format!("{id}.summary.json")).exists() {
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(poll_interval());
         }
     }
 }
@@ -413,6 +413,12 @@ impl Ctx {
             }
         }
     }
+}
+
+/// How often both sides look for the last summary (`BENCH_POLL_MS`, default 20 ms): the
+/// same for files and JetStream, and rare enough that looking costs the server little.
+fn poll_interval() -> Duration {
+    Duration::from_millis(env_or("BENCH_POLL_MS", 20))
 }
 
 /// The number in environment variable `name`, or `default` when it is unset or not a number.

@@ -122,6 +122,19 @@ impl Health {
         self.connected.load(Ordering::SeqCst)
     }
 
+    /// Waits up to `limit` for the connection, looking often: a daemon's first claim comes
+    /// moments before its first connection, and should not wait out a whole `limit`.
+    pub fn wait_connected(&self, limit: Duration) -> bool {
+        let until = std::time::Instant::now() + limit;
+        while !self.is_connected() {
+            if std::time::Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
     pub fn set_problem(&self, problem: Option<String>) {
         *self.problem.lock().unwrap() = problem;
     }

@@ -151,13 +151,8 @@ impl Drop for EndReport {
 /// Claims batches from `source` until draining, handing each to the batch thread (which
 /// blocks while it is busy).
 fn claim_loop(shared: &Shared, source: Arc<dyn BatchSource>, claimed: Sender<Claim>) {
-    let depth = |n: i64| {
-        shared
-            .metrics
-            .queue_depth
-            .with_label_values(&["claimed"])
-            .set(n)
-    };
+    // Every source's claim thread shares this gauge: each adds its own waiting batch.
+    let claimed_depth = shared.metrics.queue_depth.with_label_values(&["claimed"]);
     while !shared.is_draining() {
         let batch = match source.claim() {
             Ok(Some(batch)) => batch,
@@ -168,12 +163,12 @@ fn claim_loop(shared: &Shared, source: Arc<dyn BatchSource>, claimed: Sender<Cla
                 continue;
             }
         };
-        depth(1);
+        claimed_depth.inc();
         let sent = claimed.send(Claim {
             batch,
             source: source.clone(),
         });
-        depth(0);
+        claimed_depth.dec();
         if let Err(unsent) = sent {
             // The batch thread has stopped (draining): not worked on.
             source.release(&unsent.0.batch);

@@ -438,8 +438,7 @@ impl BatchSource for NatsSource {
     }
 
     fn claim(&self) -> io::Result<Option<Claimed>> {
-        if !self.link.health.is_connected() {
-            std::thread::sleep(Duration::from_millis(500));
+        if !self.link.health.wait_connected(Duration::from_millis(500)) {
             return Ok(None);
         }
         let Some(consumer) = self.consumer() else {
