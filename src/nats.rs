@@ -390,4 +390,22 @@ mod tests {
         cfg.ack_wait_seconds = 2.0;
         assert_eq!(duplicate_window(&cfg), Duration::from_secs(120));
     }
+
+    #[test]
+    fn a_claim_waits_for_the_connection_no_longer_than_it_takes() {
+        let health = Arc::new(Health::default());
+        let t0 = std::time::Instant::now();
+        assert!(!health.wait_connected(Duration::from_millis(50)));
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        // Connected a little after the wait began: the wait ends then, not at its limit.
+        let later = health.clone();
+        let connects = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            later.connected.store(true, Ordering::SeqCst);
+        });
+        let t0 = std::time::Instant::now();
+        assert!(health.wait_connected(Duration::from_secs(60)));
+        assert!(t0.elapsed() < Duration::from_secs(30));
+        connects.join().unwrap();
+    }
 }
