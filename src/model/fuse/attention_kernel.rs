@@ -9,10 +9,10 @@
 //! ([`attention_kernels!`]) over a handful of vector operations and compiled three times: with
 //! AVX-512 intrinsics, with AVX2+FMA intrinsics, and over plain `[f32; 8]` arrays that the
 //! compiler vectorises for whatever the target's baseline is (SSE2, NEON). Each does a block
-//! of queries at a time against the head's keys transposed into a scratch block, keeps the
-//! block's scores in rows of the same scratch (memory per worker O(block · S), never S²),
-//! and only ever stores whole vectors. Head widths that are not a multiple of 8 take
-//! [`reference`], one query at a time.
+//! of queries at a time against the head's keys and values, packed into contiguous panels
+//! of a scratch block (one stream each, whatever S), keeps the block's scores in rows of the
+//! same scratch (memory per worker O(block · S), never S²), and only ever stores whole
+//! vectors. Head widths that are not a multiple of 8 take [`reference`], one query at a time.
 //!
 //! Keys after a row's last unmasked key get no weight, so they are skipped; in
 //! self-attention (as many queries as keys) the queries there are padding tokens, which
@@ -101,8 +101,11 @@ pub fn attend(
 /// Reusable buffers of the blocked kernels, one set per thread (each inference worker is one).
 #[derive(Default)]
 struct Scratch {
-    /// One head's keys transposed, `[d][S_key rounded up to the vector]`.
-    keys_t: Vec<f32>,
+    /// One head's keys packed in panels of two vectors, `[S_key / 2L][d][2L]` (S_key
+    /// rounded up to the panel).
+    key_panels: Vec<f32>,
+    /// One head's values packed in groups of the weighted sum's tile, `[d / w][S_key][w]`.
+    values: Vec<f32>,
     /// One row's mask, padded with -inf to the rounded length.
     mask: Vec<f32>,
     /// Scores, then weights, of one block of queries, `[block][rounded S_key]`.
@@ -196,8 +199,12 @@ macro_rules! attention_kernels {
             s: &mut Scratch,
         ) {
             let (hd, dh) = (d.heads * d.head_dim, d.head_dim);
-            let most = d.sk.next_multiple_of(L);
-            s.keys_t.resize(dh * most, 0.0);
+            // Keys in panels of W = 2·L, so that every score step is two whole vectors.
+            const W: usize = 2 * L;
+            let most = d.sk.next_multiple_of(W);
+            let (_, cols) = tile(dh / L);
+            s.key_panels.resize(dh * most, 0.0);
+            s.values.resize(dh * d.sk, 0.0);
             s.mask.resize(most, 0.0);
             s.scores.resize(R * most, 0.0);
             for n in 0..d.n {
@@ -205,31 +212,45 @@ macro_rules! attention_kernels {
                 let sk = unmasked_len(row_mask);
                 let live = live_queries(&d, sk);
                 out[(n * d.sq + live) * hd..(n + 1) * d.sq * hd].fill(0.0);
-                // Padding keys are 0 and masked by -inf, so that every block is whole.
-                let skp = sk.next_multiple_of(L);
+                // Padding keys are 0 and masked by -inf, so that every panel is whole.
+                let skp = sk.next_multiple_of(W);
                 s.mask[..sk].copy_from_slice(&row_mask[..sk]);
                 s.mask[sk..skp].fill(f32::NEG_INFINITY);
                 for h in 0..d.heads {
-                    // Keys of this head transposed: a vector load then holds L keys' same
-                    // feature.
                     let kbase = n * d.sk * hd + h * dh;
+                    // Keys of this head packed `[panel][feature][W keys]`: the score loop
+                    // reads one contiguous stream, where a plain transpose would read dh
+                    // streams a row apart (too many for the prefetchers at long S).
                     for j in 0..sk {
+                        let panel = (j / W) * dh * W + j % W;
                         for (c, &x) in k[kbase + j * hd..][..dh].iter().enumerate() {
-                            s.keys_t[c * skp + j] = x;
+                            s.key_panels[panel + c * W] = x;
                         }
                     }
-                    for c in 0..dh {
-                        s.keys_t[c * skp + sk..(c + 1) * skp].fill(0.0);
+                    for j in sk..skp {
+                        let panel = (j / W) * dh * W + j % W;
+                        for c in 0..dh {
+                            s.key_panels[panel + c * W] = 0.0;
+                        }
+                    }
+                    // Values packed `[group of cols vectors][key][cols · L]`: each pass of
+                    // the weighted sum reads one contiguous stream too.
+                    let gw = cols * L;
+                    for j in 0..sk {
+                        let vrow = &v[kbase + j * hd..][..dh];
+                        for (g, chunk) in vrow.chunks_exact(gw).enumerate() {
+                            s.values[(g * sk + j) * gw..][..gw].copy_from_slice(chunk);
+                        }
                     }
                     let at = Head {
                         skp,
                         sk,
                         hd,
                         dh,
-                        keys_t: s.keys_t.as_ptr(),
+                        key_panels: s.key_panels.as_ptr(),
                         mask: s.mask.as_ptr(),
                         scores: s.scores.as_mut_ptr(),
-                        v: v[kbase..].as_ptr(),
+                        values: s.values.as_ptr(),
                     };
                     let mut i = 0;
                     while i < live {
@@ -250,9 +271,9 @@ macro_rules! attention_kernels {
             }
         }
 
-        /// One row's head: where its transposed keys, mask, scores and values are.
+        /// One row's head: where its packed keys, mask, scores and packed values are.
         struct Head {
-            /// Unmasked keys rounded up to whole vectors (the stride of `keys_t` and `scores`).
+            /// Unmasked keys rounded up to whole panels (the stride of `scores`).
             skp: usize,
             /// Unmasked keys.
             sk: usize,
@@ -260,11 +281,12 @@ macro_rules! attention_kernels {
             hd: usize,
             /// Width of the head.
             dh: usize,
-            keys_t: *const f32,
+            /// `[skp / 2L][dh][2L]`.
+            key_panels: *const f32,
             mask: *const f32,
             scores: *mut f32,
-            /// This row's and head's first value.
-            v: *const f32,
+            /// `[dh / (cols · L)][sk][cols · L]`, cols as [`tile`] gives them.
+            values: *const f32,
         }
 
         impl Head {
@@ -279,13 +301,8 @@ macro_rules! attention_kernels {
                 // SAFETY: the callees' contracts are this function's.
                 unsafe {
                     let mut max = [splat(f32::NEG_INFINITY); RB];
-                    let mut kc = 0;
-                    while kc + 2 * L <= self.skp {
-                        self.scores::<RB, 2>(q, kc, &mut max);
-                        kc += 2 * L;
-                    }
-                    if kc < self.skp {
-                        self.scores::<RB, 1>(q, kc, &mut max);
+                    for kc in (0..self.skp).step_by(2 * L) {
+                        self.scores::<RB>(q, kc, &mut max);
                     }
                     let mut inv = [0f32; RB];
                     for (r, inv) in inv.iter_mut().enumerate() {
@@ -296,33 +313,24 @@ macro_rules! attention_kernels {
                 RB
             }
 
-            /// Scores of `RB` queries against the `C` vectors of keys from `kc`, plus the
-            /// mask, into the score rows; folds them into each query's running maximum.
+            /// Scores of `RB` queries against the panel of keys from `kc` (two vectors), plus
+            /// the mask, into the score rows; folds them into each query's running maximum.
             ///
             /// # Safety
-            /// As [`Head::block`], and `kc + C·L ≤ skp`.
+            /// As [`Head::block`], and `kc` is a panel's first key, below `skp`.
             $(#[target_feature(enable = $features)])?
-            unsafe fn scores<const RB: usize, const C: usize>(
-                &self,
-                q: *const f32,
-                kc: usize,
-                max: &mut [V; RB],
-            ) {
-                // SAFETY: keys_t rows hold skp keys, q holds RB queries of dh, the score
+            unsafe fn scores<const RB: usize>(&self, q: *const f32, kc: usize, max: &mut [V; RB]) {
+                // SAFETY: the panel holds dh × 2L keys, q holds RB queries of dh, the score
                 // rows RB ≤ R rows of skp.
                 unsafe {
-                    let mut acc = [[zero(); C]; RB];
+                    let mut acc = [[zero(); 2]; RB];
+                    let panel = self.key_panels.add(kc * self.dh);
                     for c in 0..self.dh {
-                        let kt = self.keys_t.add(c * self.skp + kc);
-                        let mut keys = [zero(); C];
-                        for (x, key) in keys.iter_mut().enumerate() {
-                            *key = load(kt.add(x * L));
-                        }
+                        let keys = [load(panel.add(c * 2 * L)), load(panel.add(c * 2 * L + L))];
                         for (r, acc) in acc.iter_mut().enumerate() {
                             let qb = splat(*q.add(r * self.hd + c));
-                            for x in 0..C {
-                                acc[x] = fma(qb, keys[x], acc[x]);
-                            }
+                            acc[0] = fma(qb, keys[0], acc[0]);
+                            acc[1] = fma(qb, keys[1], acc[1]);
                         }
                     }
                     for (r, acc) in acc.iter().enumerate() {
@@ -366,15 +374,15 @@ macro_rules! attention_kernels {
             unsafe fn weighted_sum(&self, inv: &[f32], out: *mut f32) {
                 let dv = self.dh / L;
                 let (rows, cols) = tile(dv);
+                debug_assert!(dv.is_multiple_of(cols));
                 let rows = rows.min(inv.len());
                 let mut r0 = 0;
                 while r0 < inv.len() {
                     let mut c0 = 0;
                     while c0 < dv {
-                        let cols = if dv - c0 >= cols { cols } else { 1 };
                         // SAFETY: rows r0.. and vectors c0.. of the tile are inside the block
-                        // and the head (rows divides the block size, cols the head's vectors
-                        // or is 1).
+                        // and the head (rows divides the block size, cols the head's vectors:
+                        // `tile` picks them so, and the values were packed by them).
                         unsafe {
                             match (rows, cols) {
                                 (8, 2) => self.tile::<8, 2>(r0, c0, inv, out),
@@ -409,13 +417,14 @@ macro_rules! attention_kernels {
                 inv: &[f32],
                 out: *mut f32,
             ) {
-                // SAFETY: value rows hold hd ≥ (c0 + CT)·L values from v; score rows r0 + RT
-                // ≤ the block; outputs as the values.
+                // SAFETY: the values' group c0 / CT holds sk rows of CT·L; score rows r0 + RT
+                // ≤ the block; outputs inside the head.
                 unsafe {
                     let mut acc = [[zero(); CT]; RT];
                     let scores = self.scores.add(r0 * self.skp);
+                    let group = self.values.add(c0 * L * self.sk);
                     for j in 0..self.sk {
-                        let vj = self.v.add(j * self.hd + c0 * L);
+                        let vj = group.add(j * CT * L);
                         let mut vals = [zero(); CT];
                         for (x, val) in vals.iter_mut().enumerate() {
                             *val = load(vj.add(x * L));
