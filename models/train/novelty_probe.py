@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from common import (COARSE, DATA_3K, TRAIN_DIR, Dataset10x, build_model, gene_to_vocab,  # noqa: E402
                     label_index, length_batches, pad_batch, thin_counts, tokenize_dataset)
-from evaluate import DEPTHS, read_labels_tsv  # noqa: E402
+from evaluate import DEPTHS, lognorm, read_labels_tsv  # noqa: E402
 from refmap import Reference  # noqa: E402
 
 N_HVG, N_PC = 2000, 20
@@ -64,17 +64,9 @@ def model_features(model, vocab, max_len, X, barcodes, symbols):
     return {n: np.stack(v) for n, v in out.items()}
 
 
-def lognorm(X):
-    X = X.astype(np.float64).tocsr()
-    s = np.asarray(X.sum(1)).ravel()
-    Y = X.multiply(1e4 / np.where(s == 0, 1, s)[:, None]).tocsr()
-    Y.data = np.log1p(Y.data)
-    return Y
-
-
 class ExpressionSpace:
     def __init__(self, X):
-        L = lognorm(X)
+        L = lognorm(X).tocsr()
         mu = np.asarray(L.mean(0)).ravel()
         var = np.asarray(L.multiply(L).mean(0)).ravel() - mu ** 2
         self.genes = np.argsort(-var)[:N_HVG]
@@ -86,7 +78,7 @@ class ExpressionSpace:
         self.scale = np.percentile(d, 99)
 
     def __call__(self, X):
-        return ((lognorm(X)[:, self.genes].toarray() - self.m) / self.sd) @ self.P
+        return ((lognorm(X).tocsr()[:, self.genes].toarray() - self.m) / self.sd) @ self.P
 
     def _dist(self, q, self_=False):
         d = np.sqrt(((q[:, None, :] - self.ref[None, :, :]) ** 2).sum(-1))

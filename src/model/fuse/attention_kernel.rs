@@ -185,6 +185,9 @@ macro_rules! attention_kernels {
     ($($features:literal)?) => {
         use super::{live_queries, unmasked_len, Dims, Scratch};
 
+        /// Keys a score panel holds: two vectors, so that every score step is two whole loads.
+        const W: usize = 2 * L;
+
         /// # Safety
         /// The CPU has this module's target features; the slices have the lengths `d` gives
         /// them; the head width is a multiple of `L`.
@@ -199,10 +202,9 @@ macro_rules! attention_kernels {
             s: &mut Scratch,
         ) {
             let (hd, dh) = (d.heads * d.head_dim, d.head_dim);
-            // Keys in panels of W = 2·L, so that every score step is two whole vectors.
-            const W: usize = 2 * L;
             let most = d.sk.next_multiple_of(W);
-            let (_, cols) = tile(dh / L);
+            // The weighted sum's tile, which the values are packed for.
+            let (rows, cols) = tile(dh / L);
             s.key_panels.resize(dh * most, 0.0);
             s.values.resize(dh * d.sk, 0.0);
             s.mask.resize(most, 0.0);
@@ -247,6 +249,8 @@ macro_rules! attention_kernels {
                         sk,
                         hd,
                         dh,
+                        rows,
+                        cols,
                         key_panels: s.key_panels.as_ptr(),
                         mask: s.mask.as_ptr(),
                         scores: s.scores.as_mut_ptr(),
@@ -281,11 +285,14 @@ macro_rules! attention_kernels {
             hd: usize,
             /// Width of the head.
             dh: usize,
-            /// `[skp / 2L][dh][2L]`.
+            /// The weighted sum's tile: queries and vectors ([`tile`] of the head's vectors).
+            rows: usize,
+            cols: usize,
+            /// `[skp / W][dh][W]`.
             key_panels: *const f32,
             mask: *const f32,
             scores: *mut f32,
-            /// `[dh / (cols · L)][sk][cols · L]`, cols as [`tile`] gives them.
+            /// `[dh / (cols · L)][sk][cols · L]`.
             values: *const f32,
         }
 
@@ -301,7 +308,7 @@ macro_rules! attention_kernels {
                 // SAFETY: the callees' contracts are this function's.
                 unsafe {
                     let mut max = [splat(f32::NEG_INFINITY); RB];
-                    for kc in (0..self.skp).step_by(2 * L) {
+                    for kc in (0..self.skp).step_by(W) {
                         self.scores::<RB>(q, kc, &mut max);
                     }
                     let mut inv = [0f32; RB];
@@ -313,20 +320,20 @@ macro_rules! attention_kernels {
                 RB
             }
 
-            /// Scores of `RB` queries against the panel of keys from `kc` (two vectors), plus
+            /// Scores of `RB` queries against the panel of keys from `kc` (W keys), plus
             /// the mask, into the score rows; folds them into each query's running maximum.
             ///
             /// # Safety
             /// As [`Head::block`], and `kc` is a panel's first key, below `skp`.
             $(#[target_feature(enable = $features)])?
             unsafe fn scores<const RB: usize>(&self, q: *const f32, kc: usize, max: &mut [V; RB]) {
-                // SAFETY: the panel holds dh × 2L keys, q holds RB queries of dh, the score
+                // SAFETY: the panel holds dh × W keys, q holds RB queries of dh, the score
                 // rows RB ≤ R rows of skp.
                 unsafe {
                     let mut acc = [[zero(); 2]; RB];
                     let panel = self.key_panels.add(kc * self.dh);
                     for c in 0..self.dh {
-                        let keys = [load(panel.add(c * 2 * L)), load(panel.add(c * 2 * L + L))];
+                        let keys = [load(panel.add(c * W)), load(panel.add(c * W + L))];
                         for (r, acc) in acc.iter_mut().enumerate() {
                             let qb = splat(*q.add(r * self.hd + c));
                             acc[0] = fma(qb, keys[0], acc[0]);
@@ -372,10 +379,9 @@ macro_rules! attention_kernels {
             /// As [`Head::block`].
             $(#[target_feature(enable = $features)])?
             unsafe fn weighted_sum(&self, inv: &[f32], out: *mut f32) {
-                let dv = self.dh / L;
-                let (rows, cols) = tile(dv);
+                let (dv, cols) = (self.dh / L, self.cols);
                 debug_assert!(dv.is_multiple_of(cols));
-                let rows = rows.min(inv.len());
+                let rows = self.rows.min(inv.len());
                 let mut r0 = 0;
                 while r0 < inv.len() {
                     let mut c0 = 0;
