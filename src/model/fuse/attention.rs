@@ -8,7 +8,9 @@
 //! (`attention_kernel.rs`).
 
 use tract_core::internal::*;
+use tract_core::ops::array::MultiBroadcastTo;
 use tract_core::ops::binary::TypedBinOp;
+use tract_core::ops::change_axes::AxisOp;
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::math::Add;
 use tract_core::ops::nn::{Softmax, SoftmaxKind};
@@ -98,6 +100,37 @@ impl TypedOp for FusedAttention {
         Ok(tvec!(f32::fact(inputs[0].shape.clone())))
     }
 
+    // Queries are independent: a slice of the output over the query axis is the op on the
+    // same queries (tract's declutter pushes such slices up: a graph that computes every
+    // token's last layer then keeps `<cls>` attends from that one query).
+    fn axes_mapping(
+        &self,
+        inputs: &[&TypedFact],
+        outputs: &[&TypedFact],
+    ) -> TractResult<AxesMapping> {
+        let mapping = AxesMapping::disconnected(inputs, outputs)?;
+        if inputs[0].rank() != 4 {
+            return Ok(mapping);
+        }
+        let queries = mapping.axis((InOut::In(0), 1))?.repr;
+        mapping.linking(queries, (InOut::Out(0), 1))
+    }
+
+    fn slice(
+        &self,
+        patch: &mut TypedModelPatch,
+        model: &TypedModel,
+        node: &TypedNode,
+        prefix: &str,
+        inputs: &[OutletId],
+        output_axis: usize,
+        _start: &TDim,
+        _end: &TDim,
+    ) -> TractResult<Option<TVec<OutletId>>> {
+        rule_if!(output_axis == 1 && model.outlet_fact(node.inputs[0])?.rank() == 4);
+        patch.wire_node(prefix, self.clone(), inputs).map(Some)
+    }
+
     fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
         // Two products of S_q × S_k × d per row and head.
         let (q, k) = (&inputs[0].shape, &inputs[1].shape);
@@ -134,7 +167,9 @@ fn einsum_is(node: &TypedNode, expr: &str) -> bool {
 }
 
 /// The rule, anchored on the softmax: scores einsum → add (mask) → softmax (last axis) →
-/// weighted-sum einsum, each feeding only the next.
+/// weighted-sum einsum, each feeding only the next. Two layouts: token-major (the fast
+/// export's, [`token_major`]) and head-major (torch's `scaled_dot_product_attention`,
+/// [`head_major`]).
 pub(super) fn rule(
     simd: Simd,
     model: &TypedModel,
@@ -147,6 +182,23 @@ pub(super) fn rule(
     rule_if!(add.outputs[0].successors.len() == 1);
     rule_if!(add.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>()));
     rule_if!(add.inputs.len() == 2);
+    rule_if_some!(weighted = model.single_succ(softmax.id)?);
+    rule_if!(weighted.inputs.len() == 2 && weighted.inputs[0] == softmax.id.into());
+    if let Some(patch) = token_major(simd, model, softmax, add, weighted)? {
+        return Ok(Some(patch));
+    }
+    head_major(simd, model, softmax, add, weighted)
+}
+
+/// Queries `[N, S_q, heads, d]` (or `[N, heads, d]`), keys and values `[N, S_k, heads, d]`,
+/// scores `[heads, S_q, N, S_k]` and a `[1, 1, N, S_k]` mask: the kernel's own layout.
+fn token_major(
+    simd: Simd,
+    model: &TypedModel,
+    softmax: &TypedNode,
+    add: &TypedNode,
+    weighted: &TypedNode,
+) -> TractResult<Option<TypedModelPatch>> {
     // Every query of a row, or one (tract drops the unit query axis of the `<cls>`-only
     // last layer from the query and the output).
     const FORMS: [(&str, &str); 2] = [
@@ -169,9 +221,7 @@ pub(super) fn rule(
         })
     );
     rule_if!(scores.outputs[0].successors.len() == 1);
-    rule_if_some!(weighted = model.single_succ(softmax.id)?);
     rule_if!(einsum_is(weighted, weighted_form));
-    rule_if!(weighted.inputs[0] == softmax.id.into());
 
     let (q, k, v) = (scores.inputs[0], scores.inputs[1], weighted.inputs[1]);
     let [qf, kf, vf, mf] = [q, k, v, mask].map(|o| model.outlet_fact(o));
@@ -198,6 +248,145 @@ pub(super) fn rule(
     Ok(Some(patch))
 }
 
+/// The three operands and the output of a 4-axis einsum, as letters: `abmk,abkn->mabn`.
+fn einsum_letters(node: &TypedNode) -> Option<[Vec<char>; 3]> {
+    let op = node.op_as::<EinSum>()?;
+    if op.q_params.is_some() || op.operating_dt != f32::datum_type() {
+        return None;
+    }
+    let expr = op.axes.to_string();
+    let (ins, out) = expr.split_once("->")?;
+    let (a, b) = ins.split_once(',')?;
+    let [a, b, out] = [a, b, out].map(|s| s.chars().collect::<Vec<_>>());
+    (a.len() == 4 && b.len() == 4 && out.len() == 4).then_some([a, b, out])
+}
+
+/// Torch's attention as tract reads it: scaled queries `[N, heads, S_q, d]` times keys
+/// transposed `[N, heads, d, S_k]` into scores `[N, heads, S_q, S_k]`, plus the key mask
+/// broadcast from `[N, 1, 1, S_k]`, softmax, times values `[N, heads, S_k, d]` into any
+/// order of `(N, heads, S_q, d)`. The operands move into the kernel's layout and its output
+/// into the einsum's (copies of `N·S·D` floats each, beside the `S²` work they replace).
+fn head_major(
+    simd: Simd,
+    model: &TypedModel,
+    softmax: &TypedNode,
+    add: &TypedNode,
+    weighted: &TypedNode,
+) -> TractResult<Option<TypedModelPatch>> {
+    let (a, b) = (
+        model.node(add.inputs[0].node),
+        model.node(add.inputs[1].node),
+    );
+    // Scores: abmk,abkn->abmn (a rows, b heads, m queries, n keys, k features).
+    let scores_form = |n: &TypedNode| {
+        einsum_letters(n).is_some_and(|[x, y, o]| {
+            let distinct = [x[0], x[1], x[2], x[3], y[3]];
+            distinct
+                .iter()
+                .enumerate()
+                .all(|(i, c)| !distinct[..i].contains(c))
+                && y[..3] == [x[0], x[1], x[3]]
+                && o == [x[0], x[1], x[2], y[3]]
+        })
+    };
+    let found = if scores_form(a) {
+        Some((a, add.inputs[1]))
+    } else if scores_form(b) {
+        Some((b, add.inputs[0]))
+    } else {
+        None
+    };
+    rule_if_some!((scores, mask) = found);
+    rule_if!(scores.outputs[0].successors.len() == 1);
+    // Weighted sum: abmk,abkn->(a permutation of abmn), the softmax first.
+    rule_if_some!([x, y, out] = einsum_letters(weighted));
+    let distinct = [x[0], x[1], x[2], x[3], y[3]];
+    rule_if!(distinct
+        .iter()
+        .enumerate()
+        .all(|(i, c)| !distinct[..i].contains(c)));
+    rule_if!(y[..3] == [x[0], x[1], x[3]]);
+    let (rows, heads, queries, features) = (x[0], x[1], x[2], y[3]);
+    rule_if!(
+        out.len() == 4
+            && [rows, heads, queries, features]
+                .iter()
+                .all(|c| out.contains(c))
+    );
+
+    let (q, kt, v) = (scores.inputs[0], scores.inputs[1], weighted.inputs[1]);
+    let [qf, kf, vf] = [q, kt, v].map(|o| model.outlet_fact(o));
+    let (qf, kf, vf) = (qf?, kf?, vf?);
+    rule_if!([qf, kf, vf]
+        .iter()
+        .all(|f| f.datum_type == f32::datum_type() && f.rank() == 4));
+    let (n, h, d) = (&qf.shape[0], &qf.shape[1], &qf.shape[3]);
+    let sk = &kf.shape[3];
+    rule_if!(kf.shape[..3] == [n.clone(), h.clone(), d.clone()]);
+    rule_if!(vf.shape.as_ref() == [n.clone(), h.clone(), sk.clone(), d.clone()]);
+    rule_if!(d.as_i64().is_some() && h.as_i64().is_some());
+    // The mask: one row of S_k per row, the same for every head and query.
+    let (mut mask, mut mf) = (mask, model.outlet_fact(mask)?);
+    if let Some(node) = model
+        .node(mask.node)
+        .op_as::<MultiBroadcastTo>()
+        .map(|_| model.node(mask.node))
+    {
+        mask = node.inputs[0];
+        mf = model.outlet_fact(mask)?;
+    }
+    rule_if!(mf.datum_type == f32::datum_type() && mf.rank() == 4);
+    rule_if!(mf.shape[0] == *n && mf.shape[1].is_one() && mf.shape[2].is_one());
+    rule_if!(mf.shape[3] == *sk);
+
+    let name = &softmax.name;
+    let mut patch = TypedModelPatch::new(format!("fuse head-major attention at {name}"));
+    let [q, kt, v, mask] = patch.taps(model, &[q, kt, v, mask])?[..] else {
+        unreachable!("four taps")
+    };
+    let mut wire = |suffix: &str, op: AxisOp, input: OutletId| {
+        patch
+            .wire_node(format!("{name}.{suffix}"), op, &[input])
+            .map(|o| o[0])
+    };
+    // [N, H, S, d] → [N, S, H, d]; keys [N, H, d, S] → [N, S, H, d]; mask → [1, 1, N, S].
+    let q = wire("queries", AxisOp::Move(1, 2), q)?;
+    let k = wire("keys", AxisOp::Move(3, 1), kt)?;
+    let v = wire("values", AxisOp::Move(1, 2), v)?;
+    let mask = wire("mask.rm1", AxisOp::Rm(1), mask)?;
+    let mask = wire("mask.rm2", AxisOp::Rm(1), mask)?;
+    let mask = wire("mask.add1", AxisOp::Add(0), mask)?;
+    let mask = wire("mask.add2", AxisOp::Add(0), mask)?;
+    let mut result = patch.wire_node(
+        format!("{name}.fused_attention"),
+        FusedAttention { simd },
+        &[q, k, v, mask],
+    )?[0];
+    // The kernel's (rows, queries, heads, features) into the einsum's order, one axis at a
+    // time (a move takes an axis out and puts it back at another position).
+    let mut order = vec![rows, queries, heads, features];
+    for (to, want) in out.iter().enumerate() {
+        let from = order
+            .iter()
+            .position(|c| c == want)
+            .context("output axis")?;
+        if from != to {
+            result = patch.wire_node(
+                format!("{name}.output.{to}"),
+                AxisOp::Move(from, to),
+                &[result],
+            )?[0];
+            let c = order.remove(from);
+            order.insert(to, c);
+        }
+    }
+    ensure!(
+        patch.outlet_fact(result)?.shape == model.outlet_fact(weighted.id.into())?.shape,
+        "head-major attention at {name}: output shape"
+    );
+    patch.shunt_outside(model, weighted.id.into(), result)?;
+    Ok(Some(patch))
+}
 #[cfg(test)]
 mod tests {
     use super::*;

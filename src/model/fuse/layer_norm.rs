@@ -13,7 +13,7 @@ use tract_core::internal::*;
 use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::math::{Add, Mul, Sub};
-use tract_core::ops::nn::RmsNorm;
+use tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 use tract_core::{rule_if, rule_if_some};
 
 use crate::simd::Simd;
@@ -90,6 +90,32 @@ impl TypedOp for FusedLayerNorm {
         ensure!(inputs.iter().all(|i| i.datum_type == f32::datum_type()));
         ensure!(inputs.iter().all(|i| i.shape == inputs[0].shape));
         Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    // Rows are independent: a slice of the output over any axis but the normalised one is
+    // the op on the same slice of its inputs (tract's declutter pushes such slices up, e.g.
+    // the `<cls>` row of a graph that computes every token's last layer).
+    fn axes_mapping(
+        &self,
+        inputs: &[&TypedFact],
+        outputs: &[&TypedFact],
+    ) -> TractResult<AxesMapping> {
+        AxesMapping::natural(inputs, outputs)
+    }
+
+    fn slice(
+        &self,
+        patch: &mut TypedModelPatch,
+        _model: &TypedModel,
+        node: &TypedNode,
+        prefix: &str,
+        inputs: &[OutletId],
+        output_axis: usize,
+        _start: &TDim,
+        _end: &TDim,
+    ) -> TractResult<Option<TVec<OutletId>>> {
+        rule_if!(output_axis + 1 < node.outputs[0].fact.rank());
+        patch.wire_node(prefix, self.clone(), inputs).map(Some)
     }
 }
 
@@ -268,19 +294,7 @@ pub(super) fn rule(
     rule_if!(sub.inputs.len() == 2);
     let (x, mean) = (sub.inputs[0], model.node(sub.inputs[1].node));
     rule_if!(mean.outputs[0].successors.len() == 1);
-    rule_if!(mean.op_as::<EinSum>().is_some_and(|e| e.q_params.is_none()));
-    rule_if!(mean.inputs.len() == 2 && mean.inputs[0] == x);
-    rule_if_some!(column = model.outlet_fact(mean.inputs[1])?.konst.clone());
-    rule_if!(column.datum_type() == f32::datum_type() && column.len() == d);
-    let column = column.try_as_plain_ram()?;
-    rule_if!(column
-        .as_slice::<f32>()?
-        .iter()
-        .all(|&c| c == 1.0 / d as f32));
-    // The einsum must reduce x's last axis into a unit one: [.., d] → [.., 1].
-    let (xf, mf) = (model.outlet_fact(x)?, model.outlet_fact(mean.id.into())?);
-    rule_if!(mf.rank() == xf.rank() && mf.shape[mf.rank() - 1].is_one());
-    rule_if!(mf.shape[..mf.rank() - 1] == xf.shape[..xf.rank() - 1]);
+    rule_if_some!(() = is_mean_of_last_axis(model, mean, x, d)?);
     // Scale, then bias.
     rule_if_some!(mul = model.single_succ(norm.id)?);
     rule_if!(mul.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Mul>()));
@@ -306,6 +320,43 @@ pub(super) fn rule(
     let out = patch.wire_node(format!("{}.fused_layer_norm", norm.name), op, &taps)?;
     patch.shunt_outside(model, add.id.into(), out[0])?;
     Ok(Some(patch))
+}
+
+/// Whether `mean` is the mean of `x`'s last axis (`d` long) into a unit axis, as either form
+/// spells it: an einsum by a constant 1/d column (the fast export), or tract's expansion of
+/// ONNX `LayerNormalization`, a sum then a product by 1/d (a plain torch export).
+fn is_mean_of_last_axis(
+    model: &TypedModel,
+    mean: &TypedNode,
+    x: OutletId,
+    d: usize,
+) -> TractResult<Option<()>> {
+    let (xf, mf) = (model.outlet_fact(x)?, model.outlet_fact(mean.id.into())?);
+    rule_if!(mf.rank() == xf.rank() && mf.shape[mf.rank() - 1].is_one());
+    rule_if!(mf.shape[..mf.rank() - 1] == xf.shape[..xf.rank() - 1]);
+    let is_reciprocal = |t: &Tensor| -> TractResult<bool> {
+        Ok(t.datum_type() == f32::datum_type()
+            && t.len() >= 1
+            && t.try_as_plain_ram()?
+                .as_slice::<f32>()?
+                .iter()
+                .all(|&c| c == 1.0 / d as f32))
+    };
+    if mean.op_as::<EinSum>().is_some_and(|e| e.q_params.is_none()) {
+        rule_if!(mean.inputs.len() == 2 && mean.inputs[0] == x);
+        rule_if_some!(column = model.outlet_fact(mean.inputs[1])?.konst.clone());
+        return Ok((column.len() == d && is_reciprocal(&column)?).then_some(()));
+    }
+    rule_if!(mean.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Mul>()));
+    rule_if_some!((scale, sum) = const_and_other(model, mean));
+    rule_if!(scale.len() == 1 && is_reciprocal(&scale)?);
+    let sum_node = model.node(sum.node);
+    rule_if!(sum_node.outputs[0].successors.len() == 1 && sum_node.inputs == [x]);
+    let last = xf.rank() - 1;
+    Ok(sum_node
+        .op_as::<Reduce>()
+        .is_some_and(|r| r.reducer == Reducer::Sum && r.axes.as_slice() == [last])
+        .then_some(()))
 }
 
 /// The two terms of `x` where `x` is an add of two same-shape, non-constant tensors used by

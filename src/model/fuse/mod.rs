@@ -27,9 +27,12 @@ use std::collections::HashMap;
 
 use tract_core::internal::*;
 use tract_core::model::Rewriter;
+use tract_core::ops::array::{Gather, Slice};
+use tract_core::ops::change_axes::AxisOp;
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::nn::{RmsNorm, Softmax};
 use tract_core::transform::ModelTransform;
+use tract_core::{rule_if, rule_if_some};
 
 use crate::simd::Simd;
 
@@ -133,6 +136,10 @@ impl ModelTransform for FuseGraph {
         // Drop the projections the one-query attention made dead (keys and values of every
         // token in the last layer), and their weights with them.
         model.compact()?;
+        // After the one-query rule, which reads the fast export's row gather as it is.
+        Rewriter::default()
+            .with_rule_for("slice-output-row", output_row_as_slice)
+            .rewrite(&(), model)?;
         let count = |model: &TypedModel, is: fn(&TypedNode) -> bool| {
             rctensor0(model.nodes().iter().filter(|n| is(n)).count() as i64)
         };
@@ -148,6 +155,43 @@ impl ModelTransform for FuseGraph {
             .insert(FUSED_LAYER_NORM_PROPERTY.into(), norms);
         Ok(())
     }
+}
+
+/// An output that is one row of a tensor (`x[:, 0]`, the `<cls>` row of a graph that
+/// computes every token's last layer, as a plain torch export does) as a slice of that row
+/// and the axis dropped: the same values, in the form tract's declutter pushes up through
+/// the ops before it (ours included), so that the last layer is computed for that row alone.
+fn output_row_as_slice(
+    _: &(),
+    model: &TypedModel,
+    node: &TypedNode,
+    name: &str,
+    op: &Gather,
+) -> TractResult<Option<TypedModelPatch>> {
+    rule_if!(model.outputs.contains(&node.id.into()) && node.inputs.len() == 2);
+    let (data, indices) = (
+        model.outlet_fact(node.inputs[0])?,
+        model.outlet_fact(node.inputs[1])?,
+    );
+    rule_if!(data.datum_type == f32::datum_type() && data.konst.is_none());
+    rule_if_some!(index = indices.konst.as_ref());
+    rule_if!(index.rank() == 0 && op.output_type.is_none());
+    // A row counted from the end only where the length is known (`S` is a symbol here).
+    let i = index.cast_to_scalar::<i64>()?;
+    let i = if i < 0 {
+        rule_if_some!(len = data.shape[op.axis].as_i64());
+        i + len
+    } else {
+        i
+    };
+    rule_if!(i >= 0);
+    let mut patch = TypedModelPatch::new(format!("output row as a slice at {name}"));
+    let wire = patch.tap_model(model, node.inputs[0])?;
+    let slice = Slice::new(op.axis, i as usize, i as usize + 1);
+    let wire = patch.wire_node(format!("{name}.slice"), slice, &[wire])?;
+    let wire = patch.wire_node(format!("{name}.rm"), AxisOp::Rm(op.axis), &wire)?;
+    patch.shunt_outside(model, node.id.into(), wire[0])?;
+    Ok(Some(patch))
 }
 
 register_simple_model_transform!(
@@ -284,3 +328,97 @@ impl ModelTransform for FoldTokenTables {
 }
 
 register_simple_model_transform!("cellstream_token_tables", FoldTokenTables);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokenize::rng::CellRng;
+
+    /// A graph that computes every token's attention and norm, then outputs row 0 (a plain
+    /// torch export's last layer): after the rewrite and tract's declutter the attention runs
+    /// for one query and the norm for one row, and the output is unchanged.
+    #[test]
+    fn an_output_row_is_computed_alone() -> TractResult<()> {
+        let (n, s, heads, dh) = (2, 5, 2, 8);
+        let mut model = TypedModel::default();
+        let qkv = ["q", "k", "v"].map(|name| {
+            model
+                .add_source(name, f32::fact([n, s, heads, dh]))
+                .unwrap()
+        });
+        let mask = model.add_source("mask", f32::fact([1, 1, n, s]))?;
+        let simd = Simd::Portable;
+        let att = model.wire_node(
+            "attention",
+            FusedAttention { simd },
+            &[qkv[0], qkv[1], qkv[2], mask],
+        )?;
+        let d = heads * dh;
+        let merged = model.wire_node(
+            "merge",
+            AxisOp::Reshape(2, tvec![heads.into(), dh.into()], tvec![d.into()]),
+            &att,
+        )?;
+        let norm = FusedLayerNorm {
+            eps: rctensor0(1e-5f32),
+            gamma: rctensor1(&(0..d).map(|i| 0.5 + i as f32 / 16.0).collect::<Vec<_>>()),
+            beta: rctensor1(&(0..d).map(|i| i as f32 / 32.0 - 0.2).collect::<Vec<_>>()),
+            simd,
+        };
+        let normed = model.wire_node("norm", norm, &merged)?;
+        let index = model.add_const("index", tensor0(0i64))?;
+        let row = model.wire_node(
+            "row",
+            Gather {
+                axis: 1,
+                output_type: None,
+            },
+            &[normed[0], index],
+        )?;
+        model.select_output_outlets(&row)?;
+
+        let mut rewritten = model.clone();
+        FuseGraph { simd }.transform(&mut rewritten)?;
+        rewritten.declutter()?;
+        let shape_of = |is: fn(&TypedNode) -> bool| {
+            let node = rewritten.nodes().iter().find(|n| is(n)).unwrap();
+            node.outputs[0].fact.shape.to_tvec()
+        };
+        let one = |x: usize| TDim::from(x);
+        assert_eq!(
+            shape_of(|n| n.op_is::<FusedAttention>()),
+            tvec![one(n), one(1), one(heads), one(dh)]
+        );
+        assert_eq!(
+            shape_of(|n| n.op_is::<FusedLayerNorm>()),
+            tvec![one(n), one(1), one(d)]
+        );
+
+        let mut rng = CellRng::for_cell(3, "output row");
+        let mut random = |len: usize| -> Vec<f32> {
+            (0..len)
+                .map(|_| rng.next_f64() as f32 * 2.0 - 1.0)
+                .collect()
+        };
+        let mut inputs: TVec<TValue> = (0..3)
+            .map(|_| {
+                tensor1(&random(n * s * heads * dh))
+                    .into_shape(&[n, s, heads, dh])
+                    .unwrap()
+                    .into_tvalue()
+            })
+            .collect();
+        // The second row's last two keys are padding.
+        let mut m = vec![0f32; n * s];
+        m[2 * s - 2..].fill(f32::NEG_INFINITY);
+        inputs.push(tensor1(&m).into_shape(&[1, 1, n, s])?.into_tvalue());
+        let run = |model: TypedModel| -> TractResult<Tensor> {
+            let plan = SimplePlan::new(model.into_optimized()?)?;
+            Ok(plan.run(inputs.clone())?.remove(0).into_tensor())
+        };
+        let (want, got) = (run(model)?, run(rewritten)?);
+        assert_eq!(want.shape(), &[n, d]);
+        want.close_enough(&got, Approximation::Close)?;
+        Ok(())
+    }
+}
