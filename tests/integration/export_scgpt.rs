@@ -1,8 +1,9 @@
 //! Packages made by tools/export-scgpt from randomly initialised scGPT 0.2.4 models run in
 //! cellstream and agree with torch and onnxruntime (each fixture's `reference.jsonl`, written
-//! by the converter's self-test): the opset-18 torch form (`scgpt-random`), and the fast form
-//! at head widths 64 (post-norm, fine-tuned: logits and labels) and 128 (pre-norm), on
-//! sequences up to 1,200 tokens, padded rows included, for every kernel tier this CPU runs.
+//! by the converter's self-test): the opset-18 torch form (`scgpt-random`, post-norm; and
+//! `scgpt-h16-prenorm-torch`, head width 16, pre-norm), and the fast form at head widths 64
+//! (post-norm, fine-tuned: logits and labels) and 128 (pre-norm), on sequences up to 1,200
+//! tokens, padded rows included, for every kernel tier this CPU runs; every form fused.
 
 use crate::common;
 use cellstream::model::{ModelInput, ModelPackage, ModelRuntime, Options, Worker};
@@ -117,10 +118,10 @@ fn converted_scgpt_model_agrees_with_torch_and_onnxruntime() {
     }
 }
 
-/// A fast-form fixture of 2 layers: its `labels`, every attention layer and LayerNorm fused
+/// A fixture of 2 layers: its `labels`, every attention layer and LayerNorm fused
 /// (2 encoder norms + 2 per layer, and a classifier head's, `norms` in all), token tables
 /// folded, and agreement on every form.
-fn check_fast_form(name: &str, labels: Option<usize>, norms: usize) {
+fn check_fused(name: &str, labels: Option<usize>, norms: usize) {
     let dir = common::fixture(name);
     let pkg = ModelPackage::load(&dir).unwrap();
     assert_eq!(pkg.labels.as_ref().map(Vec::len), labels);
@@ -137,11 +138,19 @@ fn check_fast_form(name: &str, labels: Option<usize>, norms: usize) {
 /// LayerNorms, ONNX `LayerNormalization` in the export): the logits agree too.
 #[test]
 fn head_width_64_fine_tuned_agrees_up_to_1200_tokens() {
-    check_fast_form("scgpt-h64", Some(5), 8);
+    check_fused("scgpt-h64", Some(5), 8);
 }
 
 /// Head width 128, scGPT's pre-norm layers.
 #[test]
 fn head_width_128_pre_norm_agrees_up_to_1200_tokens() {
-    check_fast_form("scgpt-h128-prenorm", None, 6);
+    check_fused("scgpt-h128-prenorm", None, 6);
+}
+
+/// Head width 16, scGPT's pre-norm layers in the torch form (`TorchFlashMHA` as torch.onnx
+/// writes it: 5-axis q/k/v, the scale after the scores, padding keys filled by `Where`): both
+/// attention layers and every LayerNorm fused, and agreement on every form.
+#[test]
+fn head_width_16_pre_norm_torch_form_agrees_up_to_1200_tokens() {
+    check_fused("scgpt-h16-prenorm-torch", None, 6);
 }

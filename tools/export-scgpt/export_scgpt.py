@@ -1042,6 +1042,10 @@ PRESETS = {
     "scgpt-h128-prenorm": {"n_genes": 1250, "embsize": 256, "nheads": 2, "d_hid": 128, "nlayers": 2, "seed": 0,
                            "form": "fast", "pre_norm": True, "n_cls": 1, "attn_names": "Wqkv",
                            "weights": "best_model.pt", "lengths": REF_LENGTHS},
+    # head width 16: pre-norm in the torch form (TorchFlashMHA as torch.onnx writes it), pretrained
+    "scgpt-h16-prenorm-torch": {"n_genes": 1250, "embsize": 64, "nheads": 4, "d_hid": 64, "nlayers": 2, "seed": 1,
+                                "form": "torch", "pre_norm": True, "n_cls": 1, "attn_names": "Wqkv",
+                                "weights": "best_model.pt", "lengths": REF_LENGTHS},
 }
 
 

@@ -12,7 +12,9 @@ use tract_core::ops::array::MultiBroadcastTo;
 use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::change_axes::AxisOp;
 use tract_core::ops::einsum::EinSum;
-use tract_core::ops::math::Add;
+use tract_core::ops::konst::Const;
+use tract_core::ops::logic::Iff;
+use tract_core::ops::math::{Add, Mul};
 use tract_core::ops::nn::{Softmax, SoftmaxKind};
 use tract_core::{rule_if, rule_if_some};
 
@@ -178,12 +180,16 @@ pub(super) fn rule(
 ) -> TractResult<Option<TypedModelPatch>> {
     rule_if!(op.kind == SoftmaxKind::Softmax && op.quant_output_dt.is_none());
     rule_if!(op.axes.as_slice() == [3]);
-    rule_if_some!(add = model.single_prec(softmax.id)?);
-    rule_if!(add.outputs[0].successors.len() == 1);
-    rule_if!(add.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>()));
-    rule_if!(add.inputs.len() == 2);
+    rule_if_some!(before = model.single_prec(softmax.id)?);
+    rule_if!(before.outputs[0].successors.len() == 1);
     rule_if_some!(weighted = model.single_succ(softmax.id)?);
     rule_if!(weighted.inputs.len() == 2 && weighted.inputs[0] == softmax.id.into());
+    if before.op_is::<Iff>() {
+        return masked_fill(simd, model, softmax, before, weighted);
+    }
+    let add = before;
+    rule_if!(add.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>()));
+    rule_if!(add.inputs.len() == 2);
     if let Some(patch) = token_major(simd, model, softmax, add, weighted)? {
         return Ok(Some(patch));
     }
@@ -248,19 +254,6 @@ fn token_major(
     Ok(Some(patch))
 }
 
-/// The three operands and the output of a 4-axis einsum, as letters: `abmk,abkn->mabn`.
-fn einsum_letters(node: &TypedNode) -> Option<[Vec<char>; 3]> {
-    let op = node.op_as::<EinSum>()?;
-    if op.q_params.is_some() || op.operating_dt != f32::datum_type() {
-        return None;
-    }
-    let expr = op.axes.to_string();
-    let (ins, out) = expr.split_once("->")?;
-    let (a, b) = ins.split_once(',')?;
-    let [a, b, out] = [a, b, out].map(|s| s.chars().collect::<Vec<_>>());
-    (a.len() == 4 && b.len() == 4 && out.len() == 4).then_some([a, b, out])
-}
-
 /// Torch's attention as tract reads it: scaled queries `[N, heads, S_q, d]` times keys
 /// transposed `[N, heads, d, S_k]` into scores `[N, heads, S_q, S_k]`, plus the key mask
 /// broadcast from `[N, 1, 1, S_k]`, softmax, times values `[N, heads, S_k, d]` into any
@@ -279,7 +272,7 @@ fn head_major(
     );
     // Scores: abmk,abkn->abmn (a rows, b heads, m queries, n keys, k features).
     let scores_form = |n: &TypedNode| {
-        einsum_letters(n).is_some_and(|[x, y, o]| {
+        einsum_letters(n, [4, 4, 4]).is_some_and(|[x, y, o]| {
             let distinct = [x[0], x[1], x[2], x[3], y[3]];
             distinct
                 .iter()
@@ -299,7 +292,7 @@ fn head_major(
     rule_if_some!((scores, mask) = found);
     rule_if!(scores.outputs[0].successors.len() == 1);
     // Weighted sum: abmk,abkn->(a permutation of abmn), the softmax first.
-    rule_if_some!([x, y, out] = einsum_letters(weighted));
+    rule_if_some!([x, y, out] = einsum_letters(weighted, [4, 4, 4]));
     let distinct = [x[0], x[1], x[2], x[3], y[3]];
     rule_if!(distinct
         .iter()
@@ -362,30 +355,171 @@ fn head_major(
         FusedAttention { simd },
         &[q, k, v, mask],
     )?[0];
-    // The kernel's (rows, queries, heads, features) into the einsum's order, one axis at a
-    // time (a move takes an axis out and puts it back at another position).
-    let mut order = vec![rows, queries, heads, features];
-    for (to, want) in out.iter().enumerate() {
-        let from = order
-            .iter()
-            .position(|c| c == want)
-            .context("output axis")?;
-        if from != to {
-            result = patch.wire_node(
-                format!("{name}.output.{to}"),
-                AxisOp::Move(from, to),
-                &[result],
-            )?[0];
-            let c = order.remove(from);
-            order.insert(to, c);
-        }
-    }
+    let order = [rows, queries, heads, features];
+    result = into_order(&mut patch, name, result, order, &out)?;
     ensure!(
         patch.outlet_fact(result)?.shape == model.outlet_fact(weighted.id.into())?.shape,
         "head-major attention at {name}: output shape"
     );
     patch.shunt_outside(model, weighted.id.into(), result)?;
     Ok(Some(patch))
+}
+
+/// The kernel's output, its axes named by `order` (rows, queries, heads, features), moved
+/// into the order `out` names, one axis at a time (a move takes an axis out and puts it back
+/// at another position).
+fn into_order(
+    patch: &mut TypedModelPatch,
+    name: &str,
+    mut wire: OutletId,
+    order: [char; 4],
+    out: &[char],
+) -> TractResult<OutletId> {
+    let mut order = order.to_vec();
+    for (to, want) in out.iter().enumerate() {
+        let from = order
+            .iter()
+            .position(|c| c == want)
+            .context("output axis")?;
+        if from != to {
+            wire = patch.wire_node(
+                format!("{name}.output.{to}"),
+                AxisOp::Move(from, to),
+                &[wire],
+            )?[0];
+            let c = order.remove(from);
+            order.insert(to, c);
+        }
+    }
+    Ok(wire)
+}
+
+/// scGPT's pre-norm layers (`TorchFlashMHA`) as torch.onnx writes them: queries, keys and
+/// values `[N, S, 1, heads, d]` (slices of one `[N, S, 3, heads, d]` projection), scores
+/// `bqahd,bkchd->bhqk`, times a scalar scale, the padding keys filled with −∞ by `Where`
+/// (a boolean `[N, 1, 1, S_k]`), softmax, then `bhqk,bkahd->` any order of `(b, q, h, d)`.
+/// The scale moves onto the queries and the fill becomes the kernel's additive mask.
+fn masked_fill(
+    simd: Simd,
+    model: &TypedModel,
+    softmax: &TypedNode,
+    fill: &TypedNode,
+    weighted: &TypedNode,
+) -> TractResult<Option<TypedModelPatch>> {
+    let [cond, filler, x] = fill.inputs[..] else {
+        return Ok(None);
+    };
+    rule_if_some!(filler = model.outlet_fact(filler)?.konst.clone());
+    rule_if!(filler.datum_type() == f32::datum_type());
+    rule_if!(filler
+        .try_as_plain_ram()?
+        .as_slice::<f32>()?
+        .iter()
+        .all(|&v| v == f32::NEG_INFINITY));
+    // An optional scalar scale between the scores and the fill.
+    let mut scores = model.node(x.node);
+    let mut scale = None;
+    if scores
+        .op_as::<TypedBinOp>()
+        .is_some_and(|b| b.0.is::<Mul>())
+    {
+        rule_if!(scores.outputs[0].successors.len() == 1);
+        let [a, b] = scores.inputs[..] else {
+            return Ok(None);
+        };
+        let konst = |o: OutletId| model.outlet_fact(o).ok().and_then(|f| f.konst.clone());
+        let found = konst(b)
+            .map(|k| (k, a))
+            .or_else(|| konst(a).map(|k| (k, b)));
+        rule_if_some!((k, other) = found);
+        rule_if!(k.datum_type() == f32::datum_type() && k.len() == 1);
+        scale = Some(k.cast_to_scalar::<f32>()?);
+        scores = model.node(other.node);
+    }
+    rule_if!(scores.outputs[0].successors.len() == 1);
+    // Scores: bqahd,bkchd->bhqk, `a` and `c` unit axes.
+    rule_if_some!([xs, ys, os] = einsum_letters(scores, [5, 5, 4]));
+    rule_if!(xs[0] == ys[0] && xs[3] == ys[3] && xs[4] == ys[4] && xs[1] != ys[1]);
+    rule_if!(os == [xs[0], xs[3], xs[1], ys[1]]);
+    rule_if!(![xs[2], ys[2], xs[4]].iter().any(|c| os.contains(c)));
+    // Weighted sum: bhqk,bkahd-> (b, q, h, d) in any order.
+    rule_if_some!([ws, vs, out] = einsum_letters(weighted, [4, 5, 4]));
+    let (rows, heads, queries, keys) = (ws[0], ws[1], ws[2], ws[3]);
+    rule_if!(vs[0] == rows && vs[1] == keys && vs[3] == heads);
+    let features = vs[4];
+    rule_if!(![vs[2], features].iter().any(|c| ws.contains(c)));
+    rule_if!([rows, queries, heads, features]
+        .iter()
+        .all(|c| out.contains(c)));
+
+    let (q, k, v) = (scores.inputs[0], scores.inputs[1], weighted.inputs[1]);
+    let [qf, kf, vf] = [q, k, v].map(|o| model.outlet_fact(o));
+    let (qf, kf, vf) = (qf?, kf?, vf?);
+    rule_if!([qf, kf, vf]
+        .iter()
+        .all(|f| f.datum_type == f32::datum_type() && f.rank() == 5 && f.shape[2].is_one()));
+    rule_if!(kf.shape == vf.shape && qf.shape[0] == kf.shape[0]);
+    rule_if!(qf.shape[3..] == kf.shape[3..]);
+    rule_if!(qf.shape[4].as_i64().is_some() && qf.shape[3].as_i64().is_some());
+    let cf = model.outlet_fact(cond)?;
+    rule_if!(cf.datum_type == bool::datum_type() && cf.rank() == 4);
+    rule_if!(cf.shape[0] == kf.shape[0] && cf.shape[1].is_one() && cf.shape[2].is_one());
+    rule_if!(cf.shape[3] == kf.shape[1]);
+
+    let name = &softmax.name;
+    let mut patch = TypedModelPatch::new(format!("fuse masked-fill attention at {name}"));
+    let [q, k, v, cond] = patch.taps(model, &[q, k, v, cond])?[..] else {
+        unreachable!("four taps")
+    };
+    let unit = |x: f32| -> TractResult<Const> {
+        Const::new(tensor0(x).into_shape(&[1, 1, 1, 1])?.into_arc_tensor())
+    };
+    let mut wire = |suffix: &str, op: Box<dyn TypedOp>, inputs: &[OutletId]| {
+        patch
+            .wire_node(format!("{name}.{suffix}"), op, inputs)
+            .map(|o| o[0])
+    };
+    // [N, S, 1, H, d] → [N, S, H, d]; the scale on the queries.
+    let mut q = wire("queries", Box::new(AxisOp::Rm(2)), &[q])?;
+    if let Some(scale) = scale {
+        let c = wire("scale", Box::new(unit(scale)?), &[])?;
+        let mul = TypedBinOp(Box::new(Mul), None);
+        q = wire("queries.scaled", Box::new(mul), &[q, c])?;
+    }
+    let k = wire("keys", Box::new(AxisOp::Rm(2)), &[k])?;
+    let v = wire("values", Box::new(AxisOp::Rm(2)), &[v])?;
+    // The boolean [N, 1, 1, S] as the additive [1, 1, N, S].
+    let mut cond = wire("mask.rm1", Box::new(AxisOp::Rm(1)), &[cond])?;
+    cond = wire("mask.rm2", Box::new(AxisOp::Rm(1)), &[cond])?;
+    cond = wire("mask.add1", Box::new(AxisOp::Add(0)), &[cond])?;
+    cond = wire("mask.add2", Box::new(AxisOp::Add(0)), &[cond])?;
+    let minus_inf = wire("mask.minus_inf", Box::new(unit(f32::NEG_INFINITY)?), &[])?;
+    let zero = wire("mask.zero", Box::new(unit(0.0)?), &[])?;
+    let mask = wire("mask", Box::new(Iff), &[cond, minus_inf, zero])?;
+    let attention = Box::new(FusedAttention { simd });
+    let result = wire("fused_attention", attention, &[q, k, v, mask])?;
+    let order = [rows, queries, heads, features];
+    let result = into_order(&mut patch, name, result, order, &out)?;
+    ensure!(
+        patch.outlet_fact(result)?.shape == model.outlet_fact(weighted.id.into())?.shape,
+        "masked-fill attention at {name}: output shape"
+    );
+    patch.shunt_outside(model, weighted.id.into(), result)?;
+    Ok(Some(patch))
+}
+
+/// The operands and output of an f32 einsum of two inputs as letters, if they have `ranks`
+/// axes.
+fn einsum_letters(node: &TypedNode, ranks: [usize; 3]) -> Option<[Vec<char>; 3]> {
+    let op = node.op_as::<EinSum>()?;
+    if op.q_params.is_some() || op.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return None;
+    }
+    let expr = op.axes.to_string();
+    let (ins, out) = expr.split_once("->")?;
+    let (a, b) = ins.split_once(',')?;
+    let letters = [a, b, out].map(|s| s.chars().collect::<Vec<_>>());
+    (letters.iter().map(Vec::len).eq(ranks)).then_some(letters)
 }
 #[cfg(test)]
 mod tests {
