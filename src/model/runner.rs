@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context};
 use tract::prelude::*;
 
 use super::fuse::{
-    Fusion, TokenTables, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY,
+    Fusion, TokenTables, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY, ROWS_AS_SLICES,
     TOKEN_TABLES_PROPERTY, TOKEN_TABLE_BYTES_PROPERTY, TOKEN_TABLE_REPLACED_PROPERTY,
 };
 use super::kernel_choice::KernelChoice;
@@ -261,6 +261,7 @@ fn load(bytes: &[u8], [ids, vals]: [usize; 2], options: Options) -> anyhow::Resu
     if let Some(fold) = options.tables.transform() {
         model.transform(fold)?;
     }
+    model.transform(ROWS_AS_SLICES)?;
     let count = |name: &str| model.property(name).map_or(Ok(0), count_of);
     let fused = Fused {
         attention_layers: count(FUSED_ATTENTION_PROPERTY)?,

@@ -136,10 +136,6 @@ impl ModelTransform for FuseGraph {
         // Drop the projections the one-query attention made dead (keys and values of every
         // token in the last layer), and their weights with them.
         model.compact()?;
-        // After the one-query rule, which reads the fast export's row gather as it is.
-        Rewriter::default()
-            .with_rule_for("slice-output-row", output_row_as_slice)
-            .rewrite(&(), model)?;
         let count = |model: &TypedModel, is: fn(&TypedNode) -> bool| {
             rctensor0(model.nodes().iter().filter(|n| is(n)).count() as i64)
         };
@@ -157,18 +153,42 @@ impl ModelTransform for FuseGraph {
     }
 }
 
-/// An output that is one row of a tensor (`x[:, 0]`, the `<cls>` row of a graph that
-/// computes every token's last layer, as a plain torch export does) as a slice of that row
-/// and the axis dropped: the same values, in the form tract's declutter pushes up through
-/// the ops before it (ours included), so that the last layer is computed for that row alone.
-fn output_row_as_slice(
+/// Every row picked out of a computed tensor (a `Gather` of one constant index) as a slice of
+/// that row and the axis dropped: the same values, in the form tract's declutter pushes up
+/// through the ops before it (ours included). At an output (`x[:, 0]`: a plain torch export
+/// computes every token's last layer, then keeps `<cls>`) the last layer is then computed for
+/// that row alone; inside the graph (torch's q, k and v picked out of a `[3, S, N, D]` copy of
+/// the projection) each is sliced from the projection itself, and neither the moved copy nor
+/// the picked ones are made. Runs after the token tables, which read the fast export's q/k/v
+/// gathers as they are (so does the one-query rule, in [`FuseGraph`]).
+#[derive(Debug, Clone)]
+pub struct RowsAsSlices;
+
+impl ModelTransform for RowsAsSlices {
+    fn name(&self) -> StaticName {
+        ROWS_AS_SLICES.into()
+    }
+
+    fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
+        Rewriter::default()
+            .with_rule_for("row-as-slice", row_as_slice)
+            .rewrite(&(), model)
+    }
+}
+
+/// The name [`RowsAsSlices`] is registered under.
+pub const ROWS_AS_SLICES: &str = "cellstream_rows_as_slices";
+
+register_simple_model_transform!("cellstream_rows_as_slices", RowsAsSlices);
+
+fn row_as_slice(
     _: &(),
     model: &TypedModel,
     node: &TypedNode,
     name: &str,
     op: &Gather,
 ) -> TractResult<Option<TypedModelPatch>> {
-    rule_if!(model.outputs.contains(&node.id.into()) && node.inputs.len() == 2);
+    rule_if!(node.inputs.len() == 2);
     let (data, indices) = (
         model.outlet_fact(node.inputs[0])?,
         model.outlet_fact(node.inputs[1])?,
@@ -185,7 +205,7 @@ fn output_row_as_slice(
         i
     };
     rule_if!(i >= 0);
-    let mut patch = TypedModelPatch::new(format!("output row as a slice at {name}"));
+    let mut patch = TypedModelPatch::new(format!("row as a slice at {name}"));
     let wire = patch.tap_model(model, node.inputs[0])?;
     let slice = Slice::new(op.axis, i as usize, i as usize + 1);
     let wire = patch.wire_node(format!("{name}.slice"), slice, &[wire])?;
@@ -379,6 +399,7 @@ mod tests {
 
         let mut rewritten = model.clone();
         FuseGraph { simd }.transform(&mut rewritten)?;
+        RowsAsSlices.transform(&mut rewritten)?;
         rewritten.declutter()?;
         let shape_of = |is: fn(&TypedNode) -> bool| {
             let node = rewritten.nodes().iter().find(|n| is(n)).unwrap();
