@@ -19,6 +19,7 @@ use tract_core::ops::nn::{Softmax, SoftmaxKind};
 use tract_core::{rule_if, rule_if_some};
 
 use super::attention_kernel::{self as kernel, Dims};
+use super::const_and_other;
 use crate::simd::Simd;
 
 /// Scores, mask, softmax and weighted sum of one attention layer, all heads.
@@ -319,15 +320,13 @@ fn head_major(
     rule_if!(vf.shape.as_ref() == [n.clone(), h.clone(), sk.clone(), d.clone()]);
     rule_if!(d.as_i64().is_some() && h.as_i64().is_some());
     // The mask: one row of S_k per row, the same for every head and query.
-    let (mut mask, mut mf) = (mask, model.outlet_fact(mask)?);
-    if let Some(node) = model
-        .node(mask.node)
-        .op_as::<MultiBroadcastTo>()
-        .map(|_| model.node(mask.node))
-    {
-        mask = node.inputs[0];
-        mf = model.outlet_fact(mask)?;
-    }
+    let broadcast = model.node(mask.node);
+    let mask = if broadcast.op_is::<MultiBroadcastTo>() {
+        broadcast.inputs[0]
+    } else {
+        mask
+    };
+    let mf = model.outlet_fact(mask)?;
     rule_if!(mf.datum_type == f32::datum_type() && mf.rank() == 4);
     rule_if!(mf.shape[0] == *n && mf.shape[1].is_one() && mf.shape[2].is_one());
     rule_if!(mf.shape[3] == *sk);
@@ -424,14 +423,7 @@ fn masked_fill(
         .is_some_and(|b| b.0.is::<Mul>())
     {
         rule_if!(scores.outputs[0].successors.len() == 1);
-        let [a, b] = scores.inputs[..] else {
-            return Ok(None);
-        };
-        let konst = |o: OutletId| model.outlet_fact(o).ok().and_then(|f| f.konst.clone());
-        let found = konst(b)
-            .map(|k| (k, a))
-            .or_else(|| konst(a).map(|k| (k, b)));
-        rule_if_some!((k, other) = found);
+        rule_if_some!((k, other) = const_and_other(model, scores));
         rule_if!(k.datum_type() == f32::datum_type() && k.len() == 1);
         scale = Some(k.cast_to_scalar::<f32>()?);
         scores = model.node(other.node);

@@ -16,6 +16,7 @@ use tract_core::ops::math::{Add, Mul, Sub};
 use tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 use tract_core::{rule_if, rule_if_some};
 
+use super::const_and_other;
 use crate::simd::Simd;
 
 /// `(x - mean(x)) / sqrt(var(x) + eps) * gamma + beta` over the last axis, where `x` is the
@@ -253,17 +254,6 @@ fn rows(x: &mut [f32], other: Option<&[f32]>, gamma: &[f32], beta: &[f32], eps: 
             *v = (*v - mean) * inv * g + b;
         }
     }
-}
-
-/// A constant input of `node`, with the outlet of its other input.
-fn const_and_other(model: &TypedModel, node: &TypedNode) -> Option<(Arc<Tensor>, OutletId)> {
-    let [a, b] = node.inputs[..] else {
-        return None;
-    };
-    let konst = |o: OutletId| model.outlet_fact(o).ok()?.konst.clone();
-    konst(b)
-        .map(|k| (k, a))
-        .or_else(|| konst(a).map(|k| (k, b)))
 }
 
 /// A constant f32 tensor holding `d` values (any leading unit axes), flattened.

@@ -236,6 +236,20 @@ pub(crate) fn keeps_token_axes(e: &EinSum, inputs: usize, input: usize) -> bool 
         })
 }
 
+/// A constant input of `node`, with the outlet of its other input.
+pub(crate) fn const_and_other(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> Option<(Arc<Tensor>, OutletId)> {
+    let [a, b] = node.inputs[..] else {
+        return None;
+    };
+    let konst = |o: OutletId| model.outlet_fact(o).ok()?.konst.clone();
+    konst(b)
+        .map(|k| (k, a))
+        .or_else(|| konst(a).map(|k| (k, b)))
+}
+
 /// A model computing `outputs` from `sources` (outlets of `model`, each made an input of the
 /// new model with its fact), holding only the nodes in between.
 pub(crate) fn extract(
