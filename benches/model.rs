@@ -12,7 +12,8 @@
 //! token budget (default: the pipeline's). For a large model: `CELLSTREAM_BENCH_BUCKETS=256,512`
 //! (these lengths instead of every bucket), `CELLSTREAM_BENCH_CELLS=N` (cells per bucket,
 //! default 64), `CELLSTREAM_BENCH_REPEAT=R` (timed runs, default 5) and
-//! `CELLSTREAM_BENCH_SKIP=unfused,embed` (rows left out).
+//! `CELLSTREAM_BENCH_SKIP=unfused,embed` (rows left out). `CELLSTREAM_PRECISION=int8` (or `f32`)
+//! runs the products by constant weights in that precision, whatever the package says.
 
 use std::hint::black_box;
 use std::io::Write;
@@ -81,13 +82,15 @@ fn main() {
     let pkg = ModelPackage::load(&model_dir).unwrap();
     let rt = ModelRuntime::new(&pkg).unwrap();
     println!(
-        "fusion {} ({} attention layers, {} LayerNorms fused, {} token tables), kernels {} (matmuls {})",
+        "fusion {} ({} attention layers, {} LayerNorms fused, {} token tables), kernels {} (matmuls {}), precision {} ({} int8 products)",
         rt.options.fusion.name(),
         rt.fused.attention_layers,
         rt.fused.layer_norms,
         rt.fused.token_tables,
         rt.options.simd.name(),
-        rt.options.kernels.name()
+        rt.options.kernels.name(),
+        rt.precision.name(),
+        rt.fused.int8_products
     );
     // The same graph on tract's own ops and kernel choice alone at the same tier, one
     // thread: what the fused ops and the kernel choice add.

@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use cellstream::batch::CountBatch;
+use cellstream::model::fuse::Precision;
 use cellstream::model::{ModelPackage, ModelRuntime};
 use cellstream::reference::Reference;
 use cellstream::tokenize::Vocab;
@@ -122,6 +123,9 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         "token_table_bytes": rt.fused.token_table_bytes,
         "token_table_replaced_bytes": rt.fused.token_table_replaced_bytes,
         "kernels": rt.options.kernels.name(),
+        "precision": rt.precision.name(),
+        "int8_products": rt.fused.int8_products,
+        "int8_weight_bytes": rt.fused.int8_weight_bytes,
     });
     if json {
         println!("{v}");
@@ -169,6 +173,14 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             rt.options.simd.name(),
             rt.options.kernels.name()
         );
+        match rt.precision {
+            Precision::F32 => println!("precision:    f32"),
+            Precision::Int8 => println!(
+                "precision:    int8 ({} products by constant weights, {:.1} MB packed)",
+                rt.fused.int8_products,
+                rt.fused.int8_weight_bytes as f64 / 1e6
+            ),
+        }
     }
     Ok(())
 }

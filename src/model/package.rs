@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::fuse::Precision;
 use crate::tokenize::{TieMode, Vocab, VocabError};
 
 /// What the runtime needs to know about a model, as `manifest.toml` states it.
@@ -38,6 +39,10 @@ pub struct Manifest {
     /// [`crate::tokenize::TieMode`].
     #[serde(default)]
     pub ties: Option<String>,
+    /// The arithmetic of the products by constant weights: `f32` (the default) or `int8`
+    /// (opt-in: faster on AVX2, within the agreement BENCHMARKS.md reports; `fuse/int8.rs`).
+    #[serde(default)]
+    pub precision: Option<String>,
     pub onnx_sha256: String,
     pub inputs: InputNames,
     pub outputs: OutputNames,
@@ -116,6 +121,15 @@ impl ModelPackage {
         {
             return Err(bad(format!(
                 "ties {t:?} is not a tie mode (seeded, numpy, expected)"
+            )));
+        }
+        if let Some(p) = manifest
+            .precision
+            .as_deref()
+            .filter(|p| Precision::parse(p).is_none())
+        {
+            return Err(bad(format!(
+                "precision {p:?} is not one of \"f32\", \"int8\""
             )));
         }
         if manifest
@@ -210,6 +224,15 @@ impl ModelPackage {
     /// The logits' temperature: the manifest's, else 1.
     pub fn temperature(&self) -> f32 {
         self.manifest.temperature.unwrap_or(1.0)
+    }
+
+    /// The products' arithmetic the manifest asks for (validated when the package loads).
+    pub fn precision(&self) -> Precision {
+        self.manifest
+            .precision
+            .as_deref()
+            .and_then(Precision::parse)
+            .unwrap_or(Precision::F32)
     }
 
     /// The tie mode the model was trained with, if the manifest names one (validated when the

@@ -15,8 +15,9 @@ use anyhow::{anyhow, bail, Context};
 use tract::prelude::*;
 
 use super::fuse::{
-    Fusion, TokenTables, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY, ROWS_AS_SLICES,
-    TOKEN_TABLES_PROPERTY, TOKEN_TABLE_BYTES_PROPERTY, TOKEN_TABLE_REPLACED_PROPERTY,
+    Fusion, Precision, TokenTables, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY,
+    INT8_BYTES_PROPERTY, INT8_PRODUCTS_PROPERTY, ROWS_AS_SLICES, TOKEN_TABLES_PROPERTY,
+    TOKEN_TABLE_BYTES_PROPERTY, TOKEN_TABLE_REPLACED_PROPERTY,
 };
 use super::kernel_choice::KernelChoice;
 use super::package::{ModelError, ModelPackage};
@@ -51,6 +52,8 @@ pub struct Options {
     pub simd: Simd,
     /// How tract's matmul kernels are chosen within that tier.
     pub kernels: KernelChoice,
+    /// The products' arithmetic; `None`: as the package's manifest says (f32 by default).
+    pub precision: Option<Precision>,
 }
 
 impl Options {
@@ -61,6 +64,7 @@ impl Options {
             tables: TokenTables::Folded,
             simd: Simd::detect(),
             kernels: KernelChoice::best(),
+            precision: None,
         }
     }
 
@@ -72,6 +76,7 @@ impl Options {
             tables: TokenTables::Computed,
             simd,
             kernels: KernelChoice::Tract,
+            precision: Some(Precision::F32),
         }
     }
 
@@ -82,6 +87,7 @@ impl Options {
             tables: TokenTables::from_env()?,
             simd: Simd::from_env()?,
             kernels: KernelChoice::from_env()?,
+            precision: Precision::from_env()?,
         })
     }
 }
@@ -105,6 +111,8 @@ pub struct ModelRuntime {
     pub n_classes: usize,
     /// How the graph runs, and how many fused ops of each kind it holds.
     pub options: Options,
+    /// The products' arithmetic, as the package or the knob chose it.
+    pub precision: Precision,
     pub fused: Fused,
     /// Optimized plans by (rows, length).
     plans: Mutex<HashMap<(usize, usize), Runnable>>,
@@ -151,7 +159,12 @@ impl ModelRuntime {
             .as_deref()
             .map(|l| find(&outputs, l, "output"))
             .transpose()?;
-        let (model, fused) = load(&pkg.onnx, input_pos, options)
+        // Int8 products are a rewrite among the fused ones; the unfused graph stays as it is.
+        let precision = match options.fusion {
+            Fusion::Tract => Precision::F32,
+            Fusion::Fused => options.precision.unwrap_or(pkg.precision()),
+        };
+        let (model, fused) = load(&pkg.onnx, input_pos, options, precision)
             .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?;
         let rt = Arc::new(ModelRuntime {
             model: Mutex::new(Some(model)),
@@ -166,6 +179,7 @@ impl ModelRuntime {
             embedding_dim: m.embedding_dim,
             n_classes: pkg.labels.as_ref().map_or(0, Vec::len),
             options,
+            precision,
             fused,
             plans: Mutex::new(HashMap::new()),
         });
@@ -243,10 +257,18 @@ pub struct Fused {
     pub token_tables: usize,
     pub token_table_bytes: usize,
     pub token_table_replaced_bytes: usize,
+    /// Products by constant weights made int8 (`fuse/int8.rs`), and their packed weights.
+    pub int8_products: usize,
+    pub int8_weight_bytes: usize,
 }
 
 /// The parsed, decluttered graph with symbolic rows and length, fused and folded as asked.
-fn load(bytes: &[u8], [ids, vals]: [usize; 2], options: Options) -> anyhow::Result<(Model, Fused)> {
+fn load(
+    bytes: &[u8],
+    [ids, vals]: [usize; 2],
+    options: Options,
+    precision: Precision,
+) -> anyhow::Result<(Model, Fused)> {
     // Exported graphs carry value_info shapes traced at one length; ignore them so that
     // the batch and sequence dimensions are the symbols each plan sets.
     let mut model =
@@ -262,6 +284,9 @@ fn load(bytes: &[u8], [ids, vals]: [usize; 2], options: Options) -> anyhow::Resu
         model.transform(fold)?;
     }
     model.transform(ROWS_AS_SLICES)?;
+    if let Some(int8) = precision.transform(options.simd) {
+        model.transform(int8)?;
+    }
     let count = |name: &str| model.property(name).map_or(Ok(0), count_of);
     let fused = Fused {
         attention_layers: count(FUSED_ATTENTION_PROPERTY)?,
@@ -269,6 +294,8 @@ fn load(bytes: &[u8], [ids, vals]: [usize; 2], options: Options) -> anyhow::Resu
         token_tables: count(TOKEN_TABLES_PROPERTY)?,
         token_table_bytes: count(TOKEN_TABLE_BYTES_PROPERTY)?,
         token_table_replaced_bytes: count(TOKEN_TABLE_REPLACED_PROPERTY)?,
+        int8_products: count(INT8_PRODUCTS_PROPERTY)?,
+        int8_weight_bytes: count(INT8_BYTES_PROPERTY)?,
     };
     Ok((model, fused))
 }

@@ -20,6 +20,8 @@
 mod attention;
 mod attention_kernel;
 mod cls_attention;
+mod int8;
+mod int8_kernel;
 mod layer_norm;
 mod token_tables;
 
@@ -39,6 +41,8 @@ use crate::simd::Simd;
 pub use attention::FusedAttention;
 pub use attention_kernel::Dims;
 pub use cls_attention::ClsAttention;
+pub use int8::{Int8Linear, Precision, INT8_BYTES_PROPERTY, INT8_PRODUCTS_PROPERTY};
+pub use int8_kernel::QuantWeights;
 pub use layer_norm::FusedLayerNorm;
 pub use token_tables::{
     FoldSummary, TokenTable, MAX_EXTRA_TABLE_BYTES, TOKEN_TABLES_PROPERTY,

@@ -1,0 +1,312 @@
+//! int8 precision, opt-in per package (`precision = "int8"` in `manifest.toml`): every product
+//! of a computed f32 tensor by constant weights (projections, feed-forward, the out
+//! projection) as one [`Int8Linear`], with the bias add that follows it where there is one.
+//! Attention's own products and the one-query last layer stay f32. The recipe, its agreement
+//! with f32 and its speed are in BENCHMARKS.md ("Precision as a lever"); the arithmetic is
+//! `int8_kernel.rs`.
+
+use tract_core::internal::*;
+use tract_core::model::Rewriter;
+use tract_core::ops::binary::TypedBinOp;
+use tract_core::ops::einsum::EinSum;
+use tract_core::ops::math::Add;
+use tract_core::transform::ModelTransform;
+use tract_core::{rule_if, rule_if_some};
+
+use super::const_and_other;
+use super::int8_kernel::QuantWeights;
+use crate::simd::Simd;
+
+/// The model property where the transform records how many products it made int8.
+pub const INT8_PRODUCTS_PROPERTY: &str = "cellstream.int8_products";
+/// ... and the bytes of their packed weights.
+pub const INT8_BYTES_PROPERTY: &str = "cellstream.int8_weight_bytes";
+
+/// The arithmetic of the products by constant weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// As the graph says.
+    F32,
+    /// [`Int8Linear`]: weights 7-bit per column, activations 8-bit per row.
+    Int8,
+}
+
+impl Precision {
+    pub const ALL: [Precision; 2] = [Precision::F32, Precision::Int8];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Int8 => "int8",
+        }
+    }
+
+    /// The manifest's `precision` value.
+    pub fn parse(s: &str) -> Option<Precision> {
+        Precision::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    /// What `CELLSTREAM_PRECISION` names (`f32`, `int8`), overriding the package's choice: a
+    /// knob for comparisons, not a setting. `None` where unset.
+    pub fn from_env() -> Result<Option<Precision>, String> {
+        const VAR: &str = "CELLSTREAM_PRECISION";
+        match std::env::var(VAR) {
+            Err(_) => Ok(None),
+            Ok(v) => Precision::parse(&v)
+                .map(Some)
+                .ok_or_else(|| format!("{VAR}={v:?}: one of \"f32\", \"int8\"")),
+        }
+    }
+
+    /// The tract transform that makes the products int8 on `simd`'s kernel, if any.
+    pub fn transform(self, simd: Simd) -> Option<&'static str> {
+        match (self, simd) {
+            (Precision::F32, _) => None,
+            (Precision::Int8, Simd::Portable) => Some("cellstream_int8_portable"),
+            (Precision::Int8, Simd::Avx2) => Some("cellstream_int8_avx2"),
+            (Precision::Int8, Simd::Avx512) => Some("cellstream_int8_avx512"),
+        }
+    }
+}
+
+/// `x · W (+ b)`, contracting `x`'s last `k_axes` axes (together `K` long) with the constant
+/// `W`, `[K, N]`, in int8: the output is `x`'s other axes, then `N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Int8Linear {
+    pub weights: Arc<QuantWeights>,
+    /// f32 `[N]`.
+    pub bias: Option<Arc<Tensor>>,
+    pub k_axes: usize,
+    pub simd: Simd,
+}
+
+impl Op for Int8Linear {
+    fn name(&self) -> StaticName {
+        "CellstreamInt8Linear".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for Int8Linear {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let shape = x.shape();
+        ensure!(shape.len() >= self.k_axes, "input {shape:?}");
+        let kept = &shape[..shape.len() - self.k_axes];
+        let k: usize = shape[kept.len()..].iter().product();
+        ensure!(
+            k == self.weights.k(),
+            "input {shape:?}, weights of {}",
+            self.weights.k()
+        );
+        let mut out_shape: TVec<usize> = kept.into();
+        out_shape.push(self.weights.n());
+        let mut out = Tensor::zero::<f32>(&out_shape)?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.try_as_plain_ram()?),
+            None => None,
+        };
+        let bias = bias.as_ref().map(|b| b.as_slice::<f32>()).transpose()?;
+        self.weights.product(
+            self.simd,
+            x.try_as_plain_ram()?.as_slice::<f32>()?,
+            bias,
+            out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+        );
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for Int8Linear {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+        let rank = inputs[0].rank();
+        ensure!(rank >= self.k_axes);
+        let mut shape: TVec<TDim> = inputs[0]
+            .shape
+            .iter()
+            .take(rank - self.k_axes)
+            .cloned()
+            .collect();
+        shape.push(self.weights.n().into());
+        Ok(tvec!(f32::fact(shape)))
+    }
+
+    // Rows are independent: a slice of the output over a kept axis is the op on the same
+    // slice of its input (so tract's declutter can push a `<cls>` row slice up through it).
+    fn axes_mapping(
+        &self,
+        inputs: &[&TypedFact],
+        outputs: &[&TypedFact],
+    ) -> TractResult<AxesMapping> {
+        let mut mapping = AxesMapping::disconnected(inputs, outputs)?;
+        for axis in 0..inputs[0].rank() - self.k_axes {
+            let repr = mapping.axis((InOut::In(0), axis))?.repr;
+            mapping = mapping.linking(repr, (InOut::Out(0), axis))?;
+        }
+        Ok(mapping)
+    }
+
+    fn slice(
+        &self,
+        patch: &mut TypedModelPatch,
+        _model: &TypedModel,
+        node: &TypedNode,
+        prefix: &str,
+        inputs: &[OutletId],
+        output_axis: usize,
+        _start: &TDim,
+        _end: &TDim,
+    ) -> TractResult<Option<TVec<OutletId>>> {
+        rule_if!(output_axis + 1 < node.outputs[0].fact.rank());
+        patch.wire_node(prefix, self.clone(), inputs).map(Some)
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let rows: TDim = inputs[0]
+            .shape
+            .iter()
+            .take(inputs[0].rank() - self.k_axes)
+            .product();
+        let macs = rows * (self.weights.k() * self.weights.n());
+        Ok(tvec!((Cost::FMA(i32::datum_type()), macs)))
+    }
+}
+
+/// The transform: every product [`rule`] recognises, then the count and bytes as properties.
+#[derive(Debug, Clone)]
+pub struct Int8Products {
+    pub simd: Simd,
+}
+
+impl ModelTransform for Int8Products {
+    fn name(&self) -> StaticName {
+        Precision::Int8
+            .transform(self.simd)
+            .unwrap_or_default()
+            .into()
+    }
+
+    fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
+        let simd = self.simd;
+        Rewriter::default()
+            .with_rule_for(
+                "int8-product",
+                move |_: &(), m: &TypedModel, n: &TypedNode, name: &str, op: &EinSum| {
+                    rule(simd, m, n, name, op)
+                },
+            )
+            .rewrite(&(), model)?;
+        // The f32 weights the products no longer read.
+        model.compact()?;
+        let ops: Vec<&Int8Linear> = model
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<Int8Linear>())
+            .collect();
+        let bytes: usize = ops.iter().map(|op| op.weights.bytes()).sum();
+        let count = ops.len();
+        model
+            .properties
+            .insert(INT8_PRODUCTS_PROPERTY.into(), rctensor0(count as i64));
+        model
+            .properties
+            .insert(INT8_BYTES_PROPERTY.into(), rctensor0(bytes as i64));
+        Ok(())
+    }
+}
+
+register_simple_model_transform!(
+    "cellstream_int8_portable",
+    Int8Products {
+        simd: Simd::Portable
+    }
+);
+register_simple_model_transform!("cellstream_int8_avx2", Int8Products { simd: Simd::Avx2 });
+register_simple_model_transform!(
+    "cellstream_int8_avx512",
+    Int8Products { simd: Simd::Avx512 }
+);
+
+/// An f32 einsum of a computed `x` by a constant `W` shaped `[k₁ … k_c, N]` whose output is
+/// `x`'s leading axes then `N`, the `k`s being `x`'s trailing axes in order: a product by
+/// `W` as a `[K, N]` matrix. With the bias add after it, where that add is its one reader
+/// and adds a constant `[…, 1, N]`.
+fn rule(
+    simd: Simd,
+    model: &TypedModel,
+    node: &TypedNode,
+    name: &str,
+    op: &EinSum,
+) -> TractResult<Option<TypedModelPatch>> {
+    rule_if!(op.q_params.is_none() && op.operating_dt == f32::datum_type());
+    rule_if!(node.inputs.len() == 2);
+    rule_if_some!((w, x) = const_and_other(model, node));
+    rule_if!(w.datum_type() == f32::datum_type() && w.rank() >= 2);
+    let wi = node.inputs.iter().position(|&i| i != x).unwrap_or(1);
+    let xi = 1 - wi;
+    let x_fact = model.outlet_fact(x)?;
+    rule_if!(x_fact.datum_type == f32::datum_type() && x_fact.konst.is_none());
+    let (rx, rw) = (x_fact.rank(), w.rank());
+    let c = rw - 1;
+    rule_if!(rx > c);
+    let ro = rx - c + 1;
+    let axis = |io: InOut, pos: usize| op.axes.axis((io, pos));
+    // W's k axes: x's trailing axes, in order, gone from the output.
+    for j in 0..c {
+        rule_if_some!(a = axis(InOut::In(wi), j).ok());
+        rule_if!(a.inputs[xi].as_slice() == [rx - c + j] && a.outputs[0].is_empty());
+    }
+    // W's last axis: the output's last.
+    rule_if_some!(a = axis(InOut::In(wi), c).ok());
+    rule_if!(a.inputs[xi].is_empty() && a.outputs[0].as_slice() == [ro - 1]);
+    // x's leading axes: the output's, in order, not in W.
+    for j in 0..rx - c {
+        rule_if_some!(a = axis(InOut::In(xi), j).ok());
+        rule_if!(a.inputs[wi].is_empty() && a.outputs[0].as_slice() == [j]);
+    }
+    rule_if!(model.outlet_fact(node.id.into())?.rank() == ro);
+    let n = w.shape()[c];
+    let k = w.len() / n.max(1);
+    rule_if!(k > 0 && n > 0);
+    let weights = QuantWeights::pack(w.try_as_plain_ram()?.as_slice::<f32>()?, k, n);
+
+    // The bias add, where the product's one reader adds a constant row of N.
+    let mut end = node.id;
+    let mut bias = None;
+    if let Some(add) = model.single_succ(node.id)? {
+        if add.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>())
+            && model.outlet_successors(node.id.into()).len() == 1
+        {
+            if let Some((b, other)) = const_and_other(model, add) {
+                let out_shape = &model.outlet_fact(add.id.into())?.shape;
+                if other == OutletId::from(node.id)
+                    && b.datum_type() == f32::datum_type()
+                    && b.len() == n
+                    && b.shape().last() == Some(&n)
+                    && *out_shape == model.outlet_fact(node.id.into())?.shape
+                {
+                    bias = Some(Tensor::clone(&b).into_shape(&[n])?.into_arc_tensor());
+                    end = add.id;
+                }
+            }
+        }
+    }
+
+    let mut patch = TypedModelPatch::new(format!("int8 product at {name}"));
+    let tap = patch.tap_model(model, x)?;
+    let linear = Int8Linear {
+        weights: Arc::new(weights),
+        bias,
+        k_axes: c,
+        simd,
+    };
+    let wire = patch.wire_node(format!("{name}.int8"), linear, &[tap])?;
+    patch.shunt_outside(model, end.into(), wire[0])?;
+    Ok(Some(patch))
+}
