@@ -51,6 +51,10 @@ CELLSTREAM_MODEL="$pkg" CELLSTREAM_BENCH_BUCKETS=256,512,1024 CELLSTREAM_BENCH_C
     CELLSTREAM_BENCH_REPEAT=3 CELLSTREAM_BENCH_SKIP=unfused,embed cargo bench --bench model |
     tee "$log/rust-forward.txt"
 "$py" bench-data/ort_forward_peer.py --model "$pkg/model.onnx" | tee "$log/ort-forward.txt"
+# The opt-in int8 products (`precision = "int8"`), on the same tensors.
+CELLSTREAM_PRECISION=int8 CELLSTREAM_MODEL="$pkg" CELLSTREAM_BENCH_BUCKETS=256,512,1024 \
+    CELLSTREAM_BENCH_CELLS=8 CELLSTREAM_BENCH_REPEAT=3 CELLSTREAM_BENCH_SKIP=unfused,embed \
+    cargo bench --bench model | tee "$log/rust-forward-int8.txt"
 : > "$log/sgemm.txt"
 for s in 256 512 1024; do
     t1=$(grep "^RESULT forward/tract/S$s/t1 " "$log/rust-forward.txt" | field cells_per_s)
@@ -77,6 +81,8 @@ for s in 256 512 1024; do
         a=$(grep "^RESULT forward/tract/S$s/t$t " "$log/rust-forward.txt" | field median_s)
         b=$(grep "^PEER forward/ort/S$s/t$t " "$log/ort-forward.txt" | field median_s)
         echo "| forward S=$s, $t thread(s), seconds per 8 cells (vs onnxruntime, same tensors) | $a | $b | $(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.2fx", b / a}') |"
+        a=$(grep "^RESULT forward/tract/S$s/t$t " "$log/rust-forward-int8.txt" | field median_s)
+        echo "| forward S=$s, $t thread(s), int8 products (opt-in), seconds per 8 cells (vs onnxruntime f32) | $a | $b | $(awk -v a="$a" -v b="$b" 'BEGIN {printf "%.2fx", b / a}') |"
     done
     g=$(grep "^S$s ACHIEVED" "$log/sgemm.txt" | field gflops); pk=$(grep "^S$s PEAK" "$log/sgemm.txt" | field gflops)
     pc=$(grep "^S$s ACHIEVED" "$log/sgemm.txt" | field percent_of_peak)

@@ -154,3 +154,59 @@ fn head_width_128_pre_norm_agrees_up_to_1200_tokens() {
 fn head_width_16_pre_norm_torch_form_agrees_up_to_1200_tokens() {
     check_fused("scgpt-h16-prenorm-torch", None, 6);
 }
+
+/// The opt-in int8 products on every converted fixture (both export forms, head widths 16 to
+/// 128, pre- and post-norm), every kernel tier this CPU runs: each reference sequence's
+/// embedding within cosine 0.999 of onnxruntime's f32, padded together up to 1,200 tokens,
+/// and the fine-tuned fixture's labels unchanged.
+#[test]
+fn int8_products_stay_within_cosine_0_999_on_every_converted_fixture() {
+    use cellstream::model::fuse::Precision;
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot: f64 = a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
+        dot / (norm(a) * norm(b))
+    };
+    let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
+    for name in [
+        "scgpt-random",
+        "scgpt-h16-prenorm-torch",
+        "scgpt-h64",
+        "scgpt-h128-prenorm",
+    ] {
+        let dir = common::fixture(name);
+        let pkg = ModelPackage::load(&dir).unwrap();
+        let refs = references(&dir);
+        for simd in Simd::available() {
+            let options = Options {
+                simd,
+                precision: Some(Precision::Int8),
+                ..Options::best()
+            };
+            let rt = ModelRuntime::with(&pkg, options).unwrap();
+            assert!(rt.fused.int8_products > 0, "{name}: {:?}", rt.fused);
+            let (d, k) = (rt.embedding_dim, rt.n_classes);
+            let longest = refs.iter().map(|r| r.gene_ids.len()).max().unwrap();
+            let mut batch = ModelInput::new(refs.len(), longest);
+            for (row, r) in refs.iter().enumerate() {
+                batch.set_row(row, &r.gene_ids, &r.values, rt.pad_id, rt.pad_value);
+            }
+            let out = Worker::new(rt.clone()).run(&batch).unwrap();
+            let mut lowest = 1f64;
+            for (row, r) in refs.iter().enumerate() {
+                let e = &out.embedding[row * d..(row + 1) * d];
+                lowest = lowest.min(cosine(e, &r.embedding_ort));
+                if let Some(want) = &r.logits_ort {
+                    let got = &out.logits.as_ref().unwrap()[row * k..(row + 1) * k];
+                    assert_eq!(argmax(got), argmax(want), "{name}/{}: label", simd.name());
+                }
+            }
+            eprintln!(
+                "{name} int8/{}: {} products, lowest cosine {lowest:.6}",
+                simd.name(),
+                rt.fused.int8_products
+            );
+            assert!(lowest >= 0.999, "{name}/{}: cosine {lowest}", simd.name());
+        }
+    }
+}

@@ -799,7 +799,7 @@ def toml_str(s):
 
 
 def write_manifest(path, name, d, n_bins, max_len, pad_token, cls_token, pad_value, onnx_sha, comments=(),
-                   logits=False):
+                   logits=False, precision="f32"):
     path.write_text(
         "".join(f"# {c}\n" for c in comments) +
         f"name = {toml_str(name)}\n"
@@ -812,7 +812,9 @@ def write_manifest(path, name, d, n_bins, max_len, pad_token, cls_token, pad_val
         f"cls_token = {toml_str(cls_token)}\n"
         f"pad_value = {float(pad_value)!r}\n"
         f"normalize_embedding = true\n"
-        f'onnx_sha256 = "{onnx_sha}"\n'
+        + (f'precision = "{precision}"   # opt-in: cellstream runs the products by weights in int8\n'
+           if precision != "f32" else "")
+        + f'onnx_sha256 = "{onnx_sha}"\n'
         f"[inputs]\n"
         f'gene_ids = "gene_ids"\n'
         f'values = "values"\n'
@@ -839,7 +841,8 @@ NORM_TEXT = {
 
 
 def convert(ckpt_dir, out_dir, name=None, allow_missing=False, command=None, self_test_note=None,
-            ckpt_display=None, form="fast", labels=None, embedding_only=False, norm_scheme=None):
+            ckpt_display=None, form="fast", labels=None, embedding_only=False, norm_scheme=None,
+            precision="f32"):
     if form not in FORMS:
         raise ExportError(f"--form {form!r}: one of {FORMS}")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
@@ -911,7 +914,7 @@ def convert(ckpt_dir, out_dir, name=None, allow_missing=False, command=None, sel
         comments.append(f"logits = cls_decoder(<cls> embedding), {cls['n_cls']} classes in labels.txt order. No "
                         "confidence_threshold: none is principled without held-out data (see README.md)")
     write_manifest(out_dir / "manifest.toml", name, d, n_bins, max_len, pad_token, cls_token, pad_value, onnx_sha,
-                   comments=comments, logits=bool(cls))
+                   comments=comments, logits=bool(cls), precision=precision)
     write_readme(out_dir / "README.md", name, ckpt_display or ckpt_dir, ckpt_info, args, appended, report, worst,
                  scgpt_info, onnx_sha, command, self_test_note, form=form, opset=opset, plan=plan, long_s=long_s)
     log(f"package written to {out_dir}")
@@ -1212,6 +1215,9 @@ def main():
                     help="override args.json pre_norm (only needed where the checkpoint is ambiguous; see README)")
     ap.add_argument("--allow-missing", action="store_true",
                     help="export even if the checkpoint lacks weights _encode uses (they stay random)")
+    ap.add_argument("--precision", choices=("f32", "int8"), default="f32",
+                    help="write precision = \"int8\" into the manifest: cellstream then runs the products by "
+                         "constant weights in 8-bit integers (opt-in, faster on AVX2; see cellstream's README)")
     ap.add_argument("--self-test", metavar="OUTDIR",
                     help="convert a small randomly initialised model and write OUTDIR/reference.jsonl")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="scgpt-random",
@@ -1233,7 +1239,7 @@ def main():
             command = "python tools/export-scgpt/export_scgpt.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
             convert(a.checkpoint, a.out, name=a.name, allow_missing=a.allow_missing, command=command,
                     form=a.form or "fast", labels=a.labels, embedding_only=a.embedding_only,
-                    norm_scheme=a.norm_scheme)
+                    norm_scheme=a.norm_scheme, precision=a.precision)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -8,6 +8,7 @@
 use tract_core::internal::*;
 use tract_core::model::Rewriter;
 use tract_core::ops::binary::TypedBinOp;
+use tract_core::ops::change_axes::AxisOp;
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::math::Add;
 use tract_core::transform::ModelTransform;
@@ -233,10 +234,11 @@ register_simple_model_transform!(
     Int8Products { simd: Simd::Avx512 }
 );
 
-/// An f32 einsum of a computed `x` by a constant `W` shaped `[k₁ … k_c, N]` whose output is
-/// `x`'s leading axes then `N`, the `k`s being `x`'s trailing axes in order: a product by
-/// `W` as a `[K, N]` matrix. With the bias add after it, where that add is its one reader
-/// and adds a constant `[…, 1, N]`.
+/// An f32 einsum of a computed `x` by a constant `W` that contracts `x`'s trailing axes with
+/// all of `W`'s axes but one, `N`, in the same order, and whose output is `x`'s other axes (in
+/// any order) then `N`: a product by `W` as a `[K, N]` matrix, `x`'s axes moved after it where
+/// the einsum orders them otherwise (torch's sequence-first projections). With the bias add
+/// after it, where that add is its one reader and adds a constant `[…, 1, N]`.
 fn rule(
     simd: Simd,
     model: &TypedModel,
@@ -255,26 +257,37 @@ fn rule(
     let (rx, rw) = (x_fact.rank(), w.rank());
     let c = rw - 1;
     rule_if!(rx > c);
-    let ro = rx - c + 1;
-    let axis = |io: InOut, pos: usize| op.axes.axis((io, pos));
-    // W's k axes: x's trailing axes, in order, gone from the output.
-    for j in 0..c {
-        rule_if_some!(a = axis(InOut::In(wi), j).ok());
-        rule_if!(a.inputs[xi].as_slice() == [rx - c + j] && a.outputs[0].is_empty());
-    }
-    // W's last axis: the output's last.
-    rule_if_some!(a = axis(InOut::In(wi), c).ok());
-    rule_if!(a.inputs[xi].is_empty() && a.outputs[0].as_slice() == [ro - 1]);
-    // x's leading axes: the output's, in order, not in W.
-    for j in 0..rx - c {
-        rule_if_some!(a = axis(InOut::In(xi), j).ok());
-        rule_if!(a.inputs[wi].is_empty() && a.outputs[0].as_slice() == [j]);
-    }
+    let kept = rx - c;
+    let ro = kept + 1;
     rule_if!(model.outlet_fact(node.id.into())?.rank() == ro);
-    let n = w.shape()[c];
+    let axis = |io: InOut, pos: usize| op.axes.axis((io, pos)).ok();
+    // W's axes: one in the output's last place and not in x (N); the others x's trailing
+    // axes in W's order, not in the output.
+    let mut n_axis = None;
+    let mut k_axes = Vec::with_capacity(c);
+    for j in 0..rw {
+        rule_if_some!(a = axis(InOut::In(wi), j));
+        match (a.inputs[xi].as_slice(), a.outputs[0].as_slice()) {
+            ([], [o]) if *o == ro - 1 && n_axis.is_none() => n_axis = Some(j),
+            ([p], []) if *p == kept + k_axes.len() => k_axes.push(j),
+            _ => return Ok(None),
+        }
+    }
+    rule_if_some!(n_axis = n_axis);
+    // x's other axes: each in the output once, not in W.
+    let mut places = Vec::with_capacity(kept);
+    for j in 0..kept {
+        rule_if_some!(a = axis(InOut::In(xi), j));
+        rule_if!(a.inputs[wi].is_empty() && a.outputs[0].len() == 1);
+        places.push(a.outputs[0][0]);
+    }
+    rule_if!((0..kept).all(|p| places.contains(&p)));
+    let n = w.shape()[n_axis];
     let k = w.len() / n.max(1);
     rule_if!(k > 0 && n > 0);
-    let weights = QuantWeights::pack(w.try_as_plain_ram()?.as_slice::<f32>()?, k, n);
+    let order: Vec<usize> = k_axes.iter().copied().chain([n_axis]).collect();
+    let matrix = Tensor::clone(&w).permute_axes(&order)?;
+    let weights = QuantWeights::pack(matrix.try_as_plain_ram()?.as_slice::<f32>()?, k, n);
 
     // The bias add, where the product's one reader adds a constant row of N.
     let mut end = node.id;
@@ -306,7 +319,17 @@ fn rule(
         k_axes: c,
         simd,
     };
-    let wire = patch.wire_node(format!("{name}.int8"), linear, &[tap])?;
+    let mut wire = patch.wire_node(format!("{name}.int8"), linear, &[tap])?;
+    // The op's axes are x's in x's order; move each to the einsum's place for it.
+    for target in 0..kept {
+        let at = places.iter().position(|&p| p == target).unwrap_or(target);
+        if at != target {
+            let mv = AxisOp::Move(at, target);
+            wire = patch.wire_node(format!("{name}.int8.move{target}"), mv, &wire)?;
+            let p = places.remove(at);
+            places.insert(target, p);
+        }
+    }
     patch.shunt_outside(model, end.into(), wire[0])?;
     Ok(Some(patch))
 }
