@@ -105,7 +105,8 @@ impl EvalOp for Int8Linear {
         );
         let mut out_shape: TVec<usize> = kept.into();
         out_shape.push(self.weights.n());
-        let mut out = Tensor::zero::<f32>(&out_shape)?;
+        // SAFETY: `product` writes every element (every row, every column) before it returns.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&out_shape)? };
         let bias = match &self.bias {
             Some(b) => Some(b.try_as_plain_ram()?),
             None => None,

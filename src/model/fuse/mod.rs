@@ -9,7 +9,9 @@
 //!   bias), as one [`layer_norm::FusedLayerNorm`];
 //! - the functions of one token's own input (gene encoder, value encoder, the first layer's
 //!   projection of their sum) as [`TokenTable`] lookups, computed for every possible input
-//!   when the model loads ([`TokenTables`], a separate transform).
+//!   when the model loads ([`TokenTables`], a separate transform);
+//! - where the package opts in (`precision = "int8"`), every product by constant weights as
+//!   an [`Int8Linear`] ([`Precision`], a separate transform run last; `int8.rs`).
 //!
 //! The rewrites are algebra: they run on every CPU ([`Fusion::best`]). Only the arithmetic
 //! inside an op picks a kernel, from the [`Simd`] tier chosen once at run time (AVX-512,
