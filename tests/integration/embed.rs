@@ -175,13 +175,7 @@ fn int8_products_keep_every_label_and_the_embeddings_within_cosine_0_999() {
             let logits = out.logits.unwrap();
             for (row, c) in group.iter().enumerate() {
                 let e = &out.embedding[row * d..(row + 1) * d];
-                let dot: f64 = e
-                    .iter()
-                    .zip(&c.embedding)
-                    .map(|(a, b)| (a * b) as f64)
-                    .sum();
-                let norm = |v: &[f32]| v.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
-                lowest = lowest.min(dot / (norm(e) * norm(&c.embedding)));
+                lowest = lowest.min(common::cosine(e, &c.embedding));
                 let lg = &logits[row * k..(row + 1) * k];
                 assert_eq!(
                     argmax(lg),
@@ -672,10 +666,7 @@ fn a_package_asking_for_int8_runs_int8_and_an_unknown_precision_is_refused() {
     for (a, b) in f32_records.iter().zip(&int8_records) {
         assert_eq!(a["cell"], b["cell"]);
         assert_eq!(a["label"], b["label"], "label of {}", a["cell"]);
-        let (x, y) = (floats(a), floats(b));
-        let dot: f64 = x.iter().zip(&y).map(|(p, q)| p * q).sum();
-        let norm = |v: &[f64]| v.iter().map(|p| p * p).sum::<f64>().sqrt();
-        lowest = lowest.min(dot / (norm(&x) * norm(&y)));
+        lowest = lowest.min(common::cosine(&floats(a), &floats(b)));
     }
     eprintln!("pbmc68k_reduced, int8 against f32: lowest embedding cosine {lowest:.6}");
     assert!(lowest >= 0.999, "cosine {lowest}");

@@ -162,11 +162,6 @@ fn head_width_16_pre_norm_torch_form_agrees_up_to_1200_tokens() {
 #[test]
 fn int8_products_stay_within_cosine_0_999_on_every_converted_fixture() {
     use cellstream::model::fuse::Precision;
-    let cosine = |a: &[f32], b: &[f32]| {
-        let dot: f64 = a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum();
-        let norm = |v: &[f32]| v.iter().map(|x| (x * x) as f64).sum::<f64>().sqrt();
-        dot / (norm(a) * norm(b))
-    };
     let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
     for name in [
         "scgpt-random",
@@ -195,7 +190,7 @@ fn int8_products_stay_within_cosine_0_999_on_every_converted_fixture() {
             let mut lowest = 1f64;
             for (row, r) in refs.iter().enumerate() {
                 let e = &out.embedding[row * d..(row + 1) * d];
-                lowest = lowest.min(cosine(e, &r.embedding_ort));
+                lowest = lowest.min(common::cosine(e, &r.embedding_ort));
                 if let Some(want) = &r.logits_ort {
                     let got = &out.logits.as_ref().unwrap()[row * k..(row + 1) * k];
                     assert_eq!(argmax(got), argmax(want), "{name}/{}: label", simd.name());

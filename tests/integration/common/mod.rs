@@ -42,6 +42,13 @@ pub fn read(path: &Path) -> CountBatch {
 }
 
 /// Runs `cellstream ARGS…` and returns its output.
+/// The cosine of two vectors, summed in f64.
+pub fn cosine<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x.into() * y.into()).sum();
+    let norm = |v: &[T]| v.iter().map(|&x| x.into() * x.into()).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
 pub fn cellstream(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cellstream"))
         .args(args)
