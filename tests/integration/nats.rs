@@ -394,7 +394,7 @@ fn a_daemon_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
     let deadline = Instant::now() + Duration::from_secs(120);
     // No pause between polls: a batch's records are published within milliseconds.
     while reader.results_count() == 0 {
-        assert!(std::time::Instant::now() < deadline, "no records on NATS");
+        assert!(Instant::now() < deadline, "no records on NATS");
     }
     server.pause(true);
     a.kill9();

@@ -51,12 +51,10 @@ impl Precision {
     /// knob for comparisons, not a setting. `None` where unset.
     pub fn from_env() -> Result<Option<Precision>, String> {
         const VAR: &str = "CELLSTREAM_PRECISION";
-        match std::env::var(VAR) {
-            Err(_) => Ok(None),
-            Ok(v) => Precision::parse(&v)
-                .map(Some)
-                .ok_or_else(|| format!("{VAR}={v:?}: one of \"f32\", \"int8\"")),
+        if std::env::var_os(VAR).is_none() {
+            return Ok(None);
         }
+        crate::model::knob(VAR, Precision::F32, &Precision::ALL, Precision::name).map(Some)
     }
 
     /// The tract transform that makes the products int8 on `simd`'s kernel, if any.

@@ -41,7 +41,6 @@ pub fn read(path: &Path) -> CountBatch {
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-/// Runs `cellstream ARGS…` and returns its output.
 /// The cosine of two vectors, summed in f64.
 pub fn cosine<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x.into() * y.into()).sum();
@@ -49,6 +48,7 @@ pub fn cosine<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
     dot / (norm(a) * norm(b))
 }
 
+/// Runs `cellstream ARGS…` and returns its output.
 pub fn cellstream(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cellstream"))
         .args(args)
