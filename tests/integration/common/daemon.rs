@@ -208,6 +208,19 @@ impl Daemon {
         wait_for(Duration::from_secs(120), "the daemon to be ready", || {
             get(&self.addr, "/readyz").is_ok_and(|(s, _)| s == 200)
         });
+        // The daemon logs "ready" as it turns ready; wait until that line (so every start-up
+        // line before it) has been read from its stderr, for tests that check the log.
+        wait_for(
+            Duration::from_secs(10),
+            "the daemon's \"ready\" log line",
+            || {
+                self.log
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|l| l.ends_with(": ready"))
+            },
+        );
     }
 
     pub fn log_text(&self) -> String {
