@@ -166,6 +166,9 @@ impl ModelRuntime {
         };
         let (model, fused) = load(&pkg.onnx, input_pos, options, precision)
             .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?;
+        if fused.int8_products > 0 {
+            steady_heap();
+        }
         let rt = Arc::new(ModelRuntime {
             model: Mutex::new(Some(model)),
             path: path.clone(),
@@ -311,6 +314,34 @@ pub fn release_free_memory() {
     // SAFETY: malloc_trim only returns free pages; it is thread-safe.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Fixes glibc's mmap and trim thresholds at the values its adaptive ones top out at
+/// (32 MiB; trim above 64 MiB), once per process, unless `GLIBC_TUNABLES` sets either.
+/// Left adaptive, the mmap threshold follows the largest buffer freed so far and the heap
+/// is trimmed above twice that: the int8 products' multi-megabyte outputs were mapped,
+/// faulted in page by page and unmapped again on every call (BENCHMARKS.md, "int8 products,
+/// built"). Only int8 plans ask for it: f32 gained nothing measurable and held more memory,
+/// so it keeps glibc's defaults. Between batches [`release_free_memory`] still returns what
+/// the heap holds free.
+fn steady_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let chosen = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| {
+                t.contains("glibc.malloc.mmap_threshold")
+                    || t.contains("glibc.malloc.trim_threshold")
+            });
+            if !chosen {
+                // SAFETY: mallopt only changes allocator parameters; it is thread-safe.
+                unsafe {
+                    libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                    libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+                }
+            }
+        });
     }
 }
 
