@@ -16,7 +16,15 @@ cosine distance to the 10 nearest reference cells / the reference's own 99th per
           reference, standardised, 20 principal components of the reference, Euclidean kNN
 and two scores without a threshold of their own: `maha` (smallest Mahalanobis distance of the
 `<cls>` embedding to a class mean, tied covariance; "unseen" past the reference's 99th
-percentile) and `energy` (−logsumexp of the logits). AUROC: unseen type against known types.
+percentile) and `energy` (−logsumexp of the logits). Then the same reference thinned like
+the query (binomial, the query's fraction, seed 1000 + the query's), so that distances and
+the 99th-percentile scale are measured at the query's depth:
+  cls_m   `<cls>` kNN against the thinned reference's embeddings
+  cls_s   `<cls>` kNN against the full reference, scaled by the 99th percentile of the thinned
+          reference cells' own distances to it (leaving themselves out): a scale per depth only
+  expr_m  expression kNN against the thinned reference (principal components of the full one)
+  max_m   the larger of cls_m and expr_m
+AUROC: unseen type against known types; "unseen>1" and "known<=1" at the rule's threshold.
 """
 import os
 
@@ -30,7 +38,7 @@ import numpy as np  # noqa: E402
 from common import (COARSE, DATA_3K, TRAIN_DIR, Dataset10x, build_model, gene_to_vocab,  # noqa: E402
                     label_index, length_batches, pad_batch, thin_counts, tokenize_dataset)
 from evaluate import DEPTHS, lognorm, read_labels_tsv  # noqa: E402
-from refmap import Reference  # noqa: E402
+from refmap import Reference, l2norm  # noqa: E402
 
 N_HVG, N_PC = 2000, 20
 
@@ -80,14 +88,29 @@ class ExpressionSpace:
     def __call__(self, X):
         return ((lognorm(X).tocsr()[:, self.genes].toarray() - self.m) / self.sd) @ self.P
 
-    def _dist(self, q, self_=False):
-        d = np.sqrt(((q[:, None, :] - self.ref[None, :, :]) ** 2).sum(-1))
+    def _dist(self, q, self_=False, ref=None):
+        ref = self.ref if ref is None else ref
+        d = np.sqrt(((q[:, None, :] - ref[None, :, :]) ** 2).sum(-1))
         if self_:
             np.fill_diagonal(d, np.inf)
         return np.sort(d, 1)[:, :10].mean(1)
 
     def novelty(self, X):
         return self._dist(self(X)) / self.scale
+
+    def novelty_matched(self, X, X_ref):
+        """Against the reference cells as X_ref (thinned like X), scaled at that depth."""
+        ref = self(X_ref)
+        scale = np.percentile(self._dist(ref, self_=True, ref=ref), 99)
+        return self._dist(self(X), ref=ref) / scale
+
+
+def thinned_scale(ref, thinned):
+    """99th percentile of the mean cosine distance of each thinned reference cell to its 10
+    nearest full-depth reference cells other than itself."""
+    d = 1.0 - thinned @ ref.T
+    np.fill_diagonal(d, np.inf)
+    return float(np.percentile(np.sort(d, 1)[:, :10].mean(1), 99))
 
 
 def mahalanobis(ref_emb, ref_y):
@@ -117,7 +140,8 @@ def main():
         labs = read_labels_tsv(run / "reference_labels.tsv", "cell_type_coarse")
         ri = np.array([i for i, b in enumerate(d.barcodes) if b in labs])
         assert (y[ri] != k).all()
-        R = model_features(model, vocab, a["max_len"], d.X[ri], [d.barcodes[i] for i in ri], d.symbols)
+        bars = [d.barcodes[i] for i in ri]
+        R = model_features(model, vocab, a["max_len"], d.X[ri], bars, d.symbols)
         refs = {n: Reference(R[n], y[ri]) for n in ("cls", "pen", "mean", "layers")}
         expr = ExpressionSpace(d.X[ri])
         maha = mahalanobis(R["cls"], y[ri])
@@ -131,6 +155,13 @@ def main():
             scores["maha"] = maha(Q["cls"]) / maha_scale
             lg = Q["logits"]
             scores["energy"] = -(np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1))
+            XR = d.X[ri] if seed is None else thin_counts(d.X[ri], frac, 1000 + seed)
+            RM = R if seed is None else model_features(model, vocab, a["max_len"], XR, bars, d.symbols)
+            scores["cls_m"] = Reference(RM["cls"], y[ri]).map(Q["cls"])["novelty"]
+            scores["cls_s"] = refs["cls"].map(Q["cls"])["novelty"] * refs["cls"].scale / thinned_scale(
+                refs["cls"].emb, l2norm(RM["cls"]))
+            scores["expr_m"] = expr.novelty_matched(X, XR)
+            scores["max_m"] = np.maximum(scores["cls_m"], scores["expr_m"])
             print(f"left out {a['exclude_class']}, depth {int(frac * 100)}%: " + "; ".join(
                 f"{n} AUROC {roc_auc_score(unseen, s):.3f}" + (
                     "" if n == "energy" else
