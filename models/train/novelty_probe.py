@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from common import (COARSE, DATA_3K, TRAIN_DIR, Dataset10x, build_model, gene_to_vocab,  # noqa: E402
                     label_index, length_batches, pad_batch, thin_counts, tokenize_dataset)
 from evaluate import DEPTHS, lognorm, read_labels_tsv  # noqa: E402
-from refmap import Reference, l2norm  # noqa: E402
+from refmap import NOVELTY_PERCENTILE, Reference, knn  # noqa: E402
 
 N_HVG, N_PC = 2000, 20
 
@@ -108,14 +108,6 @@ class ExpressionSpace:
         return self._dist(self(X), ref=ref) / scale
 
 
-def thinned_scale(ref, thinned):
-    """99th percentile of the mean cosine distance of each thinned reference cell to its 10
-    nearest full-depth reference cells other than itself."""
-    d = 1.0 - thinned @ ref.T
-    np.fill_diagonal(d, np.inf)
-    return float(np.percentile(np.sort(d, 1)[:, :10].mean(1), 99))
-
-
 def mahalanobis(ref_emb, ref_y):
     mus = [ref_emb[ref_y == c].mean(0) for c in np.unique(ref_y)]
     C = sum((ref_emb[ref_y == c] - m).T @ (ref_emb[ref_y == c] - m)
@@ -161,8 +153,9 @@ def main():
             XR = d.X[ri] if seed is None else thin_counts(d.X[ri], frac, 1000 + seed)
             RM = R if seed is None else model_features(model, vocab, a["max_len"], XR, bars, d.symbols)
             scores["cls_m"] = Reference(RM["cls"], y[ri]).map(Q["cls"])["novelty"]
-            scores["cls_s"] = refs["cls"].map(Q["cls"])["novelty"] * refs["cls"].scale / thinned_scale(
-                refs["cls"].emb, l2norm(RM["cls"]))
+            # The thinned cells against the full reference, each leaving itself out.
+            thinned = knn(RM["cls"], refs["cls"].emb, exclude_self=True)[1].mean(1)
+            scores["cls_s"] = scores["cls"] * refs["cls"].scale / np.percentile(thinned, NOVELTY_PERCENTILE)
             scores["expr_m"] = expr.novelty_matched(X, XR)
             scores["max_m"] = np.maximum(scores["cls_m"], scores["expr_m"])
             print(f"left out {a['exclude_class']}, depth {int(frac * 100)}%: " + "; ".join(

@@ -321,8 +321,8 @@ pub fn release_free_memory() {
 /// (32 MiB; trim above 64 MiB), once per process, unless `GLIBC_TUNABLES` sets either.
 /// Left adaptive, the mmap threshold follows the largest buffer freed so far and the heap
 /// is trimmed above twice that: the int8 products' multi-megabyte outputs were mapped,
-/// faulted in page by page and unmapped again on every call (BENCHMARKS.md, "int8 products,
-/// built"). Only int8 plans ask for it: f32 gained nothing measurable and held more memory,
+/// faulted in page by page and unmapped again on every call (BENCHMARKS.md, "int8: the heap
+/// kept between calls"). Only int8 plans ask for it: f32 gained nothing measurable and held more memory,
 /// so it keeps glibc's defaults. Between batches [`release_free_memory`] still returns what
 /// the heap holds free.
 fn steady_heap() {

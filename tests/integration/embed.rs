@@ -150,12 +150,7 @@ fn int8_products_keep_every_label_and_the_embeddings_within_cosine_0_999() {
     let cells = reference();
     eprintln!("kernel tiers covered: {:?}", Simd::available());
     for simd in Simd::available() {
-        let options = Options {
-            simd,
-            precision: Some(Precision::Int8),
-            ..Options::best()
-        };
-        let rt = ModelRuntime::with(&pkg, options).unwrap();
+        let rt = ModelRuntime::with(&pkg, common::int8_options(simd)).unwrap();
         assert_eq!(rt.precision, Precision::Int8);
         assert_eq!(rt.fused.int8_products, 13, "{}", simd.name());
         let take = if simd == Simd::Portable {

@@ -161,7 +161,6 @@ fn head_width_16_pre_norm_torch_form_agrees_up_to_1200_tokens() {
 /// and the fine-tuned fixture's labels unchanged.
 #[test]
 fn int8_products_stay_within_cosine_0_999_on_every_converted_fixture() {
-    use cellstream::model::fuse::Precision;
     let argmax = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap();
     for name in [
         "scgpt-random",
@@ -173,12 +172,7 @@ fn int8_products_stay_within_cosine_0_999_on_every_converted_fixture() {
         let pkg = ModelPackage::load(&dir).unwrap();
         let refs = references(&dir);
         for simd in Simd::available() {
-            let options = Options {
-                simd,
-                precision: Some(Precision::Int8),
-                ..Options::best()
-            };
-            let rt = ModelRuntime::with(&pkg, options).unwrap();
+            let rt = ModelRuntime::with(&pkg, common::int8_options(simd)).unwrap();
             assert!(rt.fused.int8_products > 0, "{name}: {:?}", rt.fused);
             let (d, k) = (rt.embedding_dim, rt.n_classes);
             let longest = refs.iter().map(|r| r.gene_ids.len()).max().unwrap();

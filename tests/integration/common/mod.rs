@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use cellstream::batch::{read_batch, CountBatch, ReadOptions};
+use cellstream::model::fuse::Precision;
+use cellstream::model::Options;
+use cellstream::simd::Simd;
 
 /// libhdf5 opens files without close-on-exec and `flock`s them, so a child spawned while an
 /// HDF5 file is open inherits the lock until it exits, and the next open of that file fails
@@ -46,6 +49,15 @@ pub fn cosine<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x.into() * y.into()).sum();
     let norm = |v: &[T]| v.iter().map(|&x| x.into() * x.into()).sum::<f64>().sqrt();
     dot / (norm(a) * norm(b))
+}
+
+/// The fastest form on `simd`'s kernels with the products by constant weights in int8.
+pub fn int8_options(simd: Simd) -> Options {
+    Options {
+        simd,
+        precision: Some(Precision::Int8),
+        ..Options::best()
+    }
 }
 
 /// Runs `cellstream ARGS…` and returns its output.
