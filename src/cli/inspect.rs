@@ -126,6 +126,7 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         "precision": rt.precision.name(),
         "int8_products": rt.fused.int8_products,
         "int8_weight_bytes": rt.fused.int8_weight_bytes,
+        "int8_attention_layers": rt.fused.int8_attention_layers,
     });
     if json {
         println!("{v}");
@@ -176,9 +177,11 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         match rt.precision {
             Precision::F32 => println!("precision:    f32"),
             Precision::Int8 => println!(
-                "precision:    int8 ({} products by constant weights, {:.1} MB packed)",
+                "precision:    int8 ({} products by constant weights, {:.1} MB packed; \
+                 {} attention weighted sums)",
                 rt.fused.int8_products,
-                rt.fused.int8_weight_bytes as f64 / 1e6
+                rt.fused.int8_weight_bytes as f64 / 1e6,
+                rt.fused.int8_attention_layers
             ),
         }
     }

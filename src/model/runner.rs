@@ -16,8 +16,8 @@ use tract::prelude::*;
 
 use super::fuse::{
     Fusion, Precision, TokenTables, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY,
-    INT8_BYTES_PROPERTY, INT8_PRODUCTS_PROPERTY, ROWS_AS_SLICES, TOKEN_TABLES_PROPERTY,
-    TOKEN_TABLE_BYTES_PROPERTY, TOKEN_TABLE_REPLACED_PROPERTY,
+    INT8_ATTENTION_PROPERTY, INT8_BYTES_PROPERTY, INT8_PRODUCTS_PROPERTY, ROWS_AS_SLICES,
+    TOKEN_TABLES_PROPERTY, TOKEN_TABLE_BYTES_PROPERTY, TOKEN_TABLE_REPLACED_PROPERTY,
 };
 use super::kernel_choice::KernelChoice;
 use super::package::{ModelError, ModelPackage};
@@ -263,6 +263,8 @@ pub struct Fused {
     /// Products by constant weights made int8 (`fuse/int8.rs`), and their packed weights.
     pub int8_products: usize,
     pub int8_weight_bytes: usize,
+    /// Attention layers whose weighted sum runs in int8 (`fuse/attention_int8.rs`).
+    pub int8_attention_layers: usize,
 }
 
 /// The parsed, decluttered graph with symbolic rows and length, fused and folded as asked.
@@ -299,6 +301,7 @@ fn load(
         token_table_replaced_bytes: count(TOKEN_TABLE_REPLACED_PROPERTY)?,
         int8_products: count(INT8_PRODUCTS_PROPERTY)?,
         int8_weight_bytes: count(INT8_BYTES_PROPERTY)?,
+        int8_attention_layers: count(INT8_ATTENTION_PROPERTY)?,
     };
     Ok((model, fused))
 }

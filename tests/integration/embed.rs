@@ -141,9 +141,10 @@ fn every_fusion_reproduces_onnxruntime() {
 /// portable one on 32 cells): embedding cosine ≥ 0.999 against onnxruntime's f32, and the
 /// same label for every cell. Thirteen products by constant weights are int8: the first three
 /// layers' out projection and two feed-forward products, the q/k/v projections of layers 2
-/// and 3 (the token tables fold layer 1's), the classifier head's two. The last layer's run
-/// for `<cls>` alone (its products sum over a one-row axis: not matched; a sliver of the
-/// work) and attention stay f32.
+/// and 3 (the token tables fold layer 1's), the classifier head's two; and those three
+/// layers' attention weighted sums run in integers. The last layer's run for `<cls>` alone
+/// (its products sum over a one-row axis: not matched; a sliver of the work) and attention's
+/// scores stay f32.
 #[test]
 fn int8_products_keep_every_label_and_the_embeddings_within_cosine_0_999() {
     let pkg = ModelPackage::load(&model_dir()).unwrap();
@@ -153,6 +154,7 @@ fn int8_products_keep_every_label_and_the_embeddings_within_cosine_0_999() {
         let rt = ModelRuntime::with(&pkg, common::int8_options(simd)).unwrap();
         assert_eq!(rt.precision, Precision::Int8);
         assert_eq!(rt.fused.int8_products, 13, "{}", simd.name());
+        assert_eq!(rt.fused.int8_attention_layers, 3, "{}", simd.name());
         let take = if simd == Simd::Portable {
             32
         } else {
@@ -645,6 +647,7 @@ fn a_package_asking_for_int8_runs_int8_and_an_unknown_precision_is_refused() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["precision"], "int8");
     assert_eq!(report["int8_products"], 13);
+    assert_eq!(report["int8_attention_layers"], 3);
 
     let input = common::repo().join("bench-data/pbmc68k_reduced");
     let input = input.to_str().unwrap();

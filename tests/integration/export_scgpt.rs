@@ -155,8 +155,9 @@ fn head_width_16_pre_norm_torch_form_agrees_up_to_1200_tokens() {
     check_fused("scgpt-h16-prenorm-torch", None, 6);
 }
 
-/// The opt-in int8 products on every converted fixture (both export forms, head widths 16 to
-/// 128, pre- and post-norm), every kernel tier this CPU runs: each reference sequence's
+/// The opt-in int8 products (and integer attention weighted sums) on every converted fixture
+/// (both export forms, head widths 16 to 128, pre- and post-norm), every kernel tier this CPU
+/// runs: each reference sequence's
 /// embedding within cosine 0.999 of onnxruntime's f32, padded together up to 1,200 tokens,
 /// and the fine-tuned fixture's labels unchanged.
 #[test]
@@ -174,6 +175,7 @@ fn int8_products_stay_within_cosine_0_999_on_every_converted_fixture() {
         for simd in Simd::available() {
             let rt = ModelRuntime::with(&pkg, common::int8_options(simd)).unwrap();
             assert!(rt.fused.int8_products > 0, "{name}: {:?}", rt.fused);
+            assert!(rt.fused.int8_attention_layers > 0, "{name}: {:?}", rt.fused);
             let (d, k) = (rt.embedding_dim, rt.n_classes);
             let longest = refs.iter().map(|r| r.gene_ids.len()).max().unwrap();
             let mut batch = ModelInput::new(refs.len(), longest);

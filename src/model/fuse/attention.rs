@@ -32,6 +32,8 @@ use crate::simd::Simd;
 pub struct FusedAttention {
     /// Which kernel runs the arithmetic.
     pub simd: Simd,
+    /// The weighted sum in int8 (int8 packages: `int8.rs` sets it).
+    pub int8: bool,
 }
 
 impl Op for FusedAttention {
@@ -40,7 +42,11 @@ impl Op for FusedAttention {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("kernel: {}", self.simd.name())])
+        Ok(vec![format!(
+            "kernel: {}, weighted sum: {}",
+            self.simd.name(),
+            if self.int8 { "int8" } else { "f32" }
+        )])
     }
 
     op_as_typed_op!();
@@ -78,7 +84,12 @@ impl EvalOp for FusedAttention {
         );
         // SAFETY: f32 has no invalid bit patterns, and the kernel writes every output.
         let mut out = unsafe { Tensor::uninitialized::<f32>(qs)? };
-        kernel::attend(
+        let attend = if self.int8 {
+            kernel::attend_int8
+        } else {
+            kernel::attend
+        };
+        attend(
             self.simd,
             dims,
             q.try_as_plain_ram()?.as_slice::<f32>()?,
@@ -248,7 +259,7 @@ fn token_major(
     let inputs = patch.taps(model, &[q, k, v, mask])?;
     let out = patch.wire_node(
         format!("{}.fused_attention", softmax.name),
-        FusedAttention { simd },
+        FusedAttention { simd, int8: false },
         &inputs,
     )?;
     patch.shunt_outside(model, weighted.id.into(), out[0])?;
@@ -351,7 +362,7 @@ fn head_major(
     let mask = wire("mask.add2", AxisOp::Add(0), mask)?;
     let mut result = patch.wire_node(
         format!("{name}.fused_attention"),
-        FusedAttention { simd },
+        FusedAttention { simd, int8: false },
         &[q, k, v, mask],
     )?[0];
     let order = [rows, queries, heads, features];
@@ -488,7 +499,7 @@ fn masked_fill(
     let minus_inf = wire("mask.minus_inf", Box::new(unit(f32::NEG_INFINITY)?), &[])?;
     let zero = wire("mask.zero", Box::new(unit(0.0)?), &[])?;
     let mask = wire("mask", Box::new(Iff), &[cond, minus_inf, zero])?;
-    let attention = Box::new(FusedAttention { simd });
+    let attention = Box::new(FusedAttention { simd, int8: false });
     let result = wire("fused_attention", attention, &[q, k, v, mask])?;
     let order = [rows, queries, heads, features];
     let result = into_order(&mut patch, name, result, order, &out)?;

@@ -20,11 +20,15 @@
 //! outputs are the `<cls>` row), so their outputs are written as zeros instead of computed.
 //! A row whose keys are all masked (a filler row) gets zeros too.
 //!
+//! int8 packages run the weighted sum in integers instead (`attention_int8.rs`, [`attend_int8`]):
+//! the score rows' weights go to it a row at a time.
+//!
 //! The implementations differ by rounding alone (fused multiply-adds, a polynomial `exp`, the
 //! order of the sums); the tests below hold each to the formula, computed in f64, within 1e-5.
 
 use std::cell::RefCell;
 
+use super::attention_int8::{IntegerSum, MAX_KEYS};
 use crate::simd::Simd;
 
 /// Sizes of one attention call.
@@ -69,6 +73,34 @@ pub fn attend(
     mask: &[f32],
     out: &mut [f32],
 ) {
+    run(simd, false, dims, q, k, v, mask, out)
+}
+
+/// As [`attend`], with the weighted sum in integers (`attention_int8.rs`) where the head width
+/// takes the blocked kernels; the scores and softmax stay f32.
+pub fn attend_int8(
+    simd: Simd,
+    dims: Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    out: &mut [f32],
+) {
+    run(simd, true, dims, q, k, v, mask, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    simd: Simd,
+    int8: bool,
+    dims: Dims,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[f32],
+    out: &mut [f32],
+) {
     assert_eq!(q.len(), dims.q_len(), "queries");
     assert_eq!(k.len(), dims.kv_len(), "keys");
     assert_eq!(v.len(), dims.kv_len(), "values");
@@ -78,28 +110,29 @@ pub fn attend(
     if dims.head_dim == 0 {
         return;
     }
+    // The integer weighted sum's tile, where its sums stay exact.
+    let int8 = (int8 && dims.sk <= MAX_KEYS).then_some(simd);
     SCRATCH.with_borrow_mut(|scratch| match simd {
         // SAFETY (each arm): the CPU runs the tier (asserted above), the lengths were checked
         // above, and the head width is a multiple of the kernel's vector.
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512 if dims.head_dim.is_multiple_of(16) => unsafe {
-            avx512::attend(dims, q, k, v, mask, out, scratch)
+            avx512::attend(dims, q, k, v, mask, out, scratch, int8)
         },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512 | Simd::Avx2 if dims.head_dim.is_multiple_of(8) => unsafe {
-            avx2::attend(dims, q, k, v, mask, out, scratch)
+            avx2::attend(dims, q, k, v, mask, out, scratch, int8)
         },
         // SAFETY: as above (the portable build needs no CPU feature).
         _ if dims.head_dim.is_multiple_of(8) => unsafe {
-            portable::attend(dims, q, k, v, mask, out, scratch)
+            portable::attend(dims, q, k, v, mask, out, scratch, int8)
         },
         _ => reference(dims, q, k, v, mask, out),
     })
 }
 
 /// Reusable buffers of the blocked kernels, one set per thread (each inference worker is one).
-#[derive(Default)]
 struct Scratch {
     /// One head's keys packed in panels of two vectors, `[S_key / 2L][d][2L]` (S_key
     /// rounded up to the panel).
@@ -110,14 +143,22 @@ struct Scratch {
     mask: Vec<f32>,
     /// Scores, then weights, of one block of queries, `[block][rounded S_key]`.
     scores: Vec<f32>,
+    /// The integer weighted sum, for int8 packages.
+    int8: IntegerSum,
 }
 
 thread_local! {
-    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        key_panels: Vec::new(),
+        values: Vec::new(),
+        mask: Vec::new(),
+        scores: Vec::new(),
+        int8: IntegerSum::new(),
+    });
 }
 
 /// The last unmasked key of a row, plus one (0 when every key is masked).
-fn unmasked_len(mask: &[f32]) -> usize {
+pub(super) fn unmasked_len(mask: &[f32]) -> usize {
     mask.iter()
         .rposition(|&m| m != f32::NEG_INFINITY)
         .map_or(0, |j| j + 1)
@@ -125,7 +166,7 @@ fn unmasked_len(mask: &[f32]) -> usize {
 
 /// How many of a row's queries are computed (the rest are written as zeros): in
 /// self-attention those up to the last unmasked key, else all of them.
-fn live_queries(d: &Dims, keys: usize) -> usize {
+pub(super) fn live_queries(d: &Dims, keys: usize) -> usize {
     if keys == 0 {
         0
     } else if d.sq == d.sk {
@@ -188,9 +229,13 @@ macro_rules! attention_kernels {
         /// Keys a score panel holds: two vectors, so that every score step is two whole loads.
         const W: usize = 2 * L;
 
+        /// With `int8`, the weighted sum runs in integers on that tier's tile
+        /// (`attention_int8.rs`).
+        ///
         /// # Safety
-        /// The CPU has this module's target features; the slices have the lengths `d` gives
-        /// them; the head width is a multiple of `L`.
+        /// The CPU has this module's target features and runs `int8`'s tier; the slices have
+        /// the lengths `d` gives them; the head width is a multiple of `L`.
+        #[allow(clippy::too_many_arguments)]
         $(#[target_feature(enable = $features)])?
         pub(super) unsafe fn attend(
             d: Dims,
@@ -200,13 +245,16 @@ macro_rules! attention_kernels {
             mask: &[f32],
             out: &mut [f32],
             s: &mut Scratch,
+            int8: Option<crate::simd::Simd>,
         ) {
             let (hd, dh) = (d.heads * d.head_dim, d.head_dim);
             let most = d.sk.next_multiple_of(W);
             // The weighted sum's tile, which the values are packed for.
             let (rows, cols) = tile(dh / L);
             s.key_panels.resize(dh * most, 0.0);
-            s.values.resize(dh * d.sk, 0.0);
+            if int8.is_none() {
+                s.values.resize(dh * d.sk, 0.0);
+            }
             s.mask.resize(most, 0.0);
             s.scores.resize(R * most, 0.0);
             for n in 0..d.n {
@@ -238,10 +286,15 @@ macro_rules! attention_kernels {
                     // Values packed `[group of cols vectors][key][cols · L]`: each pass of
                     // the weighted sum reads one contiguous stream too.
                     let gw = cols * L;
-                    for j in 0..sk {
-                        let vrow = &v[kbase + j * hd..][..dh];
-                        for (g, chunk) in vrow.chunks_exact(gw).enumerate() {
-                            s.values[(g * sk + j) * gw..][..gw].copy_from_slice(chunk);
+                    match int8 {
+                        Some(tile) => s.int8.start(tile, sk, dh, |j| &v[kbase + j * hd..][..dh]),
+                        None => {
+                            for j in 0..sk {
+                                let vrow = &v[kbase + j * hd..][..dh];
+                                for (g, chunk) in vrow.chunks_exact(gw).enumerate() {
+                                    s.values[(g * sk + j) * gw..][..gw].copy_from_slice(chunk);
+                                }
+                            }
                         }
                     }
                     let at = Head {
@@ -259,7 +312,29 @@ macro_rules! attention_kernels {
                     let mut i = 0;
                     while i < live {
                         let row = (n * d.sq + i) * hd + h * dh;
-                        let (qp, op) = (q[row..].as_ptr(), out[row..].as_mut_ptr());
+                        let qp = q[row..].as_ptr();
+                        if int8.is_some() {
+                            // SAFETY: the block's queries lie inside q (i + rows <= live <= sq),
+                            // and the scratch holds R score rows.
+                            let rows = unsafe {
+                                match live - i {
+                                    r if r >= 8 && R >= 8 => at.weights::<8>(qp).len(),
+                                    r if r >= 4 && R >= 4 => at.weights::<4>(qp).len(),
+                                    r if r >= 2 => at.weights::<2>(qp).len(),
+                                    _ => at.weights::<1>(qp).len(),
+                                }
+                            };
+                            for r in 0..rows {
+                                // SAFETY: score row r of skp ≥ sk values, just written.
+                                let w = unsafe {
+                                    std::slice::from_raw_parts(at.scores.add(r * skp), sk)
+                                };
+                                s.int8.push(w, row + r * hd, out);
+                            }
+                            i += rows;
+                            continue;
+                        }
+                        let op = out[row..].as_mut_ptr();
                         // SAFETY: the block's queries and outputs lie inside q and out
                         // (i + rows <= live <= sq), and the scratch holds R score rows.
                         i += unsafe {
@@ -271,6 +346,7 @@ macro_rules! attention_kernels {
                             }
                         };
                     }
+                    s.int8.finish(out);
                 }
             }
         }
@@ -307,6 +383,21 @@ macro_rules! attention_kernels {
             unsafe fn block<const RB: usize>(&self, q: *const f32, out: *mut f32) -> usize {
                 // SAFETY: the callees' contracts are this function's.
                 unsafe {
+                    let inv = self.weights::<RB>(q);
+                    self.weighted_sum(&inv, out);
+                }
+                RB
+            }
+
+            /// The unnormalised weights e^(s - max) of `RB` consecutive queries into the
+            /// score rows; returns 1 / each row's sum.
+            ///
+            /// # Safety
+            /// As [`Head::block`].
+            $(#[target_feature(enable = $features)])?
+            unsafe fn weights<const RB: usize>(&self, q: *const f32) -> [f32; RB] {
+                // SAFETY: the callees' contracts are this function's.
+                unsafe {
                     let mut max = [splat(f32::NEG_INFINITY); RB];
                     for kc in (0..self.skp).step_by(W) {
                         self.scores::<RB>(q, kc, &mut max);
@@ -315,9 +406,8 @@ macro_rules! attention_kernels {
                     for (r, inv) in inv.iter_mut().enumerate() {
                         *inv = self.softmax_row(r, hmax(max[r]));
                     }
-                    self.weighted_sum(&inv, out);
+                    inv
                 }
-                RB
             }
 
             /// Scores of `RB` queries against the panel of keys from `kc` (W keys), plus
@@ -776,12 +866,12 @@ mod portable {
 }
 
 /// Below this, e^x is 0 in the kernels (e^-87.34 is f32's smallest normal).
-const EXP_LOW: f32 = -87.336_54;
+pub(super) const EXP_LOW: f32 = -87.336_54;
 /// ln 2 in two parts (Cody and Waite) so that x - n·ln2 stays exact.
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
 /// e^r by its degree-6 Taylor polynomial, highest coefficient first (Horner).
-const EXP_POLY: [f32; 7] = [
+pub(super) const EXP_POLY: [f32; 7] = [
     1.0 / 720.0,
     1.0 / 120.0,
     1.0 / 24.0,
@@ -838,8 +928,8 @@ mod tests {
         out
     }
 
-    /// Every kernel this CPU runs on `d`, against [`exact`]; row `n` masks its last `n`
-    /// keys (never all of them).
+    /// Every kernel this CPU runs on `d`, f32 and with the int8 weighted sum, against
+    /// [`exact`]; row `n` masks its last `n` keys (never all of them).
     fn check(d: Dims, rng: &mut CellRng) {
         // Queries already scaled as the graph scales them; scores span about ±8.
         let q = random(d.q_len(), 0.5, rng);
@@ -860,6 +950,30 @@ mod tests {
                 .map(|(&o, &w)| (o as f64 - w).abs())
                 .fold(0.0, f64::max);
             assert!(worst < 1e-5, "{} on {d:?}: off by {worst:e}", simd.name());
+            // The integer weighted sum: values in 8 bits (a step of 1/127 of their largest,
+            // 1 here), weights in 14 or more; head widths the blocked kernels do not take stay
+            // f32.
+            let mut out = vec![f32::NAN; d.q_len()];
+            attend_int8(simd, d, &q, &k, &v, &mask, &mut out);
+            let errors: Vec<f64> = out
+                .iter()
+                .zip(&want)
+                .map(|(&o, &w)| (o as f64 - w).abs())
+                .collect();
+            let worst = errors.iter().fold(0.0, |m: f64, &e| m.max(e));
+            let mean = errors.iter().sum::<f64>() / errors.len() as f64;
+            // Half a value step bounds what the values' rounding moves an average of them;
+            // the weights' rounding adds a little (a quarter step, with room).
+            let bound = if d.head_dim.is_multiple_of(8) {
+                1.25 * 0.5 / 127.0
+            } else {
+                1e-5
+            };
+            assert!(
+                worst < bound && mean < bound / 2.0,
+                "int8 {} on {d:?}: off by {worst:e} at worst, {mean:e} on average",
+                simd.name()
+            );
         }
     }
 
@@ -916,7 +1030,7 @@ mod tests {
     }
 
     /// A masked key gets no weight at all, whatever its value; the queries of padding
-    /// tokens and rows with no unmasked key come out as zeros.
+    /// tokens and rows with no unmasked key come out as zeros; with the int8 weighted sum too.
     #[test]
     fn masked_keys_get_no_weight_and_padding_gets_zeros() {
         let mut rng = CellRng::for_cell(3, "masked keys");
@@ -937,10 +1051,17 @@ mod tests {
                 v[20 * hd..].fill(f32::NAN);
                 let mut b = vec![f32::NAN; d.q_len()];
                 attend(simd, d, &q, &k, &v, &mask, &mut b);
+                let mut c = vec![f32::NAN; d.q_len()];
+                attend_int8(simd, d, &q, &k, &v, &mask, &mut c);
                 v = saved;
+                let mut a8 = vec![f32::NAN; d.q_len()];
+                attend_int8(simd, d, &q, &k, &v, &mask, &mut a8);
                 assert_eq!(a, b, "{}", simd.name());
-                assert!(a[..10 * hd].iter().all(|x| x.is_finite() && *x != 0.0));
-                assert!(a[10 * hd..].iter().all(|&x| x == 0.0), "{}", simd.name());
+                assert_eq!(a8, c, "int8 {}", simd.name());
+                for a in [&a, &a8] {
+                    assert!(a[..10 * hd].iter().all(|x| x.is_finite() && *x != 0.0));
+                    assert!(a[10 * hd..].iter().all(|&x| x == 0.0), "{}", simd.name());
+                }
             }
         }
     }

@@ -1,8 +1,9 @@
 //! int8 precision, opt-in per package (`precision = "int8"` in `manifest.toml`): every product
 //! of a computed f32 tensor by constant weights (projections, feed-forward, the out
-//! projection) as one [`Int8Linear`], with the bias add that follows it where there is one.
-//! Attention's own products and the one-query last layer stay f32. The recipe, its agreement
-//! with f32 and its speed are in BENCHMARKS.md ("Precision as a lever"); the arithmetic is
+//! projection) as one [`Int8Linear`], with the bias add that follows it where there is one;
+//! and every [`FusedAttention`]'s weighted sum (`attention_int8.rs`). Attention's scores and
+//! softmax and the one-query last layer stay f32. The recipe, its agreement with f32 and its
+//! speed are in BENCHMARKS.md ("Precision as a lever", "int8 attention"); the arithmetic is
 //! `int8_kernel.rs`.
 
 use tract_core::internal::*;
@@ -16,12 +17,15 @@ use tract_core::{rule_if, rule_if_some};
 
 use super::const_and_other;
 use super::int8_kernel::QuantWeights;
+use super::FusedAttention;
 use crate::simd::Simd;
 
 /// The model property where the transform records how many products it made int8.
 pub const INT8_PRODUCTS_PROPERTY: &str = "cellstream.int8_products";
 /// ... and the bytes of their packed weights.
 pub const INT8_BYTES_PROPERTY: &str = "cellstream.int8_weight_bytes";
+/// ... and how many attention layers' weighted sums it made int8.
+pub const INT8_ATTENTION_PROPERTY: &str = "cellstream.int8_attention_layers";
 
 /// The arithmetic of the products by constant weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +208,19 @@ impl ModelTransform for Int8Products {
             .rewrite(&(), model)?;
         // The f32 weights the products no longer read.
         model.compact()?;
+        let mut attention = 0;
+        for node in model.nodes_mut() {
+            if let Some(op) = node.op_as::<FusedAttention>() {
+                node.op = Box::new(FusedAttention {
+                    int8: true,
+                    ..op.clone()
+                });
+                attention += 1;
+            }
+        }
+        model
+            .properties
+            .insert(INT8_ATTENTION_PROPERTY.into(), rctensor0(attention as i64));
         let ops: Vec<&Int8Linear> = model
             .nodes()
             .iter()

@@ -11,7 +11,8 @@
 //!   projection of their sum) as [`TokenTable`] lookups, computed for every possible input
 //!   when the model loads ([`TokenTables`], a separate transform);
 //! - where the package opts in (`precision = "int8"`), every product by constant weights as
-//!   an [`Int8Linear`] ([`Precision`], a separate transform run last; `int8.rs`).
+//!   an [`Int8Linear`] and attention's weighted sum in integers ([`Precision`], a separate
+//!   transform run last; `int8.rs`, `attention_int8.rs`).
 //!
 //! The rewrites are algebra: they run on every CPU ([`Fusion::best`]). Only the arithmetic
 //! inside an op picks a kernel, from the [`Simd`] tier chosen once at run time (AVX-512,
@@ -20,6 +21,7 @@
 //! the graph as it is, on tract's own ops (for comparisons).
 
 mod attention;
+mod attention_int8;
 mod attention_kernel;
 mod cls_attention;
 mod int8;
@@ -43,7 +45,9 @@ use crate::simd::Simd;
 pub use attention::FusedAttention;
 pub use attention_kernel::Dims;
 pub use cls_attention::ClsAttention;
-pub use int8::{Int8Linear, Precision, INT8_BYTES_PROPERTY, INT8_PRODUCTS_PROPERTY};
+pub use int8::{
+    Int8Linear, Precision, INT8_ATTENTION_PROPERTY, INT8_BYTES_PROPERTY, INT8_PRODUCTS_PROPERTY,
+};
 pub use int8_kernel::QuantWeights;
 pub use layer_norm::FusedLayerNorm;
 pub use token_tables::{
@@ -390,7 +394,7 @@ mod tests {
         let simd = Simd::Portable;
         let att = model.wire_node(
             "attention",
-            FusedAttention { simd },
+            FusedAttention { simd, int8: false },
             &[qkv[0], qkv[1], qkv[2], mask],
         )?;
         let d = heads * dh;
