@@ -866,12 +866,12 @@ mod portable {
 }
 
 /// Below this, e^x is 0 in the kernels (e^-87.34 is f32's smallest normal).
-pub(super) const EXP_LOW: f32 = -87.336_54;
+const EXP_LOW: f32 = -87.336_54;
 /// ln 2 in two parts (Cody and Waite) so that x - n·ln2 stays exact.
-pub(super) const LN2_HI: f32 = 0.693_359_4;
-pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
 /// e^r by its degree-6 Taylor polynomial, highest coefficient first (Horner).
-pub(super) const EXP_POLY: [f32; 7] = [
+const EXP_POLY: [f32; 7] = [
     1.0 / 720.0,
     1.0 / 120.0,
     1.0 / 24.0,
