@@ -21,12 +21,10 @@
 //! head ends) so that the tiles run over whole blocks; memory per worker is one block of
 //! weights, O(block · S), and one head's packed values.
 
+use super::int8_kernel::{MR, NR};
 use crate::simd::Simd;
 
-/// Rows of a tile.
-const MR: usize = 6;
-/// Channels of a tile, and of a packed panel.
-const NR: usize = 16;
+// A tile is `MR` rows by `NR` channels, as the int8 products' (a panel packs `NR` channels).
 /// Queries per block of the weighted sum.
 const BLOCK: usize = 8 * MR;
 /// Largest value magnitude after scaling (8 bits).
@@ -287,15 +285,8 @@ unsafe fn tile_avx2(a: *const i16, lda: usize, panel: *const i16, pairs: usize) 
             }
         }
     }
-    let mut out = [[0i32; NR]; MR];
-    for (o, acc) in out.iter_mut().zip(&acc) {
-        // SAFETY: 16 i32 = two 256-bit stores into the row.
-        unsafe {
-            _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, acc[0]);
-            _mm256_storeu_si256(o.as_mut_ptr().add(8) as *mut __m256i, acc[1]);
-        }
-    }
-    out
+    // SAFETY: this function's target features are the callee's.
+    unsafe { super::int8_kernel::accumulators_avx2(&acc) }
 }
 
 #[cfg(test)]

@@ -21,10 +21,10 @@
 
 use crate::simd::Simd;
 
-/// Rows of a tile.
-const MR: usize = 6;
+/// Rows of a tile (the integer attention's tile too).
+pub(super) const MR: usize = 6;
 /// Columns of a tile, and of a packed panel.
-const NR: usize = 16;
+pub(super) const NR: usize = 16;
 /// Rows per block: a block's quantised activations (96 × K bytes) stay in L2 while every
 /// panel of the weights streams past them.
 const ROWS_PER_BLOCK: usize = 16 * MR;
@@ -201,8 +201,24 @@ unsafe fn tile_avx2(a: *const u8, lda: usize, panel: *const i8, quads: usize) ->
             }
         }
     }
+    // SAFETY: this function's target features are the callee's.
+    unsafe { accumulators_avx2(&acc) }
+}
+
+/// A tile's accumulators (two registers of eight i32 per row) as plain integers: the AVX2
+/// tiles' last step, here and in `attention_int8.rs`.
+///
+/// # Safety
+/// The CPU runs AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn accumulators_avx2(
+    acc: &[[std::arch::x86_64::__m256i; 2]; MR],
+) -> [[i32; NR]; MR] {
+    use std::arch::x86_64::*;
     let mut out = [[0i32; NR]; MR];
-    for (o, acc) in out.iter_mut().zip(&acc) {
+    for (o, acc) in out.iter_mut().zip(acc) {
         // SAFETY: 16 i32 = two 256-bit stores into the row.
         unsafe {
             _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, acc[0]);
