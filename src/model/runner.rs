@@ -263,7 +263,7 @@ pub struct Fused {
     /// Products by constant weights made int8 (`fuse/int8.rs`), and their packed weights.
     pub int8_products: usize,
     pub int8_weight_bytes: usize,
-    /// Attention layers whose weighted sum runs in int8 (`fuse/attention_int8.rs`).
+    /// Attention layers whose weighted sum runs in integers (`fuse/attention_int8.rs`).
     pub int8_attention_layers: usize,
 }
 
@@ -325,8 +325,8 @@ pub fn release_free_memory() {
 /// Left adaptive, the mmap threshold follows the largest buffer freed so far and the heap
 /// is trimmed above twice that: the int8 products' multi-megabyte outputs were mapped,
 /// faulted in page by page and unmapped again on every call (BENCHMARKS.md, "int8: the heap
-/// kept between calls"). Only int8 plans ask for it: f32 gained nothing measurable and held more memory,
-/// so it keeps glibc's defaults. Between batches [`release_free_memory`] still returns what
+/// kept between calls"). Only int8 plans ask for it: f32 gained nothing measurable and held
+/// more memory, so it keeps glibc's defaults. Between batches [`release_free_memory`] still returns what
 /// the heap holds free.
 fn steady_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

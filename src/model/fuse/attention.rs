@@ -32,7 +32,7 @@ use crate::simd::Simd;
 pub struct FusedAttention {
     /// Which kernel runs the arithmetic.
     pub simd: Simd,
-    /// The weighted sum in int8 (int8 packages: `int8.rs` sets it).
+    /// The weighted sum in integers (`attention_int8.rs`; int8 packages: `int8.rs` sets it).
     pub int8: bool,
 }
 

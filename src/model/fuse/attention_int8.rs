@@ -17,14 +17,14 @@
 //!
 //! The integer sums are exact and every float step here is the same Rust code on every tier,
 //! so the same weights give the same bits on every tier (the weights themselves come from the
-//! f32 softmax, whose tiers differ by rounding). Rows of weights gather until a block is full (or the
-//! head ends) so that the tiles run over whole blocks; memory per worker is one block of
-//! weights, O(block · S), and one head's packed values.
+//! f32 softmax, whose tiers differ by rounding). Rows of weights gather until a block is full
+//! (or the head ends) so that the tiles run over whole blocks; memory per worker is one block
+//! of weights, O(block · S), and one head's packed values.
 
+// A tile is `MR` rows by `NR` channels, as the int8 products' (a panel packs `NR` channels).
 use super::int8_kernel::{MR, NR};
 use crate::simd::Simd;
 
-// A tile is `MR` rows by `NR` channels, as the int8 products' (a panel packs `NR` channels).
 /// Queries per block of the weighted sum.
 const BLOCK: usize = 8 * MR;
 /// Largest value magnitude after scaling (8 bits).
@@ -41,11 +41,12 @@ pub(super) struct IntegerSum {
     width: usize,
     /// `[channels / 16][stride / 2][16][2]`, zero where padded.
     values: Vec<i16>,
-    /// Per channel (padded to whole panels): the value's scale.
+    /// Per channel (padded to whole panels): the value's scale, and its inverse.
     value_scale: Vec<f32>,
+    value_inv: Vec<f32>,
     /// What a weight of 1 becomes.
     weight_max: f32,
-    /// `[BLOCK][stride]`, zero past `keys`.
+    /// `[BLOCK][stride]`: a gathered row's weights, zero past `keys`.
     weights: Vec<i16>,
     /// Per gathered row: 1 / the sum of its integer weights, and where its output starts.
     scale: Vec<f32>,
@@ -61,6 +62,7 @@ impl IntegerSum {
             width: 0,
             values: Vec::new(),
             value_scale: Vec::new(),
+            value_inv: Vec::new(),
             weight_max: 0.0,
             weights: Vec::new(),
             scale: Vec::with_capacity(BLOCK),
@@ -84,27 +86,29 @@ impl IntegerSum {
         self.stride = keys.next_multiple_of(2);
         self.width = width;
         let wp = width.next_multiple_of(NR);
-        let mut largest = vec![0f32; width];
+        // Each channel's largest magnitude, then its scale (1 where padded or all zero).
+        self.value_scale.clear();
+        self.value_scale.resize(wp, 0.0);
         for j in 0..keys {
-            for (l, v) in largest.iter_mut().zip(&value(j)[..width]) {
+            for (l, v) in self.value_scale.iter_mut().zip(&value(j)[..width]) {
                 *l = l.max(v.abs());
             }
         }
-        self.value_scale.clear();
-        self.value_scale.resize(wp, 1.0);
-        let mut inv = vec![0f32; width];
-        for ((s, i), &l) in self.value_scale.iter_mut().zip(&mut inv).zip(&largest) {
-            if l > 0.0 && l.is_finite() {
-                *s = l / VALUE_MAX;
-            }
-            *i = 1.0 / *s;
+        self.value_inv.clear();
+        for s in self.value_scale.iter_mut() {
+            *s = if *s > 0.0 && s.is_finite() {
+                *s / VALUE_MAX
+            } else {
+                1.0
+            };
+            self.value_inv.push(1.0 / *s);
         }
         self.values.clear();
         self.values.resize(wp * self.stride, 0);
         let panel = self.stride * NR;
         for j in 0..keys {
             let at = (j / 2) * NR * 2 + j % 2;
-            for (c, (&v, &inv)) in value(j)[..width].iter().zip(&inv).enumerate() {
+            for (c, (&v, &inv)) in value(j)[..width].iter().zip(&self.value_inv).enumerate() {
                 self.values[(c / NR) * panel + at + (c % NR) * 2] =
                     round(v * inv, VALUE_MAX) as i16;
             }
@@ -112,15 +116,18 @@ impl IntegerSum {
         // Exact i32 sums: each of `stride` products is at most w_max · 127.
         let exact = (i32::MAX as usize / (VALUE_MAX as usize * self.stride.max(1))) as f32;
         self.weight_max = exact.min(i16::MAX as f32);
-        self.weights.clear();
-        self.weights.resize(BLOCK * self.stride, 0);
+        // Kept from head to head: `push` writes every byte a row's sums read.
+        if self.weights.len() < BLOCK * self.stride {
+            self.weights.resize(BLOCK * self.stride, 0);
+        }
     }
 
     /// Adds one query's unnormalised weights (`keys` of them, in [0, 1]), whose output row
     /// starts at `out[at]`; writes the block out when it is full.
     pub(super) fn push(&mut self, weights: &[f32], at: usize, out: &mut [f32]) {
         let r = self.at.len();
-        let row = &mut self.weights[r * self.stride..][..self.keys];
+        let (row, pad) = self.weights[r * self.stride..][..self.stride].split_at_mut(self.keys);
+        pad.fill(0);
         let weights = &weights[..self.keys];
         let sum = match self.simd {
             #[cfg(target_arch = "x86_64")]
@@ -169,7 +176,7 @@ impl IntegerSum {
             for r in (0..rows).step_by(MR) {
                 // SAFETY: `weights` holds BLOCK (a multiple of MR) rows of `stride` values,
                 // the panel `stride / 2` pairs of 32; `start` was given a tier this CPU runs.
-                // Rows past `rows` hold stale weights whose sums are not written.
+                // Rows past `rows` hold stale weights (or zeros) whose sums are not written.
                 let acc = unsafe {
                     T::tile(
                         self.weights[r * self.stride..].as_ptr(),

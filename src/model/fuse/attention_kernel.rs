@@ -315,7 +315,8 @@ macro_rules! attention_kernels {
                         let qp = q[row..].as_ptr();
                         if int8.is_some() {
                             // SAFETY: the block's queries lie inside q (i + rows <= live <= sq),
-                            // and the scratch holds R score rows.
+                            // and the scratch holds R score rows. (The row sums `weights`
+                            // returns are the f32 sum's: only their count is used here.)
                             let rows = unsafe {
                                 match live - i {
                                     r if r >= 8 && R >= 8 => at.weights::<8>(qp).len(),

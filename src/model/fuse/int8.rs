@@ -3,7 +3,7 @@
 //! projection) as one [`Int8Linear`], with the bias add that follows it where there is one;
 //! and every [`FusedAttention`]'s weighted sum (`attention_int8.rs`). Attention's scores and
 //! softmax and the one-query last layer stay f32. The recipe, its agreement with f32 and its
-//! speed are in BENCHMARKS.md ("Precision as a lever", "int8 attention"); the arithmetic is
+//! speed are in BENCHMARKS.md ("Precision as a lever", "int8: attention's weighted sum in integers"); the arithmetic is
 //! `int8_kernel.rs`.
 
 use tract_core::internal::*;
