@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::batch::isolated::panic_message;
-use crate::model::{ModelInput, ModelRuntime, Outputs, Worker};
+use crate::model::{HeapTrim, ModelInput, ModelRuntime, Outputs, Worker};
 
 /// One batch to run, and where to send its outputs (tagged with `id`).
 pub struct Job {
@@ -35,6 +35,7 @@ impl InferencePool {
                     .name(format!("infer-{i}"))
                     .spawn(move || {
                         let mut worker = Worker::new(rt.clone());
+                        let mut trim = HeapTrim::new();
                         for job in rx {
                             // A panic inside the runtime fails this job only; the worker
                             // starts again with fresh states.
@@ -48,6 +49,7 @@ impl InferencePool {
                                 });
                             // The requester may have given up (error elsewhere): nothing to do.
                             let _ = job.reply.send((job.id, out));
+                            trim.after_job();
                         }
                     })
                     .expect("spawning an inference thread")

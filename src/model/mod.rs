@@ -11,7 +11,7 @@ pub mod runner;
 pub mod shared_weights;
 
 pub use package::{default_model_dir, Manifest, ModelError, ModelPackage};
-pub use runner::{Fused, ModelInput, ModelRuntime, Options, Outputs, Worker};
+pub use runner::{Fused, HeapTrim, ModelInput, ModelRuntime, Options, Outputs, Worker};
 
 /// The choice the environment variable `var` names among `available` (by `name`), or `best`
 /// where it is unset: the knobs for comparisons (`CELLSTREAM_FUSION`, `CELLSTREAM_KERNELS`),

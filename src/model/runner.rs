@@ -310,13 +310,60 @@ fn load(
 /// per-thread heaps and, once a multi-megabyte buffer (a batch's bytes, its records, a plan's
 /// packed weights before the shared copies replaced them) has been freed, serves later ones
 /// from those heaps too, where they fragment: without this resident memory creeps up batch
-/// after batch, plan after plan. Costs well under a millisecond (BENCHMARKS.md, serve peak
-/// RSS).
+/// after batch, plan after plan. Costs a millisecond or so (BENCHMARKS.md, serve peak RSS;
+/// [`HeapTrim`]).
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free pages; it is thread-safe.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// When an inference worker returns its heaps' free pages: after a job, once at least
+/// [`HeapTrim::INTERVAL`] and [`HeapTrim::SHARE`] times the last trim's cost have passed since
+/// it, so that trimming (and faulting the pages in again) stays a small share of the worker's
+/// time. Between batches is not often enough on a large model: the forward passes of one
+/// batch at S ≈ 1,000 allocate and free activations of so many sizes that ~100 MiB stays
+/// resident in fragments before the batch ends (BENCHMARKS.md, "f32: the workers' heaps
+/// trimmed between jobs").
+pub struct HeapTrim {
+    last: std::time::Instant,
+    cost: std::time::Duration,
+}
+
+impl HeapTrim {
+    /// The least time between two trims.
+    pub const INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+    /// The least ratio of the time between trims to a trim's cost.
+    pub const SHARE: u32 = 100;
+
+    /// Counts from now: the first trim follows the first job to end [`HeapTrim::INTERVAL`] later.
+    pub fn new() -> HeapTrim {
+        HeapTrim {
+            last: std::time::Instant::now(),
+            cost: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Call after each job.
+    pub fn after_job(&mut self) {
+        let start = std::time::Instant::now();
+        if self.due(start) {
+            release_free_memory();
+            self.last = std::time::Instant::now();
+            self.cost = self.last - start;
+        }
+    }
+
+    fn due(&self, now: std::time::Instant) -> bool {
+        now.saturating_duration_since(self.last) >= Self::INTERVAL.max(self.cost * Self::SHARE)
+    }
+}
+
+impl Default for HeapTrim {
+    fn default() -> HeapTrim {
+        HeapTrim::new()
     }
 }
 
@@ -452,4 +499,26 @@ fn run_state(state: &mut State, rt: &ModelRuntime, batch: &ModelInput) -> anyhow
         .map(|p| take(p, rt.n_classes, "logits"))
         .transpose()?;
     Ok(Outputs { embedding, logits })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::HeapTrim;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn heap_trim_waits_for_its_interval_and_its_cost() {
+        let t0 = Instant::now();
+        let mut trim = HeapTrim {
+            last: t0,
+            cost: Duration::ZERO,
+        };
+        assert!(!trim.due(t0));
+        assert!(!trim.due(t0 + HeapTrim::INTERVAL - Duration::from_millis(1)));
+        assert!(trim.due(t0 + HeapTrim::INTERVAL));
+        // A trim that cost 10 ms waits 100 times that, longer than the interval.
+        trim.cost = Duration::from_millis(10);
+        assert!(!trim.due(t0 + Duration::from_millis(999)));
+        assert!(trim.due(t0 + Duration::from_millis(1000)));
+    }
 }
