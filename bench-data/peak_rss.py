@@ -6,8 +6,8 @@
 Samples /proc/PID/status VmRSS every 20 ms (and reads VmHWM at the end) while CMD runs, passing
 its stderr through. `cellstream embed` prints "model ... loaded and warmed in" once its plans
 are built and the parsed graph released: the peak after that line is the peak *while
-embedding*; the overall peak includes loading the model (parsing the ONNX file holds it, its
-protobuf and the tensors at once, inside tract-onnx). Prints
+embedding*; the overall peak includes loading the model (parsing the ONNX file and building
+the plans). Prints
 `RSS peak_mib=X peak_after_marker_mib=Y` (MiB). Standard library only.
 """
 import argparse, re, subprocess, sys, threading, time

@@ -111,7 +111,7 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         "vocab_tokens": pkg.vocab.len(),
         "labels": pkg.labels,
         "confidence_threshold": m.confidence_threshold,
-        "onnx_bytes": pkg.onnx.len(),
+        "onnx_bytes": pkg.onnx.len,
         "onnx_sha256": m.onnx_sha256,
         "probe": "ok",
         "classes": rt.n_classes,
@@ -153,7 +153,7 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         }
         println!(
             "onnx:         {} bytes, sha256 verified; probe inference ok",
-            pkg.onnx.len()
+            pkg.onnx.len
         );
         println!(
             "fusion:       {} ({} attention layers, {} LayerNorms fused, {} token tables)",

@@ -95,10 +95,8 @@ pub struct NoGeneInVocab {
 }
 
 impl Embedder {
-    pub fn new(mut package: ModelPackage, cfg: EmbedConfig) -> anyhow::Result<Embedder> {
+    pub fn new(package: ModelPackage, cfg: EmbedConfig) -> anyhow::Result<Embedder> {
         let rt = ModelRuntime::new(&package)?;
-        // The runtime holds the parsed graph: the file's bytes are not needed again.
-        package.onnx = Vec::new();
         let m = &package.manifest;
         let tokenizer = Tokenizer::new(
             &package.vocab,

@@ -85,14 +85,81 @@ pub enum ModelError {
     Graph { path: PathBuf, what: String },
 }
 
-/// A validated model package, its ONNX bytes in memory.
+/// A validated model package.
 pub struct ModelPackage {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub vocab: Vocab,
     /// Class names in logits order (`labels.txt`), when the model classifies.
     pub labels: Option<Vec<String>>,
-    pub onnx: Vec<u8>,
+    pub onnx: OnnxFile,
+}
+
+/// `model.onnx`, open: the file whose sha256 was checked, not a copy of its bytes. The
+/// runtime parses this same file (not whatever the path names by then), and holding no copy
+/// keeps a large model's load to two copies of its weights at once (the parser's protobuf and
+/// the graph's tensors) instead of three (BENCHMARKS.md, "The load peak").
+pub struct OnnxFile {
+    pub path: PathBuf,
+    pub file: std::fs::File,
+    pub len: usize,
+}
+
+impl OnnxFile {
+    /// Opens `path` and checks its sha256 against `expected`, reading it in blocks.
+    fn open(path: PathBuf, expected: &str) -> Result<OnnxFile, ModelError> {
+        use std::io::Read;
+        let io = |err| ModelError::Io {
+            path: path.clone(),
+            err,
+        };
+        let mut file = std::fs::File::open(&path).map_err(io)?;
+        let mut hash = Sha256::new();
+        let mut block = vec![0u8; 1 << 20];
+        let mut len = 0;
+        loop {
+            match file.read(&mut block) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hash.update(&block[..n]);
+                    len += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        let actual = hex(&hash.finalize());
+        if !actual.eq_ignore_ascii_case(expected.trim()) {
+            return Err(ModelError::Checksum {
+                path,
+                expected: expected.to_owned(),
+                actual,
+            });
+        }
+        Ok(OnnxFile { path, file, len })
+    }
+
+    /// The file mapped into memory (its pages are the page cache's; they leave this
+    /// process's resident set when the map is dropped).
+    pub fn map(&self) -> std::io::Result<memmap2::Mmap> {
+        // SAFETY: the package's files are not written while it is loaded (a new model is
+        // deployed by renaming a new file in, which leaves this one as it was).
+        unsafe { memmap2::Mmap::map(&self.file) }
+    }
+
+    /// A path that names this open file itself on Linux (`/proc/self/fd/N`), so that a model
+    /// renamed in since it was checked is not what gets parsed; elsewhere its path.
+    pub fn parse_path(&self) -> PathBuf {
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let own = PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()));
+            if own.exists() {
+                return own;
+            }
+        }
+        self.path.clone()
+    }
 }
 
 impl ModelPackage {
@@ -166,19 +233,7 @@ impl ModelPackage {
             }
         }
 
-        let onnx_path = dir.join("model.onnx");
-        let onnx = std::fs::read(&onnx_path).map_err(|err| ModelError::Io {
-            path: onnx_path.clone(),
-            err,
-        })?;
-        let actual = hex(&Sha256::digest(&onnx));
-        if !actual.eq_ignore_ascii_case(manifest.onnx_sha256.trim()) {
-            return Err(ModelError::Checksum {
-                path: onnx_path,
-                expected: manifest.onnx_sha256.clone(),
-                actual,
-            });
-        }
+        let onnx = OnnxFile::open(dir.join("model.onnx"), &manifest.onnx_sha256)?;
 
         let labels = match &manifest.outputs.logits {
             None => None,

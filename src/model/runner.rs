@@ -138,7 +138,11 @@ impl ModelRuntime {
             path: path.clone(),
             what,
         };
-        let (inputs, outputs) = super::onnx_names::io_names(&pkg.onnx)
+        let (inputs, outputs) = pkg
+            .onnx
+            .map()
+            .map_err(|e| e.to_string())
+            .and_then(|map| super::onnx_names::io_names(&map))
             .map_err(|e| graph_err(format!("cannot read the graph's inputs and outputs: {e}")))?;
         let find = |list: &[String], want: &str, what: &str| {
             list.iter().position(|n| n == want).ok_or_else(|| {
@@ -164,7 +168,7 @@ impl ModelRuntime {
             Fusion::Tract => Precision::F32,
             Fusion::Fused => options.precision.unwrap_or(pkg.precision()),
         };
-        let (model, fused) = load(&pkg.onnx, input_pos, options, precision)
+        let (model, fused) = load(&pkg.onnx.parse_path(), input_pos, options, precision)
             .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?;
         if fused.int8_products > 0 {
             steady_heap();
@@ -269,15 +273,16 @@ pub struct Fused {
 
 /// The parsed, decluttered graph with symbolic rows and length, fused and folded as asked.
 fn load(
-    bytes: &[u8],
+    path: &std::path::Path,
     [ids, vals]: [usize; 2],
     options: Options,
     precision: Precision,
 ) -> anyhow::Result<(Model, Fused)> {
     // Exported graphs carry value_info shapes traced at one length; ignore them so that
     // the batch and sequence dimensions are the symbols each plan sets.
-    let mut model =
-        onnx()?.load_buffer_with_options(bytes, OnnxOptions::new().ignore_value_info(true))?;
+    // From the file, which tract maps and decodes in place: from a buffer it would copy the
+    // bytes first, a third copy of the weights at the load's peak.
+    let mut model = onnx()?.load_with_options(path, OnnxOptions::new().ignore_value_info(true))?;
     model.set_input_fact(ids, "N,S,i64")?;
     model.set_input_fact(vals, "N,S,f32")?;
     let mut model = model.into_model()?;

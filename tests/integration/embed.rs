@@ -425,6 +425,36 @@ fn broken_package(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
     dir
 }
 
+/// The runtime parses the file whose sha256 the package checked, even when another file has
+/// been renamed over `model.onnx` since (a model deployed while one is loading).
+#[test]
+fn the_runtime_parses_the_file_the_package_checked() {
+    let dir = broken_package(|_| {});
+    let pkg = ModelPackage::load(dir.path()).unwrap();
+    let swapped = dir.path().join("swap.onnx");
+    std::fs::write(&swapped, b"not a model").unwrap();
+    std::fs::rename(&swapped, dir.path().join("model.onnx")).unwrap();
+    let rt = ModelRuntime::new(&pkg).unwrap();
+    assert_eq!(rt.fused.attention_layers, 4);
+    let mut worker = Worker::new(rt.clone());
+    let mut batch = ModelInput::new(1, 16);
+    batch.set_row(
+        0,
+        &[rt.cls_id as u32],
+        &[rt.pad_value],
+        rt.pad_id,
+        rt.pad_value,
+    );
+    let out = worker.run(&batch).unwrap();
+    assert!(out.embedding.iter().all(|x| x.is_finite()));
+    // Loaded afresh, the package refuses the file now under that name.
+    let err = ModelPackage::load(dir.path())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("sha256"), "{err}");
+}
+
 fn edit_manifest(dir: &Path, from: &str, to: &str) {
     let p = dir.join("manifest.toml");
     let text = std::fs::read_to_string(&p).unwrap();
