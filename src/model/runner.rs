@@ -329,9 +329,9 @@ pub fn release_free_memory() {
 /// [`HeapTrim::INTERVAL`] and [`HeapTrim::SHARE`] times the last trim's cost have passed since
 /// it, so that trimming (and faulting the pages in again) stays a small share of the worker's
 /// time. Between batches is not often enough on a large model: the forward passes of one
-/// batch at S ≈ 1,000 allocate and free activations of so many sizes that ~100 MiB stays
-/// resident in fragments before the batch ends (BENCHMARKS.md, "f32: the workers' heaps
-/// trimmed between jobs").
+/// batch of long cells allocate and free activations of so many sizes that the freed
+/// fragments left resident push the peak past the memory target (BENCHMARKS.md, "f32: the
+/// workers' heaps trimmed between jobs").
 pub struct HeapTrim {
     last: std::time::Instant,
     cost: std::time::Duration,
