@@ -106,28 +106,15 @@ pub struct OnnxFile {
 }
 
 impl OnnxFile {
-    /// Opens `path` and checks its sha256 against `expected`, reading it in blocks.
+    /// Opens `path` and checks its sha256 against `expected`, streaming it through the hash.
     fn open(path: PathBuf, expected: &str) -> Result<OnnxFile, ModelError> {
-        use std::io::Read;
         let io = |err| ModelError::Io {
             path: path.clone(),
             err,
         };
         let mut file = std::fs::File::open(&path).map_err(io)?;
         let mut hash = Sha256::new();
-        let mut block = vec![0u8; 1 << 20];
-        let mut len = 0;
-        loop {
-            match file.read(&mut block) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hash.update(&block[..n]);
-                    len += n;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io(e)),
-            }
-        }
+        let len = std::io::copy(&mut file, &mut hash).map_err(io)? as usize;
         let actual = hex(&hash.finalize());
         if !actual.eq_ignore_ascii_case(expected.trim()) {
             return Err(ModelError::Checksum {
