@@ -173,79 +173,82 @@ impl Embedder {
         self.tokenizer
             .tokenize_into(batch, &genes, &mut self.tokens);
         let tokenized = Instant::now();
-        let outputs = self.infer(progress)?;
+        let mut outputs = self.infer(progress)?;
         let mito = mito_mask(&batch.gene_names);
         let labels = self.package.labels.as_deref();
         let threshold = self.package.confidence_threshold();
         let temperature = self.package.temperature();
         let reference = self.reference.as_deref();
-        let mut neighbours = reference
-            .map(Reference::neighbours)
-            .unwrap_or_else(|| crate::reference::Neighbours::new(0));
         let normalize = self.package.manifest.normalize_embedding;
+        if normalize {
+            outputs
+                .iter_mut()
+                .for_each(|o| l2_normalize(&mut o.embedding));
+        }
+        let mapped = |i: &usize| self.tokens.expressed[*i].n_in_vocab > 0;
+        // Every mapped cell's neighbours in one pass over the reference.
+        let mut mappings = reference
+            .map(|r| {
+                r.map_many(
+                    (0..outputs.len())
+                        .filter(mapped)
+                        .map(|i| outputs[i].embedding.as_slice()),
+                )
+            })
+            .unwrap_or_default()
+            .into_iter();
         let results = outputs
             .into_iter()
             .enumerate()
-            .map(
-                |(
-                    i,
-                    CellOutput {
-                        mut embedding,
-                        logits,
-                    },
-                )| {
-                    let coverage = &self.tokens.expressed[i];
-                    let qc = cell_qc(batch, i, &mito, coverage);
-                    let n_tokens = self.tokens.cell(i).0.len() as u32;
-                    if coverage.n_in_vocab == 0 {
-                        return CellResult {
-                            label: UNASSIGNED.into(),
-                            confidence: 0.0,
-                            assigned: false,
-                            embedding: None,
-                            qc,
-                            n_tokens,
-                            novelty: None,
-                        };
-                    }
-                    if normalize {
-                        l2_normalize(&mut embedding);
-                    }
-                    if let Some(reference) = reference {
-                        let m = reference.map(&embedding, &mut neighbours);
-                        return CellResult {
-                            label: if m.assigned {
-                                reference.label_name(m.label).into()
-                            } else {
-                                UNASSIGNED.into()
-                            },
-                            confidence: m.confidence,
-                            assigned: m.assigned,
-                            embedding: Some(embedding),
-                            qc,
-                            n_tokens,
-                            novelty: Some(m.novelty),
-                        };
-                    }
-                    let (label, confidence) = match (labels, &logits) {
-                        (Some(labels), Some(logits)) => {
-                            let (best, p) = softmax_max(logits, temperature);
-                            (labels[best].clone(), p)
-                        }
-                        _ => (UNASSIGNED.to_string(), 0.0),
-                    };
-                    let assigned = labels.is_some() && confidence >= threshold;
-                    CellResult {
-                        label: if assigned { label } else { UNASSIGNED.into() },
-                        confidence,
-                        assigned,
-                        embedding: Some(embedding),
+            .map(|(i, CellOutput { embedding, logits })| {
+                let coverage = &self.tokens.expressed[i];
+                let qc = cell_qc(batch, i, &mito, coverage);
+                let n_tokens = self.tokens.cell(i).0.len() as u32;
+                if !mapped(&i) {
+                    return CellResult {
+                        label: UNASSIGNED.into(),
+                        confidence: 0.0,
+                        assigned: false,
+                        embedding: None,
                         qc,
                         n_tokens,
                         novelty: None,
+                    };
+                }
+                if let Some(reference) = reference {
+                    let m = mappings.next().expect("a mapping for every mapped cell");
+                    return CellResult {
+                        label: if m.assigned {
+                            reference.label_name(m.label).into()
+                        } else {
+                            UNASSIGNED.into()
+                        },
+                        confidence: m.confidence,
+                        assigned: m.assigned,
+                        embedding: Some(embedding),
+                        qc,
+                        n_tokens,
+                        novelty: Some(m.novelty),
+                    };
+                }
+                let (label, confidence) = match (labels, &logits) {
+                    (Some(labels), Some(logits)) => {
+                        let (best, p) = softmax_max(logits, temperature);
+                        (labels[best].clone(), p)
                     }
-                },
-            )
+                    _ => (UNASSIGNED.to_string(), 0.0),
+                };
+                let assigned = labels.is_some() && confidence >= threshold;
+                CellResult {
+                    label: if assigned { label } else { UNASSIGNED.into() },
+                    confidence,
+                    assigned,
+                    embedding: Some(embedding),
+                    qc,
+                    n_tokens,
+                    novelty: None,
+                }
+            })
             .collect();
         let timings = EmbedTimings {
             tokenize: tokenized - start,

@@ -40,6 +40,9 @@ pub const MIN_PER_BIN: usize = 20;
 pub const TARGET_PRECISION: f64 = 0.95;
 /// Leave-one-out runs over at most this many reference cells (evenly spaced).
 const LOO_CELLS: usize = 5000;
+/// Queries scanned together ([`Reference::map_many`]): the reference is read once per this
+/// many cells, and their rows take `QUERY_CHUNK × embedding_dim` floats.
+pub const QUERY_CHUNK: usize = 256;
 
 const META: &str = "reference.json";
 const EMBEDDINGS: &str = "embeddings.f32";
@@ -229,12 +232,21 @@ impl Reference {
         let step = n.div_ceil(LOO_CELLS).max(1);
         let mut votes = Vec::new(); // (winner's votes, right)
         let mut spread = Vec::new(); // mean distance to the k nearest
-        let mut nb = Neighbours::new(k);
-        for i in (0..n).step_by(step) {
-            self.nearest(self.row(i), Some(i), &mut nb);
-            let (winner, m) = self.vote(&nb);
-            votes.push((m, winner == self.labels[i] as usize));
-            spread.push(nb.mean_distance());
+        let cells: Vec<usize> = (0..n).step_by(step).collect();
+        let mut nbs = vec![Neighbours::new(k); QUERY_CHUNK];
+        let mut queries = Vec::with_capacity(QUERY_CHUNK * self.meta.embedding_dim);
+        for chunk in cells.chunks(QUERY_CHUNK) {
+            queries.clear();
+            chunk
+                .iter()
+                .for_each(|&i| queries.extend_from_slice(self.row(i)));
+            let nbs = &mut nbs[..chunk.len()];
+            self.nearest_many(&queries, Some(chunk), nbs);
+            for (&i, nb) in chunk.iter().zip(nbs.iter()) {
+                let (winner, m) = self.vote(nb);
+                votes.push((m, winner == self.labels[i] as usize));
+                spread.push(nb.mean_distance());
+            }
         }
         self.meta.calibration = calibration_table(&votes, k);
         self.meta.novelty_scale = percentile(&mut spread.clone(), 0.99).max(f64::MIN_POSITIVE);
@@ -282,6 +294,17 @@ impl Reference {
         knn::scan(&self.embeddings, self.meta.embedding_dim, query, skip, out);
     }
 
+    /// [`Reference::nearest`] for the rows of `queries`, each leaving out its `skips` row.
+    fn nearest_many(&self, queries: &[f32], skips: Option<&[usize]>, out: &mut [Neighbours]) {
+        knn::scan_many(
+            &self.embeddings,
+            self.meta.embedding_dim,
+            queries,
+            skips,
+            out,
+        );
+    }
+
     /// The majority label among `nb` and its vote count; a tie goes to the label met first,
     /// nearest first.
     fn vote(&self, nb: &Neighbours) -> (usize, usize) {
@@ -307,6 +330,34 @@ impl Reference {
         let mut q = embedding.to_vec();
         l2_normalize(&mut q);
         self.nearest(&q, None, nb);
+        self.mapping(nb)
+    }
+
+    /// [`Reference::map`] for many cells at once: what each would get alone, with the
+    /// reference read once per [`QUERY_CHUNK`] cells instead of once per cell.
+    pub fn map_many<'a>(&self, embeddings: impl IntoIterator<Item = &'a [f32]>) -> Vec<Mapping> {
+        let dim = self.meta.embedding_dim;
+        let mut out = Vec::new();
+        let mut nbs = vec![self.neighbours(); QUERY_CHUNK];
+        let mut queries = Vec::with_capacity(QUERY_CHUNK * dim);
+        let mut embeddings = embeddings.into_iter().peekable();
+        while embeddings.peek().is_some() {
+            queries.clear();
+            for e in embeddings.by_ref().take(QUERY_CHUNK) {
+                assert_eq!(e.len(), dim, "an embedding of the reference's width");
+                let start = queries.len();
+                queries.extend_from_slice(e);
+                l2_normalize(&mut queries[start..]);
+            }
+            let nbs = &mut nbs[..queries.len() / dim];
+            self.nearest_many(&queries, None, nbs);
+            out.extend(nbs.iter().map(|nb| self.mapping(nb)));
+        }
+        out
+    }
+
+    /// A query's mapping from its nearest reference cells.
+    fn mapping(&self, nb: &Neighbours) -> Mapping {
         let (label, m) = self.vote(nb);
         let confidence = self.meta.calibration[m.max(1) - 1];
         let novelty = nb.mean_distance() / self.meta.novelty_scale;

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Reference mapping at atlas sizes: cellstream's exact kNN (`cargo bench --bench reference`:
+# cells one at a time as before, and batched as `embed`/`serve` map them) against faiss's exact
+# search (`IndexFlatIP`, what scGPT's reference-mapping tutorial uses) on the same reference
+# and query cells, in one run. Prints a markdown table of ratios.
+#   bench-data/reference_compare.sh     (CELLSTREAM_BENCH_REF=CELLSxDIM,... for other sizes)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+venv=.venv-bench
+[ -d "$venv" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q -r <(grep -E '^(numpy|faiss-cpu)==' bench-data/requirements-peer.txt)
+
+log=$(mktemp -d)
+trap 'rm -rf "$log"' EXIT
+cargo bench --bench reference --no-run
+CELLSTREAM_BENCH_REF_DUMP="$log/refs" cargo bench --bench reference | tee "$log/rust.txt"
+"$venv/bin/python" bench-data/reference_peer.py "$log"/refs/* | tee "$log/peer.txt"
+
+field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
+echo
+echo "## Reference mapping, cellstream vs faiss ($(date -u +%Y-%m-%dT%H:%M:%SZ))"
+echo
+echo "Machine: $(lscpu | grep 'Model name' | sed 's/.*: *//'), nproc $(nproc)"
+echo
+echo "| reference cells | width | build (s) | one at a time, cells/s | batched, cells/s | batched / one at a time | faiss 1 thread, cells/s | batched / faiss 1 thread | faiss 2 threads, cells/s |"
+echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+grep '^RESULT reference/batch ' "$log/rust.txt" | while read -r line; do
+    n=$(field cells <<<"$line"); d=$(field dim <<<"$line")
+    key="cells=$n dim=$d "
+    b=$(grep "^RESULT reference/build $key" "$log/rust.txt" | field seconds)
+    one=$(grep "^RESULT reference/one-at-a-time $key" "$log/rust.txt" | field cells_per_s)
+    many=$(field cells_per_s <<<"$line")
+    f1=$(grep "^PEER reference/faiss $key.*threads=1 " "$log/peer.txt" | field cells_per_s || true)
+    f2=$(grep "^PEER reference/faiss $key.*threads=2 " "$log/peer.txt" | field cells_per_s || true)
+    r=$(awk -v a="$many" -v b="$f1" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
+    echo "| $n | $d | $b | $one | $many | $(field ratio <<<"$line")x | ${f1:--} | $r | ${f2:--} |"
+done
