@@ -30,9 +30,10 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 
 from common import COARSE, DATA_3K, TRAIN_DIR, Dataset10x, label_index, thin_counts  # noqa: E402
-from evaluate import DEPTHS, lognorm, read_labels_tsv  # noqa: E402
+from evaluate import DEPTHS, read_labels_tsv  # noqa: E402
+from novelty_probe import ExpressionSpace  # noqa: E402
 
-N_HVG, N_PC, K = 2000, 20, 10
+K = 10
 ALPHA = float(os.environ.get("ALPHA", "200"))
 
 
@@ -44,22 +45,15 @@ def knn(q, ref, exclude_self=False):
     return i, np.sqrt(np.take_along_axis(d, i, 1)).mean(1)
 
 
-class Space:
+class Space(ExpressionSpace):
+    """novelty_probe.py's expression space, plus the counts for the deviance."""
+
     def __init__(self, X):
-        L = lognorm(X).tocsr()
-        mu = np.asarray(L.mean(0)).ravel()
-        var = np.asarray(L.multiply(L).mean(0)).ravel() - mu ** 2
-        self.genes = np.argsort(-var)[:N_HVG]
-        A = L[:, self.genes].toarray()
-        self.m, self.sd = A.mean(0), A.std(0) + 1e-6
-        self.P = np.linalg.svd((A - self.m) / self.sd, full_matrices=False)[2][:N_PC].T
+        super().__init__(X)
         self.X = sp.csr_matrix(X, dtype=np.float64)
         total = self.X.sum()
         # Every gene a small share, so that a count of a gene the reference never saw is finite.
         self.mean = (np.asarray(self.X.sum(0)).ravel() + 0.5) / (total + 0.5 * self.X.shape[1])
-
-    def __call__(self, X):
-        return ((lognorm(X).tocsr()[:, self.genes].toarray() - self.m) / self.sd) @ self.P
 
     def deviance(self, X, nbr):
         """2 Σ x log(x / μ) per UMI (Σ μ = Σ x: the other terms cancel), μ = n · profile."""
