@@ -233,21 +233,14 @@ impl Reference {
         let mut votes = Vec::new(); // (winner's votes, right)
         let mut spread = Vec::new(); // mean distance to the k nearest
         let cells: Vec<usize> = (0..n).step_by(step).collect();
-        let mut nbs = vec![Neighbours::new(k); QUERY_CHUNK];
-        let mut queries = Vec::with_capacity(QUERY_CHUNK * self.meta.embedding_dim);
-        for chunk in cells.chunks(QUERY_CHUNK) {
-            queries.clear();
-            chunk
-                .iter()
-                .for_each(|&i| queries.extend_from_slice(self.row(i)));
-            let nbs = &mut nbs[..chunk.len()];
-            self.nearest_many(&queries, Some(chunk), nbs);
-            for (&i, nb) in chunk.iter().zip(nbs.iter()) {
-                let (winner, m) = self.vote(nb);
-                votes.push((m, winner == self.labels[i] as usize));
-                spread.push(nb.mean_distance());
-            }
-        }
+        let rows = cells.iter().map(|&i| self.row(i));
+        let mut cell = cells.iter();
+        self.nearest_each(rows, Some(&cells), false, |nb| {
+            let i = *cell.next().expect("a cell per query");
+            let (winner, m) = self.vote(nb);
+            votes.push((m, winner == self.labels[i] as usize));
+            spread.push(nb.mean_distance());
+        });
         self.meta.calibration = calibration_table(&votes, k);
         self.meta.novelty_scale = percentile(&mut spread.clone(), 0.99).max(f64::MIN_POSITIVE);
         let scale = self.meta.novelty_scale;
@@ -294,15 +287,37 @@ impl Reference {
         knn::scan(&self.embeddings, self.meta.embedding_dim, query, skip, out);
     }
 
-    /// [`Reference::nearest`] for the rows of `queries`, each leaving out its `skips` row.
-    fn nearest_many(&self, queries: &[f32], skips: Option<&[usize]>, out: &mut [Neighbours]) {
-        knn::scan_many(
-            &self.embeddings,
-            self.meta.embedding_dim,
-            queries,
-            skips,
-            out,
-        );
+    /// [`Reference::nearest`] for each of `queries` (normalised here when `normalize`), query
+    /// `j` leaving out reference cell `skips[j]`: [`QUERY_CHUNK`] queries per pass over the
+    /// reference; `each` gets their neighbours in order.
+    fn nearest_each<'a>(
+        &self,
+        queries: impl IntoIterator<Item = &'a [f32]>,
+        skips: Option<&[usize]>,
+        normalize: bool,
+        mut each: impl FnMut(&Neighbours),
+    ) {
+        let dim = self.meta.embedding_dim;
+        let mut nbs = vec![self.neighbours(); QUERY_CHUNK];
+        let mut rows = Vec::with_capacity(QUERY_CHUNK * dim);
+        let mut queries = queries.into_iter().peekable();
+        let mut done = 0;
+        while queries.peek().is_some() {
+            rows.clear();
+            for q in queries.by_ref().take(QUERY_CHUNK) {
+                assert_eq!(q.len(), dim, "an embedding of the reference's width");
+                let start = rows.len();
+                rows.extend_from_slice(q);
+                if normalize {
+                    l2_normalize(&mut rows[start..]);
+                }
+            }
+            let nbs = &mut nbs[..rows.len() / dim];
+            let skips = skips.map(|s| &s[done..done + nbs.len()]);
+            knn::scan_many(&self.embeddings, dim, &rows, skips, nbs);
+            nbs.iter().for_each(&mut each);
+            done += nbs.len();
+        }
     }
 
     /// The majority label among `nb` and its vote count; a tie goes to the label met first,
@@ -336,23 +351,8 @@ impl Reference {
     /// [`Reference::map`] for many cells at once: what each would get alone, with the
     /// reference read once per [`QUERY_CHUNK`] cells instead of once per cell.
     pub fn map_many<'a>(&self, embeddings: impl IntoIterator<Item = &'a [f32]>) -> Vec<Mapping> {
-        let dim = self.meta.embedding_dim;
         let mut out = Vec::new();
-        let mut nbs = vec![self.neighbours(); QUERY_CHUNK];
-        let mut queries = Vec::with_capacity(QUERY_CHUNK * dim);
-        let mut embeddings = embeddings.into_iter().peekable();
-        while embeddings.peek().is_some() {
-            queries.clear();
-            for e in embeddings.by_ref().take(QUERY_CHUNK) {
-                assert_eq!(e.len(), dim, "an embedding of the reference's width");
-                let start = queries.len();
-                queries.extend_from_slice(e);
-                l2_normalize(&mut queries[start..]);
-            }
-            let nbs = &mut nbs[..queries.len() / dim];
-            self.nearest_many(&queries, None, nbs);
-            out.extend(nbs.iter().map(|nb| self.mapping(nb)));
-        }
+        self.nearest_each(embeddings, None, true, |nb| out.push(self.mapping(nb)));
         out
     }
 
