@@ -208,6 +208,13 @@ fn inspect_reference(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         m.embedding_dim,
         m.k
     );
+    match &m.index {
+        None => println!("search:       exact scan"),
+        Some(i) => println!(
+            "search:       {} graph ({}; ef_construction {}, ef_search {}), exact ranking of its candidates",
+            i.kind, i.file, i.ef_construction, i.ef_search
+        ),
+    }
     let l = &m.leave_one_out;
     println!(
         "own cells:    leave-one-out accuracy {:.3}; {:.1}% assigned at confidence ≥ {:.2}, precision {:.3}",

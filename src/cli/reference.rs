@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use cellstream::embed::{EmbedConfig, Embedder};
 use cellstream::model::{default_model_dir, ModelPackage};
-use cellstream::reference::{Provenance, Reference};
+use cellstream::reference::{Provenance, Reference, Search};
 
 use super::UsageError;
 
@@ -42,6 +42,28 @@ pub struct Args {
     /// first two principal components.
     #[arg(long)]
     layout: Option<PathBuf>,
+    /// How queries find their nearest reference cells: `exact` (a scan of every cell),
+    /// `hnsw` (an approximate graph, stored as index.hnsw), or `auto` (hnsw past 100,000
+    /// cells).
+    #[arg(long, value_enum, default_value = "auto")]
+    index: IndexArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum IndexArg {
+    Auto,
+    Exact,
+    Hnsw,
+}
+
+impl From<IndexArg> for Search {
+    fn from(a: IndexArg) -> Search {
+        match a {
+            IndexArg::Auto => Search::Auto,
+            IndexArg::Exact => Search::Exact,
+            IndexArg::Hnsw => Search::Hnsw,
+        }
+    }
 }
 
 /// Coordinates for each of `barcodes` from a tab-separated file (header; barcode, x, y).
@@ -170,7 +192,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cellstream: env!("CARGO_PKG_VERSION").into(),
         unlabelled_cells: unlabelled,
     };
-    let mut reference = Reference::build(cells, dim, model, built).map_err(UsageError)?;
+    let mut reference =
+        Reference::build(cells, dim, model, built, args.index.into()).map_err(UsageError)?;
     if let Some(path) = &args.layout {
         let coords = read_layout(path, reference.barcodes())?;
         reference
@@ -181,6 +204,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .write(&args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     let m = &reference.meta;
+    if let Some(i) = &m.index {
+        eprintln!(
+            "search graph: {} ({} cells, ef_search {})",
+            args.out.join(&i.file).display(),
+            m.cells,
+            i.ef_search
+        );
+    }
     eprintln!(
         "reference {}: {n} cells of {} labels ({unlabelled} unlabelled, {empty} with no gene in the vocabulary left out); leave-one-out accuracy {:.3}, {:.1}% assigned at confidence ≥ {:.2} (precision {:.3})",
         args.out.display(),

@@ -51,6 +51,13 @@ impl Neighbours {
         self.best.truncate(self.k);
     }
 
+    /// Renames each neighbour `i` to `ids[i]` (a scan over rows gathered from `ids`).
+    pub(super) fn renumber(&mut self, ids: &[u32]) {
+        for b in &mut self.best {
+            b.1 = ids[b.1 as usize];
+        }
+    }
+
     /// Nearest first.
     pub fn sorted(&self) -> &[(f64, u32)] {
         &self.best

@@ -9,7 +9,9 @@
 //! daemon's map, little-endian f32, `cells × 2`, the same order; a folder without it still
 //! loads, and older readers ignore it). For a query cell ([`Reference::map`]):
 //!
-//! - distance `1 − cos`; the `k` nearest reference cells by exact scan;
+//! - distance `1 − cos`; the `k` nearest reference cells by exact scan, or for a reference
+//!   built with an HNSW graph (`index.hnsw`, [`ann`]; by default past [`ann::AUTO_ABOVE`]
+//!   cells) the `k` nearest among the graph's candidates;
 //! - `label`: the majority among them (a tie goes to the label met first, nearest first);
 //! - `confidence`: the probability that this label is right, read from a table by the
 //!   winner's vote count `m`: the fraction of the reference's own cells, in leave-one-out
@@ -20,12 +22,14 @@
 //! - `assigned`: confidence at least the reference's threshold (the lowest giving ≥ 95%
 //!   precision in leave-one-out) and novelty at most 1.
 
+pub mod ann;
 mod knn;
 pub mod layout;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +52,7 @@ const META: &str = "reference.json";
 const EMBEDDINGS: &str = "embeddings.f32";
 const CELLS: &str = "cells.tsv";
 const LAYOUT: &str = "layout.f32";
+const INDEX: &str = "index.hnsw";
 const FORMAT: &str = "cellstream-reference";
 
 /// Which model a reference's embeddings come from.
@@ -97,6 +102,29 @@ pub struct Meta {
     pub confidence_threshold: f64,
     pub leave_one_out: SelfScores,
     pub built: Provenance,
+    /// The search graph, when the reference has one (absent: exact scan).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexMeta>,
+}
+
+/// `reference.json`'s `index`: an HNSW graph in `index.hnsw` (its last 4 bytes the CRC-32C
+/// of the rest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexMeta {
+    pub kind: String,
+    pub file: String,
+    pub ef_construction: usize,
+    pub ef_search: usize,
+}
+
+/// How a reference finds a query's nearest cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Search {
+    /// An HNSW graph past [`ann::AUTO_ABOVE`] cells, else exact.
+    Auto,
+    Exact,
+    Hnsw,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +154,7 @@ pub struct Reference {
     barcodes: Vec<String>,
     /// Per cell, its 2-D coordinates on the reference's map (`layout.f32`), if it has one.
     layout: Option<Vec<[f32; 2]>>,
+    index: Option<Arc<ann::Index>>,
 }
 
 /// A query cell's mapping.
@@ -148,12 +177,14 @@ pub fn l2_normalize(v: &mut [f32]) {
 
 impl Reference {
     /// A reference of `cells` (barcode, label, embedding), each embedding `dim` wide, for
-    /// `model`: normalises the embeddings and calibrates by leave-one-out.
+    /// `model`: normalises the embeddings, builds the search graph if `search` asks for one,
+    /// and calibrates by leave-one-out (with the search that will map queries).
     pub fn build(
         cells: Vec<(String, String, Vec<f32>)>,
         dim: usize,
         model: ModelId,
         built: Provenance,
+        search: Search,
     ) -> Result<Reference, String> {
         if cells.len() < 2 {
             return Err(format!(
@@ -206,12 +237,28 @@ impl Reference {
                 confidence_threshold: 0.0,
                 leave_one_out: SelfScores::default(),
                 built,
+                index: None,
             },
             embeddings,
             labels,
             barcodes,
             layout: None,
+            index: None,
         };
+        let hnsw = match search {
+            Search::Auto => n > ann::AUTO_ABOVE,
+            Search::Exact => false,
+            Search::Hnsw => true,
+        };
+        if hnsw {
+            reference.index = Some(Arc::new(ann::Index::build(&reference.embeddings, dim)));
+            reference.meta.index = Some(IndexMeta {
+                kind: "hnsw".into(),
+                file: INDEX.into(),
+                ef_construction: ann::EF_CONSTRUCTION,
+                ef_search: ann::EF_SEARCH,
+            });
+        }
         reference.calibrate();
         // A map until one is given (`cellstream reference --layout`): the two principal axes.
         let pca = layout::Pca::fit(&reference.embeddings, dim, None);
@@ -284,7 +331,11 @@ impl Reference {
 
     /// The `k` nearest reference cells to `query` (normalised), `skip` excluded.
     fn nearest(&self, query: &[f32], skip: Option<usize>, out: &mut Neighbours) {
-        knn::scan(&self.embeddings, self.meta.embedding_dim, query, skip, out);
+        let dim = self.meta.embedding_dim;
+        match &self.index {
+            Some(index) => index.nearest(&self.embeddings, dim, query, skip, out),
+            None => knn::scan(&self.embeddings, dim, query, skip, out),
+        }
     }
 
     /// [`Reference::nearest`] for each of `queries` (normalised here when `normalize`), query
@@ -298,6 +349,23 @@ impl Reference {
         mut each: impl FnMut(&Neighbours),
     ) {
         let dim = self.meta.embedding_dim;
+        if let Some(index) = &self.index {
+            // The graph takes one query at a time.
+            let mut nb = self.neighbours();
+            let mut q = Vec::with_capacity(dim);
+            for (j, query) in queries.into_iter().enumerate() {
+                assert_eq!(query.len(), dim, "an embedding of the reference's width");
+                q.clear();
+                q.extend_from_slice(query);
+                if normalize {
+                    l2_normalize(&mut q);
+                }
+                let skip = skips.map(|s| s[j]);
+                index.nearest(&self.embeddings, dim, &q, skip, &mut nb);
+                each(&nb);
+            }
+            return;
+        }
         let mut nbs = vec![self.neighbours(); QUERY_CHUNK];
         let mut rows = Vec::with_capacity(QUERY_CHUNK * dim);
         let mut queries = queries.into_iter().peekable();
@@ -447,6 +515,11 @@ impl Reference {
             }
             Ok(())
         })?;
+        if let Some(index) = &self.index {
+            let mut bytes = index.to_bytes().map_err(std::io::Error::other)?;
+            bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+            write_atomic(&dir.join(INDEX), |w| w.write_all(&bytes))?;
+        }
         if let Some(layout) = &self.layout {
             write_atomic(&dir.join(LAYOUT), |w| {
                 for [x, y] in layout {
@@ -566,14 +639,68 @@ impl Reference {
             ));
         }
         let layout = load_layout(&dir.join(LAYOUT), meta.cells)?;
+        let index = match &meta.index {
+            None => None,
+            Some(im) => Some(Arc::new(load_index(
+                dir,
+                im,
+                &embeddings,
+                meta.embedding_dim,
+                &path,
+            )?)),
+        };
         Ok(Reference {
             meta,
             embeddings,
             labels,
             barcodes,
             layout,
+            index,
         })
     }
+}
+
+/// The search graph `index` describes, checked against the reference's rows.
+fn load_index(
+    dir: &Path,
+    index: &IndexMeta,
+    rows: &[f32],
+    dim: usize,
+    meta_path: &Path,
+) -> Result<ann::Index, ReferenceError> {
+    if index.kind != "hnsw" || index.file != INDEX {
+        return Err(ReferenceError::Invalid {
+            path: meta_path.to_path_buf(),
+            what: format!(
+                "index of kind {:?} in {:?}, expected \"hnsw\" in {INDEX:?}",
+                index.kind, index.file
+            ),
+        });
+    }
+    let path = dir.join(INDEX);
+    let invalid = |what: String| ReferenceError::Invalid {
+        path: path.clone(),
+        what,
+    };
+    let bytes = std::fs::read(&path).map_err(|err| ReferenceError::Io {
+        path: path.clone(),
+        err,
+    })?;
+    let Some(body_len) = bytes.len().checked_sub(4) else {
+        return Err(invalid(format!(
+            "{} bytes, too short for an index",
+            bytes.len()
+        )));
+    };
+    let (body, tail) = bytes.split_at(body_len);
+    let stored = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
+    let crc = crc32c::crc32c(body);
+    if crc != stored {
+        return Err(invalid(format!(
+            "CRC-32C {crc:08x}, the file's last 4 bytes say {stored:08x}: damaged (rebuild the reference)"
+        )));
+    }
+    ann::Index::from_bytes(body, rows, dim).map_err(invalid)
 }
 
 /// `layout.f32` when the folder has one (references built before it existed do not).
@@ -718,6 +845,7 @@ mod tests {
             8,
             model(),
             Provenance::default(),
+            Search::Exact,
         )
         .unwrap();
         assert_eq!(r.meta.k, K);
@@ -757,6 +885,7 @@ mod tests {
             8,
             model(),
             Provenance::default(),
+            Search::Exact,
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -786,5 +915,78 @@ mod tests {
             err.contains(&"ab".repeat(32)) && err.contains(&"cd".repeat(32)),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_search_graph_finds_what_the_scan_finds_and_reads_back() {
+        let mut rng = CellRng::for_cell(3, "reference graph");
+        let cells = clusters(150, 0.8, &mut rng);
+        let build = |search| {
+            Reference::build(cells.clone(), 8, model(), Provenance::default(), search).unwrap()
+        };
+        let (exact, graph) = (build(Search::Exact), build(Search::Hnsw));
+        assert!(exact.meta.index.is_none() && graph.meta.index.is_some());
+        let queries: Vec<Vec<f32>> = clusters(50, 0.8, &mut rng)
+            .into_iter()
+            .map(|c| c.2)
+            .collect();
+        let neighbours = |r: &Reference| {
+            let mut out = Vec::new();
+            r.nearest_each(queries.iter().map(|q| &q[..]), None, true, |nb| {
+                out.push(nb.sorted().to_vec())
+            });
+            out
+        };
+        let (want, got) = (neighbours(&exact), neighbours(&graph));
+        // Where the graph finds the k nearest, the distances and order are the scan's.
+        let same = want.iter().zip(&got).filter(|(w, g)| w == g).count();
+        assert!(same * 100 >= 99 * want.len(), "{same} of {}", want.len());
+        let map = |r: &Reference| r.map_many(queries.iter().map(|q| &q[..]));
+        assert_eq!(map(&graph).len(), queries.len());
+        // One cell alone and in a batch: the same neighbours.
+        let mut nb = graph.neighbours();
+        graph.map(&queries[7], &mut nb);
+        assert_eq!(nb.sorted(), &got[7][..]);
+
+        let dir = tempfile::tempdir().unwrap();
+        graph.write(dir.path()).unwrap();
+        let back = Reference::load(dir.path(), Some(&model())).unwrap();
+        assert_eq!(back.meta.index, graph.meta.index);
+        assert_eq!(neighbours(&back), got);
+        // A damaged graph is refused, naming the file; so is one for other embeddings.
+        let path = dir.path().join(INDEX);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Reference::load(dir.path(), None).unwrap_err().to_string();
+        assert!(
+            err.contains("index.hnsw") && err.contains("CRC-32C"),
+            "{err}"
+        );
+        exact.write(dir.path()).unwrap();
+        let mut meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(META)).unwrap()).unwrap();
+        meta["index"] = serde_json::to_value(graph.meta.index.as_ref().unwrap()).unwrap();
+        std::fs::write(dir.path().join(META), meta.to_string()).unwrap();
+        let mut other = graph.clone();
+        other.embeddings[0] += 0.5;
+        let bytes = {
+            let mut b = graph.index.as_ref().unwrap().to_bytes().unwrap();
+            b.extend_from_slice(&crc32c::crc32c(&b).to_le_bytes());
+            b
+        };
+        std::fs::write(&path, bytes).unwrap();
+        assert!(Reference::load(dir.path(), None).is_ok());
+        std::fs::write(
+            dir.path().join(EMBEDDINGS),
+            other
+                .embeddings
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        let err = Reference::load(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("differs from embeddings.f32"), "{err}");
     }
 }

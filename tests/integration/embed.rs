@@ -629,6 +629,42 @@ fn a_reference_labels_cells_by_their_nearest_and_is_refused_for_another_model() 
     );
     assert!(novel < 35, "{novel} of 700 novel");
 
+    // The same cells with a search graph (`--index hnsw`, the default past 10^5 cells): the
+    // cells map as the exact scan maps them (the graph finds all 10 nearest at this size).
+    let graph = dir.path().join("graph");
+    let g = graph.to_str().unwrap();
+    let out = cellstream(&[
+        "reference",
+        i,
+        "--labels",
+        l,
+        "--column",
+        "cell_type_coarse",
+        "--index",
+        "hnsw",
+        "--out",
+        g,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(graph.join("index.hnsw").is_file());
+    let (out, mapped) = embed(&["embed", i, "--reference", g, "--threads", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let same = records
+        .iter()
+        .zip(&mapped)
+        .filter(|(a, b)| a["label"] == b["label"] && a["assigned"] == b["assigned"])
+        .count();
+    assert!(
+        same >= 693,
+        "{same} of 700 mapped as the exact scan maps them"
+    );
+    let out = cellstream(&["inspect", g]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("search:       hnsw graph"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // inspect on the records: the run-level QC per batch.
     let records = dir.path().join("mapped.ndjson");
     std::fs::write(&records, records_of(&["embed", i, "--reference", r])).unwrap();
