@@ -2,8 +2,10 @@
 # Reference mapping at atlas sizes: cellstream's exact kNN (`cargo bench --bench reference`:
 # cells one at a time as before, and batched as `embed`/`serve` map them) against faiss's exact
 # search (`IndexFlatIP`, what scGPT's reference-mapping tutorial uses) on the same reference
-# and query cells, in one run. Prints a markdown table of ratios.
-#   bench-data/reference_compare.sh     (CELLSTREAM_BENCH_REF=CELLSxDIM,... for other sizes)
+# and query cells, in one run; then the search graph (`--index hnsw`) against the exact scan and
+# faiss's HNSW on the same cells. Prints markdown tables of ratios.
+#   bench-data/reference_compare.sh     (CELLSTREAM_BENCH_REF=CELLSxDIM,... and
+#                                        CELLSTREAM_BENCH_GRAPH=CELLSxDIM,... for other sizes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,4 +37,20 @@ grep '^RESULT reference/batch ' "$log/rust.txt" | while read -r line; do
     f2=$(grep "^PEER reference/faiss $key.*threads=2 " "$log/peer.txt" | field cells_per_s || true)
     r=$(awk -v a="$many" -v b="$f1" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
     echo "| $n | $d | $b | $one | $many | $(field ratio <<<"$line")x | ${f1:--} | $r | ${f2:--} |"
+done
+
+echo
+echo "| reference cells | width | graph build (s) | graph, cells/s | exact batched, cells/s | graph / exact | recall of the exact 10 | same label and assigned | faiss HNSW build (s) | faiss HNSW 1 thread, cells/s | graph / faiss HNSW 1 thread | faiss HNSW recall |"
+echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+grep '^RESULT reference/graph ' "$log/rust.txt" | while read -r line; do
+    n=$(field cells <<<"$line"); d=$(field dim <<<"$line")
+    key="cells=$n dim=$d "
+    b=$(grep "^RESULT reference/graph-build $key" "$log/rust.txt" | field seconds)
+    g=$(field cells_per_s <<<"$line"); e=$(field exact_cells_per_s <<<"$line")
+    rec=$(grep "^RESULT reference/graph-recall $key" "$log/rust.txt" | field recall_at_k)
+    same=$(grep "^RESULT reference/graph-agreement $key" "$log/rust.txt" | field same_label_and_assigned)
+    peer=$(grep "^PEER reference/faiss-hnsw $key" "$log/peer.txt" || true)
+    fb=$(field build_s <<<"$peer"); f1=$(field cells_per_s_1 <<<"$peer"); fr=$(field recall_at_k <<<"$peer")
+    r=$(awk -v a="$g" -v b="$f1" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
+    echo "| $n | $d | $b | $g | $e | $(field ratio <<<"$line")x | $rec | $same | ${fb:--} | ${f1:--} | $r | ${fr:--} |"
 done
