@@ -85,6 +85,22 @@ fn patch_cells(n: usize, dim: usize, seed: u64) -> Vec<(String, String, Vec<f32>
         .collect()
 }
 
+/// With `CELLSTREAM_BENCH_REF_DUMP=DIR`: the reference folder and its query cells
+/// (`queries.f32`) under `DIR/name/`, for the peer.
+fn dump(name: &str, reference: &Reference, queries: &[Vec<f32>]) {
+    let Ok(dump) = std::env::var("CELLSTREAM_BENCH_REF_DUMP") else {
+        return;
+    };
+    let dir = std::path::Path::new(&dump).join(name);
+    reference.write(&dir).unwrap();
+    let bytes: Vec<u8> = queries
+        .iter()
+        .flatten()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    std::fs::write(dir.join("queries.f32"), bytes).unwrap();
+}
+
 fn model() -> ModelId {
     ModelId {
         name: "bench".into(),
@@ -124,16 +140,7 @@ fn graph(n: usize, dim: usize, n_queries: usize) {
         .into_iter()
         .map(|c| c.2)
         .collect();
-    if let Ok(dump) = std::env::var("CELLSTREAM_BENCH_REF_DUMP") {
-        let dir = std::path::Path::new(&dump).join(format!("graph-{n}x{dim}"));
-        exact.write(&dir).unwrap();
-        let bytes: Vec<u8> = queries
-            .iter()
-            .flatten()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
-        std::fs::write(dir.join("queries.f32"), bytes).unwrap();
-    }
+    dump(&format!("graph-{n}x{dim}"), &exact, &queries);
     let t = Instant::now();
     let want = exact.map_many(queries.iter().map(|q| black_box(q.as_slice())));
     let exact_rate = n_queries as f64 / t.elapsed().as_secs_f64();
@@ -208,16 +215,7 @@ fn main() {
             .into_iter()
             .map(|c| c.2)
             .collect();
-        if let Ok(dump) = std::env::var("CELLSTREAM_BENCH_REF_DUMP") {
-            let dir = std::path::Path::new(&dump).join(size);
-            reference.write(&dir).unwrap();
-            let bytes: Vec<u8> = queries
-                .iter()
-                .flatten()
-                .flat_map(|x| x.to_le_bytes())
-                .collect();
-            std::fs::write(dir.join("queries.f32"), bytes).unwrap();
-        }
+        dump(size, &reference, &queries);
         let alone = if n > 100_000 {
             n_queries.min(500)
         } else {

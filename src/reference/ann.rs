@@ -52,14 +52,12 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// An HNSW graph over a reference's rows; values are the rows' indices.
 pub struct Index {
     map: HnswMap<Row, u32>,
-    ef_search: usize,
 }
 
 impl fmt::Debug for Index {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Index")
             .field("points", &self.map.values.len())
-            .field("ef_search", &self.ef_search)
             .finish()
     }
 }
@@ -87,10 +85,7 @@ impl Index {
             .ef_search(EF_SEARCH)
             .seed(0)
             .build(points, values);
-        Index {
-            map,
-            ef_search: EF_SEARCH,
-        }
+        Index { map }
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
@@ -124,10 +119,7 @@ impl Index {
                 ));
             }
         }
-        Ok(Index {
-            map,
-            ef_search: EF_SEARCH,
-        })
+        Ok(Index { map })
     }
 
     /// The `k` nearest of the graph's candidates for `query` (normalised), `skip` excluded,
@@ -140,41 +132,26 @@ impl Index {
         skip: Option<usize>,
         out: &mut Neighbours,
     ) {
-        SCRATCH.with_borrow_mut(|scratch| self.nearest_with(rows, dim, query, skip, out, scratch))
-    }
-
-    fn nearest_with(
-        &self,
-        rows: &[f32],
-        dim: usize,
-        query: &[f32],
-        skip: Option<usize>,
-        out: &mut Neighbours,
-        scratch: &mut Scratch,
-    ) {
-        let q = Row(query.into());
-        scratch.ids.clear();
-        scratch.ids.extend(
-            self.map
-                .search(&q, &mut scratch.search)
-                .map(|item| *item.value)
-                .filter(|&c| Some(c as usize) != skip),
-        );
-        // Row order, so that ties fall as they do in the full scan.
-        scratch.ids.sort_unstable();
-        scratch.rows.clear();
-        for &c in &scratch.ids {
-            let c = c as usize;
-            scratch
-                .rows
-                .extend_from_slice(&rows[c * dim..(c + 1) * dim]);
-        }
-        knn::scan(&scratch.rows, dim, query, None, out);
-        out.renumber(&scratch.ids);
-    }
-
-    /// Graph candidates per query.
-    pub fn ef_search(&self) -> usize {
-        self.ef_search
+        SCRATCH.with_borrow_mut(|scratch| {
+            let q = Row(query.into());
+            scratch.ids.clear();
+            scratch.ids.extend(
+                self.map
+                    .search(&q, &mut scratch.search)
+                    .map(|item| *item.value)
+                    .filter(|&c| Some(c as usize) != skip),
+            );
+            // Row order, so that ties fall as they do in the full scan.
+            scratch.ids.sort_unstable();
+            scratch.rows.clear();
+            for &c in &scratch.ids {
+                let c = c as usize;
+                scratch
+                    .rows
+                    .extend_from_slice(&rows[c * dim..(c + 1) * dim]);
+            }
+            knn::scan(&scratch.rows, dim, query, None, out);
+            out.renumber(&scratch.ids);
+        })
     }
 }
