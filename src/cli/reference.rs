@@ -42,28 +42,9 @@ pub struct Args {
     /// first two principal components.
     #[arg(long)]
     layout: Option<PathBuf>,
-    /// How queries find their nearest reference cells: `exact` (a scan of every cell),
-    /// `hnsw` (an approximate graph, stored as index.hnsw), or `auto` (hnsw past 100,000
-    /// cells).
+    /// How queries find their nearest reference cells.
     #[arg(long, value_enum, default_value = "auto")]
-    index: IndexArg,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum IndexArg {
-    Auto,
-    Exact,
-    Hnsw,
-}
-
-impl From<IndexArg> for Search {
-    fn from(a: IndexArg) -> Search {
-        match a {
-            IndexArg::Auto => Search::Auto,
-            IndexArg::Exact => Search::Exact,
-            IndexArg::Hnsw => Search::Hnsw,
-        }
-    }
+    index: Search,
 }
 
 /// Coordinates for each of `barcodes` from a tab-separated file (header; barcode, x, y).
@@ -193,7 +174,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         unlabelled_cells: unlabelled,
     };
     let mut reference =
-        Reference::build(cells, dim, model, built, args.index.into()).map_err(UsageError)?;
+        Reference::build(cells, dim, model, built, args.index).map_err(UsageError)?;
     if let Some(path) = &args.layout {
         let coords = read_layout(path, reference.barcodes())?;
         reference

@@ -5,7 +5,8 @@
 //! takes its place.
 //!
 //! The graph is built once (`cellstream reference`, all cores) and stored with the reference
-//! as `index.hnsw` (postcard): the graph and its own copy of the rows, in the graph's order.
+//! as `index.hnsw`: the graph and its own copy of the rows, in the graph's order (postcard),
+//! then the CRC-32C of those bytes (4 bytes, little-endian).
 
 use std::cell::RefCell;
 use std::fmt;
@@ -62,13 +63,24 @@ impl fmt::Debug for Index {
     }
 }
 
-/// Per-thread buffers for [`Index::nearest`]: the crate's search state (a visited mark per
-/// point) and the gathered candidates.
-#[derive(Default)]
+/// Per-thread buffers for [`Index::nearest`]: the query as the graph takes it, the crate's
+/// search state (a visited mark per point) and the gathered candidates.
 struct Scratch {
+    query: Row,
     search: Search,
     ids: Vec<u32>,
     rows: Vec<f32>,
+}
+
+impl Default for Scratch {
+    fn default() -> Scratch {
+        Scratch {
+            query: Row(Box::default()),
+            search: Search::default(),
+            ids: Vec::new(),
+            rows: Vec::new(),
+        }
+    }
 }
 
 thread_local! {
@@ -88,15 +100,29 @@ impl Index {
         Index { map }
     }
 
+    /// `index.hnsw`'s bytes, the CRC-32C trailer included.
     pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
-        postcard::to_stdvec(&self.map).map_err(|e| e.to_string())
+        let mut bytes = postcard::to_stdvec(&self.map).map_err(|e| e.to_string())?;
+        bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+        Ok(bytes)
     }
 
-    /// The graph stored by [`Index::to_bytes`], checked against the reference's `rows`: one
-    /// point per row, each the row it names.
+    /// The graph stored by [`Index::to_bytes`], its trailer checked, and checked against the
+    /// reference's `rows`: one point per row, each the row it names.
     pub fn from_bytes(bytes: &[u8], rows: &[f32], dim: usize) -> Result<Index, String> {
+        let Some(body_len) = bytes.len().checked_sub(4) else {
+            return Err(format!("{} bytes, too short for an index", bytes.len()));
+        };
+        let (body, tail) = bytes.split_at(body_len);
+        let stored = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
+        let crc = crc32c::crc32c(body);
+        if crc != stored {
+            return Err(format!(
+                "CRC-32C {crc:08x}, the file's last 4 bytes say {stored:08x}: damaged (rebuild the reference)"
+            ));
+        }
         let map: HnswMap<Row, u32> =
-            postcard::from_bytes(bytes).map_err(|e| format!("not an HNSW index: {e}"))?;
+            postcard::from_bytes(body).map_err(|e| format!("not an HNSW index: {e}"))?;
         let cells = rows.len() / dim;
         if map.values.len() != cells {
             return Err(format!(
@@ -133,11 +159,15 @@ impl Index {
         out: &mut Neighbours,
     ) {
         SCRATCH.with_borrow_mut(|scratch| {
-            let q = Row(query.into());
+            if scratch.query.0.len() == query.len() {
+                scratch.query.0.copy_from_slice(query);
+            } else {
+                scratch.query = Row(query.into());
+            }
             scratch.ids.clear();
             scratch.ids.extend(
                 self.map
-                    .search(&q, &mut scratch.search)
+                    .search(&scratch.query, &mut scratch.search)
                     .map(|item| *item.value)
                     .filter(|&c| Some(c as usize) != skip),
             );

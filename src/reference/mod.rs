@@ -118,12 +118,15 @@ pub struct IndexMeta {
     pub ef_search: usize,
 }
 
-/// How a reference finds a query's nearest cells.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a reference finds a query's nearest cells (`cellstream reference --index`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Search {
-    /// An HNSW graph past [`ann::AUTO_ABOVE`] cells, else exact.
+    /// An HNSW graph past 100,000 cells, else exact.
+    // (The number is ann::AUTO_ABOVE; this text is the CLI's help.)
     Auto,
+    /// A scan of every cell.
     Exact,
+    /// An approximate graph, stored as index.hnsw.
     Hnsw,
 }
 
@@ -516,8 +519,7 @@ impl Reference {
             Ok(())
         })?;
         if let Some(index) = &self.index {
-            let mut bytes = index.to_bytes().map_err(std::io::Error::other)?;
-            bytes.extend_from_slice(&crc32c::crc32c(&bytes).to_le_bytes());
+            let bytes = index.to_bytes().map_err(std::io::Error::other)?;
             write_atomic(&dir.join(INDEX), |w| w.write_all(&bytes))?;
         }
         if let Some(layout) = &self.layout {
@@ -678,29 +680,11 @@ fn load_index(
         });
     }
     let path = dir.join(INDEX);
-    let invalid = |what: String| ReferenceError::Invalid {
-        path: path.clone(),
-        what,
-    };
     let bytes = std::fs::read(&path).map_err(|err| ReferenceError::Io {
         path: path.clone(),
         err,
     })?;
-    let Some(body_len) = bytes.len().checked_sub(4) else {
-        return Err(invalid(format!(
-            "{} bytes, too short for an index",
-            bytes.len()
-        )));
-    };
-    let (body, tail) = bytes.split_at(body_len);
-    let stored = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
-    let crc = crc32c::crc32c(body);
-    if crc != stored {
-        return Err(invalid(format!(
-            "CRC-32C {crc:08x}, the file's last 4 bytes say {stored:08x}: damaged (rebuild the reference)"
-        )));
-    }
-    ann::Index::from_bytes(body, rows, dim).map_err(invalid)
+    ann::Index::from_bytes(&bytes, rows, dim).map_err(|what| ReferenceError::Invalid { path, what })
 }
 
 /// `layout.f32` when the folder has one (references built before it existed do not).
@@ -970,12 +954,7 @@ mod tests {
         std::fs::write(dir.path().join(META), meta.to_string()).unwrap();
         let mut other = graph.clone();
         other.embeddings[0] += 0.5;
-        let bytes = {
-            let mut b = graph.index.as_ref().unwrap().to_bytes().unwrap();
-            b.extend_from_slice(&crc32c::crc32c(&b).to_le_bytes());
-            b
-        };
-        std::fs::write(&path, bytes).unwrap();
+        std::fs::write(&path, graph.index.as_ref().unwrap().to_bytes().unwrap()).unwrap();
         assert!(Reference::load(dir.path(), None).is_ok());
         std::fs::write(
             dir.path().join(EMBEDDINGS),
