@@ -27,7 +27,7 @@ echo "Machine: $(lscpu | grep 'Model name' | sed 's/.*: *//'), nproc $(nproc)"
 echo
 echo "| reference cells | width | build (s) | one at a time, cells/s | batched, cells/s | batched / one at a time | faiss 1 thread, cells/s | batched / faiss 1 thread | faiss 2 threads, cells/s |"
 echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-grep '^RESULT reference/batch ' "$log/rust.txt" | while read -r line; do
+{ grep '^RESULT reference/batch ' "$log/rust.txt" || true; } | while read -r line; do
     n=$(field cells <<<"$line"); d=$(field dim <<<"$line")
     key="cells=$n dim=$d "
     b=$(grep "^RESULT reference/build $key" "$log/rust.txt" | field seconds)
@@ -42,7 +42,7 @@ done
 echo
 echo "| reference cells | width | graph build (s) | graph, cells/s | exact batched, cells/s | graph / exact | recall of the exact 10 | same label and assigned | faiss HNSW build (s) | faiss HNSW 1 thread, cells/s | graph / faiss HNSW 1 thread | faiss HNSW recall |"
 echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-grep '^RESULT reference/graph ' "$log/rust.txt" | while read -r line; do
+{ grep '^RESULT reference/graph ' "$log/rust.txt" || true; } | while read -r line; do
     n=$(field cells <<<"$line"); d=$(field dim <<<"$line")
     key="cells=$n dim=$d "
     b=$(grep "^RESULT reference/graph-build $key" "$log/rust.txt" | field seconds)
