@@ -6,7 +6,8 @@
 //!
 //! The graph holds links only: distances are computed on the reference's rows where they
 //! already lie (`embeddings.f32`, contiguous), so a graph adds its links to memory, not a
-//! second copy of the rows.
+//! second copy of the rows. A cell's unvisited neighbours are prefetched, then scored four at
+//! a time with the exact scan's own dot product ([`knn::dots4`]).
 //!
 //! **Build** (`cellstream reference`, all cores) inserts cells in row order, [`BATCH`] at a
 //! time: each cell of a batch searches the graph as the batch found it (in parallel), takes
@@ -53,22 +54,6 @@ const MAX_LEVEL: u8 = 15;
 const MAGIC: &[u8; 8] = b"CSHNSW01";
 /// Magic plus the eight `u32` header fields.
 const HEADER: usize = 8 + 8 * 4;
-
-/// `a · b` on the best vector tier this CPU has: the graph's build and search are mostly these.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { dot_avx2(a, b) };
-    }
-    crate::simd::dot(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    crate::simd::dot(a, b)
-}
 
 /// Asks for `row` to be brought into the cache: the graph's rows are visited in no order the
 /// hardware prefetcher could guess.
@@ -220,8 +205,14 @@ impl View<'_> {
         &self.rows[at..at + self.dim]
     }
 
+    /// Distance `1 − cos`, from the exact scan's dot product (so equal to its f32 value).
     fn to(&self, query: &[f32], cell: u32) -> f32 {
-        1.0 - dot(query, self.row(cell))
+        1.0 - knn::dot1(self.row(cell), query, self.dim)
+    }
+
+    /// [`View::to`] for four cells in one pass over the query.
+    fn to4(&self, query: &[f32], cells: [u32; 4]) -> [f32; 4] {
+        knn::dots4(cells.map(|c| self.row(c)), query, self.dim).map(|d| 1.0 - d)
     }
 
     fn between(&self, a: u32, b: u32) -> f32 {
@@ -281,14 +272,23 @@ fn search_level(
                 prefetch(g.row(c));
             }
         }
-        for &c in &s.fresh {
-            let near = Near(g.to(query, c), c);
+        let mut offer = |near: Near| {
             if s.found.len() < ef || s.found.peek().is_some_and(|w| near < *w) {
                 s.todo.push(Reverse(near));
                 s.found.push(near);
                 if s.found.len() > ef {
                     s.found.pop();
                 }
+            }
+        };
+        let quads = s.fresh.chunks_exact(4);
+        for &c in quads.remainder() {
+            offer(Near(g.to(query, c), c));
+        }
+        for quad in quads {
+            let cells = [quad[0], quad[1], quad[2], quad[3]];
+            for (d, c) in g.to4(query, cells).into_iter().zip(cells) {
+                offer(Near(d, c));
             }
         }
     }
