@@ -80,6 +80,22 @@ impl Simd {
     }
 }
 
+/// Asks the CPU to start loading `row` into cache: for rows read in an order the hardware
+/// prefetcher cannot guess (a token's table row, a graph neighbour's embedding).
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+pub fn prefetch(row: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in row.chunks(16) {
+        // SAFETY: a prefetch is a hint and cannot fault; SSE is part of x86_64.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            );
+        }
+    }
+}
+
 /// Lanes of [`dot`]'s partial sums: wide enough for the compiler to keep them in vector
 /// registers of any tier.
 const LANES: usize = 16;

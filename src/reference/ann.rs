@@ -55,23 +55,6 @@ const MAGIC: &[u8; 8] = b"CSHNSW01";
 /// Magic plus the eight `u32` header fields.
 const HEADER: usize = 8 + 8 * 4;
 
-/// Asks for `row` to be brought into the cache: the graph's rows are visited in no order the
-/// hardware prefetcher could guess.
-#[inline(always)]
-fn prefetch(row: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(16) {
-        // SAFETY: SSE is part of x86-64; a prefetch reads nothing and cannot fault.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = row;
-}
-
 /// A candidate: distance `1 − cos`, then cell, so that ties order by cell.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Near(f32, u32);
@@ -269,7 +252,7 @@ fn search_level(
             if *mark != s.pass {
                 *mark = s.pass;
                 s.fresh.push(c);
-                prefetch(g.row(c));
+                crate::simd::prefetch(g.row(c));
             }
         }
         let mut offer = |near: Near| {
@@ -335,25 +318,7 @@ impl Index {
             "a graph of fewer than 2^32 cells"
         );
         let levels: Vec<u8> = (0..cells).map(level_of).collect();
-        let mut upper_at = vec![u32::MAX; cells];
-        let mut slots = 0usize;
-        for (at, &l) in upper_at.iter_mut().zip(&levels) {
-            if l > 0 {
-                *at = u32::try_from(slots).expect("upper links fit u32 offsets");
-                slots += usize::from(l) * (M + 1);
-            }
-        }
-        let mut index = Index {
-            cells,
-            dim,
-            levels,
-            entry: 0,
-            top: 0,
-            base: vec![0; cells * (2 * M + 1)],
-            upper_at,
-            upper: vec![0; slots],
-            rows_crc: rows_crc(rows),
-        };
+        let mut index = Index::unlinked(dim, levels, rows_crc(rows)).expect("upper links fit u32");
         if cells == 0 {
             return index;
         }
@@ -369,6 +334,30 @@ impl Index {
             index.insert(rows, batch, &mut searchers);
         }
         index
+    }
+
+    /// A graph of cells at `levels` with room for their links and none yet.
+    fn unlinked(dim: usize, levels: Vec<u8>, rows_crc: u32) -> Result<Index, String> {
+        let cells = levels.len();
+        let mut upper_at = vec![u32::MAX; cells];
+        let mut slots = 0usize;
+        for (at, &l) in upper_at.iter_mut().zip(&levels) {
+            if l > 0 {
+                *at = u32::try_from(slots).map_err(|_| "too many upper-level links".to_string())?;
+                slots += usize::from(l) * (M + 1);
+            }
+        }
+        Ok(Index {
+            cells,
+            dim,
+            levels,
+            entry: 0,
+            top: 0,
+            base: vec![0; cells * (2 * M + 1)],
+            upper_at,
+            upper: vec![0; slots],
+            rows_crc,
+        })
     }
 
     fn view<'a>(&'a self, rows: &'a [f32]) -> View<'a> {
@@ -635,25 +624,9 @@ impl Index {
                 "entry cell {entry} at top level {top}: not a cell at the highest level ({highest})"
             ));
         }
-        let mut upper_at = vec![u32::MAX; cells];
-        let mut slots = 0usize;
-        for (a, &l) in upper_at.iter_mut().zip(&levels) {
-            if l > 0 {
-                *a = u32::try_from(slots).map_err(|_| "too many upper-level links".to_string())?;
-                slots += usize::from(l) * (M + 1);
-            }
-        }
-        let mut index = Index {
-            cells,
-            dim,
-            levels,
-            entry: entry.min(u32::MAX as usize) as u32,
-            top: top as u8,
-            base: vec![0; cells * (2 * M + 1)],
-            upper_at,
-            upper: vec![0; slots],
-            rows_crc: crc,
-        };
+        let mut index = Index::unlinked(dim, levels, crc)?;
+        index.entry = entry as u32;
+        index.top = top as u8;
         let mut ids = Vec::with_capacity(2 * M);
         for c in 0..cells {
             for l in 0..=usize::from(index.levels[c]) {

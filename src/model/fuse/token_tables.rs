@@ -289,7 +289,7 @@ impl TokenTable {
         // tables are read from memory), the others added to it where it is hot.
         for (token, dst) in out.chunks_exact_mut(w).enumerate() {
             if let Some(next) = row(0, token + PREFETCH_AHEAD) {
-                prefetch(next);
+                crate::simd::prefetch(next);
             }
             let mut terms = (0..terms.len()).filter_map(|term| row(term, token));
             match terms.next() {
@@ -306,20 +306,6 @@ impl TokenTable {
 
 /// How many tokens ahead [`TokenTable::sum_rows`] asks for the first term's row.
 const PREFETCH_AHEAD: usize = 2;
-
-/// Asks the CPU to start loading `row` into cache.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
-fn prefetch(row: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in row.chunks(16) {
-        // SAFETY: a prefetch is a hint and cannot fault; SSE is part of x86_64.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                line.as_ptr().cast(),
-            );
-        }
-    }
-}
 
 /// Adds row `i` of `rows` (`[1, M, ..row]`) into `out` at token `tokens[i]`.
 fn add_rows(out: &mut Tensor, rows: &TValue, tokens: &[usize]) -> TractResult<()> {
