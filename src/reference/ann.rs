@@ -9,8 +9,8 @@
 //! second copy of the rows. A cell's unvisited neighbours are prefetched, then scored four at
 //! a time with the exact scan's own dot product ([`knn::dots4`]).
 //!
-//! **Build** (`cellstream reference`, all cores) inserts cells in row order, [`BATCH`] at a
-//! time: each cell of a batch searches the graph as the batch found it (in parallel), takes
+//! **Build** (`cellstream reference`, all cores) inserts cells highest level first, then in
+//! row order, [`BATCH`] at a time: each cell of a batch searches the graph as the batch found it (in parallel), takes
 //! its batch-mates as candidates too (so a batch of one new cluster links up with itself),
 //! and picks its links with the paper's heuristic; then every cell that gained links is
 //! pruned back to its capacity (in parallel, per cell). Nothing depends on the thread count
