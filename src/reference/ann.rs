@@ -817,5 +817,27 @@ mod tests {
         assert!(err.contains("after the last cell's links"), "{err}");
         let err = Index::from_bytes(&good[..good.len() - 9], &rows, dim).unwrap_err();
         assert!(err.contains("CRC-32C"), "{err}");
+        // Any byte changed past the magic, the CRC made to match: refused, or a graph that
+        // answers queries (its links all checked) without panicking.
+        let mut state = 11u64;
+        let (mut refused, mut nb) = (0, Neighbours::new(10));
+        for _ in 0..2000 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let at = 8 + (state >> 33) as usize % (good.len() - 12);
+            let mut bad = good.clone();
+            bad[at] = (state >> 20) as u8;
+            match Index::from_bytes(&reseal(bad), &rows, dim) {
+                Err(_) => refused += 1,
+                Ok(graph) => {
+                    for c in [0, n / 2, n - 1] {
+                        graph.nearest(&rows, dim, &rows[c * dim..(c + 1) * dim], None, &mut nb);
+                        assert!(!nb.is_empty());
+                    }
+                }
+            }
+        }
+        assert!(refused > 0);
     }
 }
