@@ -30,6 +30,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 
 use super::knn::{self, Neighbours};
+use crate::simd::Simd;
 
 /// `cellstream reference --index auto` builds a graph above this many cells: up to it the
 /// batched exact scan still maps over a thousand cells a second on one core, and an exact
@@ -166,6 +167,8 @@ impl Searcher {
 struct View<'a> {
     rows: &'a [f32],
     dim: usize,
+    /// The vector tier distances run on, detected once per search or build step.
+    simd: Simd,
     base: &'a [u32],
     upper_at: &'a [u32],
     upper: &'a [u32],
@@ -190,12 +193,12 @@ impl View<'_> {
 
     /// Distance `1 − cos`, from the exact scan's dot product (so equal to its f32 value).
     fn to(&self, query: &[f32], cell: u32) -> f32 {
-        1.0 - knn::dot1(self.row(cell), query, self.dim)
+        1.0 - knn::dot1(self.simd, self.row(cell), query, self.dim)
     }
 
     /// [`View::to`] for four cells in one pass over the query.
     fn to4(&self, query: &[f32], cells: [u32; 4]) -> [f32; 4] {
-        knn::dots4(cells.map(|c| self.row(c)), query, self.dim).map(|d| 1.0 - d)
+        knn::dots4(self.simd, cells.map(|c| self.row(c)), query, self.dim).map(|d| 1.0 - d)
     }
 
     fn between(&self, a: u32, b: u32) -> f32 {
@@ -294,6 +297,44 @@ fn select(g: View, candidates: &[Near], keep: usize, out: &mut Vec<Near>) {
     }
 }
 
+/// `work(state, i)` for each `i < items`, one thread per state (at most one per [`GRAIN`]
+/// items), taking [`GRAIN`] items at a time; the results in the order of `i`, `None`s left out.
+fn in_parallel<S: Send, T: Send>(
+    states: &mut [S],
+    items: usize,
+    work: impl Fn(&mut S, usize) -> Option<T> + Sync,
+) -> Vec<T> {
+    let next = AtomicUsize::new(0);
+    let workers = items.div_ceil(GRAIN).max(1);
+    let mut done: Vec<(usize, T)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = states
+            .iter_mut()
+            .take(workers)
+            .map(|state| {
+                let (next, work) = (&next, &work);
+                scope.spawn(move || {
+                    let mut done = Vec::new();
+                    loop {
+                        let from = next.fetch_add(GRAIN, AtomicOrdering::Relaxed);
+                        if from >= items {
+                            return done;
+                        }
+                        for i in from..(from + GRAIN).min(items) {
+                            done.extend(work(state, i).map(|t| (i, t)));
+                        }
+                    }
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("graph worker"))
+            .collect()
+    });
+    done.sort_unstable_by_key(|d| d.0);
+    done.into_iter().map(|d| d.1).collect()
+}
+
 /// Per-thread buffers for [`Index::nearest`].
 #[derive(Default)]
 struct Scratch {
@@ -364,6 +405,7 @@ impl Index {
         View {
             rows,
             dim: self.dim,
+            simd: Simd::detect(),
             base: &self.base,
             upper_at: &self.upper_at,
             upper: &self.upper,
@@ -389,38 +431,11 @@ impl Index {
     /// Inserts the cells of `batch` (none in the graph yet; the graph holds every cell before).
     fn insert(&mut self, rows: &[f32], batch: &[u32], searchers: &mut [Searcher]) {
         // 1. Each cell's own links, per level, from the graph before the batch and its mates.
-        let chosen: Vec<Vec<Vec<Near>>> = {
-            let this = &*self;
-            let g = this.view(rows);
-            let next = AtomicUsize::new(0);
-            let mut parts: Vec<Vec<(usize, Vec<Vec<Near>>)>> = Vec::new();
-            std::thread::scope(|scope| {
-                let workers: Vec<_> = searchers
-                    .iter_mut()
-                    .map(|s| {
-                        let next = &next;
-                        scope.spawn(move || {
-                            let mut done = Vec::new();
-                            loop {
-                                let from = next.fetch_add(GRAIN, AtomicOrdering::Relaxed);
-                                if from >= batch.len() {
-                                    return done;
-                                }
-                                for i in from..(from + GRAIN).min(batch.len()) {
-                                    done.push((i, this.own_links(g, s, batch[i], batch)));
-                                }
-                            }
-                        })
-                    })
-                    .collect();
-                parts = workers
-                    .into_iter()
-                    .map(|w| w.join().expect("graph worker"))
-                    .collect();
-            });
-            let mut all: Vec<(usize, Vec<Vec<Near>>)> = parts.into_iter().flatten().collect();
-            all.sort_unstable_by_key(|p| p.0);
-            all.into_iter().map(|p| p.1).collect()
+        let chosen = {
+            let g = self.view(rows);
+            in_parallel(searchers, batch.len(), |s, i| {
+                Some(self.own_links(g, s, batch[i], batch))
+            })
         };
         // 2. Write them; note each link's other end, which gains the reverse link.
         let mut reverse: Vec<(u8, u32, u32)> = Vec::new(); // (level, cell, new neighbour)
@@ -439,59 +454,29 @@ impl Index {
         // heuristic over old and new (in parallel: each cell's new list reads only the graph).
         let groups: Vec<&[(u8, u32, u32)]> =
             reverse.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)).collect();
-        let updates: Vec<(u8, u32, Vec<u32>)> = {
+        let updates = {
             let g = self.view(rows);
-            let next = AtomicUsize::new(0);
-            let workers = searchers.len().min(groups.len().div_ceil(GRAIN)).max(1);
-            let mut parts = Vec::new();
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = (0..workers)
-                    .map(|_| {
-                        let (next, groups) = (&next, &groups);
-                        scope.spawn(move || {
-                            let mut done = Vec::new();
-                            let (mut all, mut kept) = (Vec::new(), Vec::new());
-                            loop {
-                                let from = next.fetch_add(GRAIN, AtomicOrdering::Relaxed);
-                                if from >= groups.len() {
-                                    return done;
-                                }
-                                for group in &groups[from..(from + GRAIN).min(groups.len())] {
-                                    let (level, cell) = (usize::from(group[0].0), group[0].1);
-                                    let old = g.of(cell, level);
-                                    all.clear();
-                                    all.extend_from_slice(old);
-                                    all.extend(
-                                        group.iter().map(|g| g.2).filter(|n| !old.contains(n)),
-                                    );
-                                    if all.len() == old.len() {
-                                        continue;
-                                    }
-                                    if all.len() > capacity(level) {
-                                        let mut near: Vec<Near> = all
-                                            .iter()
-                                            .map(|&n| Near(g.between(cell, n), n))
-                                            .collect();
-                                        near.sort_unstable();
-                                        select(g, &near, capacity(level), &mut kept);
-                                        all.clear();
-                                        all.extend(kept.iter().map(|n| n.1));
-                                    }
-                                    done.push((level as u8, cell, all.clone()));
-                                }
-                            }
-                        })
-                    })
-                    .collect();
-                parts = handles
-                    .into_iter()
-                    .map(|h| h.join().expect("graph worker"))
-                    .collect();
-            });
-            parts.into_iter().flatten().collect()
+            in_parallel(searchers, groups.len(), |_, i| {
+                let (level, cell) = (usize::from(groups[i][0].0), groups[i][0].1);
+                let old = g.of(cell, level);
+                let mut links = old.to_vec();
+                links.extend(groups[i].iter().map(|r| r.2).filter(|n| !old.contains(n)));
+                if links.len() == old.len() {
+                    return None;
+                }
+                if links.len() > capacity(level) {
+                    let mut near: Vec<Near> =
+                        links.iter().map(|&n| Near(g.between(cell, n), n)).collect();
+                    near.sort_unstable();
+                    let mut kept = Vec::with_capacity(capacity(level));
+                    select(g, &near, capacity(level), &mut kept);
+                    links = kept.iter().map(|n| n.1).collect();
+                }
+                Some((level, cell, links))
+            })
         };
         for (level, cell, links) in updates {
-            self.set_links(cell, usize::from(level), &links);
+            self.set_links(cell, level, &links);
         }
     }
 

@@ -90,19 +90,20 @@ pub fn scan(rows: &[f32], dim: usize, query: &[f32], skip: Option<usize>, out: &
 }
 
 /// `query`'s dot products with four `rows`, each `dim` long, as [`scan`] computes each pair
-/// (a tile of one query and four rows: the query's values are loaded once for the four).
-pub fn dots4(rows: [&[f32]; 4], query: &[f32], dim: usize) -> [f32; 4] {
-    match Simd::detect() {
-        // SAFETY: the CPU runs the tier it detected (AVX-512F CPUs have AVX2 and FMA).
+/// (a tile of one query and four rows: the query's values are loaded once for the four), on
+/// `simd`, a tier the CPU runs (the caller detects it once, not per call).
+pub fn dots4(simd: Simd, rows: [&[f32]; 4], query: &[f32], dim: usize) -> [f32; 4] {
+    match simd {
+        // SAFETY: the caller's tier runs here (AVX-512F CPUs have AVX2 and FMA).
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512 | Simd::Avx2 => unsafe { dots_avx2::<1, 4>(rows, [query], dim).map(|d| d[0]) },
         _ => Portable::dots::<1, 4>(rows, [query], dim).map(|d| d[0]),
     }
 }
 
-/// `query`'s dot product with `row`, as [`scan`] computes it.
-pub fn dot1(row: &[f32], query: &[f32], dim: usize) -> f32 {
-    match Simd::detect() {
+/// `query`'s dot product with `row`, as [`scan`] computes it, on `simd` (as in [`dots4`]).
+pub fn dot1(simd: Simd, row: &[f32], query: &[f32], dim: usize) -> f32 {
+    match simd {
         // SAFETY: as in `dots4`.
         #[cfg(target_arch = "x86_64")]
         Simd::Avx512 | Simd::Avx2 => unsafe { dots_avx2::<1, 1>([row], [query], dim)[0][0] },
