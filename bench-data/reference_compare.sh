@@ -3,7 +3,8 @@
 # cells one at a time as before, and batched as `embed`/`serve` map them) against faiss's exact
 # search (`IndexFlatIP`, what scGPT's reference-mapping tutorial uses) on the same reference
 # and query cells, in one run; then the search graph (`--index hnsw`) against the exact scan and
-# faiss's HNSW on the same cells. Prints markdown tables of ratios.
+# faiss's HNSW and the `hnsw_rs` crate (`tools/ann-peer`) on the same cells. Prints markdown
+# tables of ratios.
 #   bench-data/reference_compare.sh     (CELLSTREAM_BENCH_REF=CELLSxDIM,... and
 #                                        CELLSTREAM_BENCH_GRAPH=CELLSxDIM,... for other sizes)
 set -euo pipefail
@@ -18,6 +19,10 @@ trap 'rm -rf "$log"' EXIT
 cargo bench --bench reference --no-run
 CELLSTREAM_BENCH_REF_DUMP="$log/refs" cargo bench --bench reference | tee "$log/rust.txt"
 "$venv/bin/python" bench-data/reference_peer.py "$log"/refs/* | tee "$log/peer.txt"
+cargo build --release --manifest-path tools/ann-peer/Cargo.toml
+for dir in "$log"/refs/graph-*; do
+    if [ -d "$dir" ]; then tools/ann-peer/target/release/ann-peer "$dir"; fi
+done | tee "$log/crate.txt"
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
 echo
@@ -40,8 +45,8 @@ echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 done
 
 echo
-echo "| reference cells | width | graph build (s) | graph, cells/s | exact batched, cells/s | graph / exact | recall of the exact 10 | same label and assigned | faiss HNSW build (s) | faiss HNSW 1 thread, cells/s | graph / faiss HNSW 1 thread | faiss HNSW recall |"
-echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+echo "| reference cells | width | graph build (s) | graph, cells/s | exact batched, cells/s | graph / exact | recall of the exact 10 | same label and assigned | faiss HNSW build (s) | faiss HNSW 1 thread, cells/s | graph / faiss HNSW 1 thread | faiss HNSW recall | hnsw_rs build (s) | hnsw_rs 1 thread, cells/s | graph / hnsw_rs | hnsw_rs recall |"
+echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
 { grep '^RESULT reference/graph ' "$log/rust.txt" || true; } | while read -r line; do
     n=$(field cells <<<"$line"); d=$(field dim <<<"$line")
     key="cells=$n dim=$d "
@@ -52,5 +57,8 @@ echo "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --
     peer=$(grep "^PEER reference/faiss-hnsw $key" "$log/peer.txt" || true)
     fb=$(field build_s <<<"$peer"); f1=$(field cells_per_s_1 <<<"$peer"); fr=$(field recall_at_k <<<"$peer")
     r=$(awk -v a="$g" -v b="$f1" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
-    echo "| $n | $d | $b | $g | $e | $(field ratio <<<"$line")x | $rec | $same | ${fb:--} | ${f1:--} | $r | ${fr:--} |"
+    crate=$(grep "^PEER reference/hnsw_rs $key" "$log/crate.txt" || true)
+    cb=$(field build_s <<<"$crate"); c1=$(field cells_per_s_1 <<<"$crate"); cr=$(field recall_at_k <<<"$crate")
+    rc=$(awk -v a="$g" -v b="$c1" 'BEGIN { if (b > 0) printf "%.2fx", a / b; else print "-" }')
+    echo "| $n | $d | $b | $g | $e | $(field ratio <<<"$line")x | $rec | $same | ${fb:--} | ${f1:--} | $r | ${fr:--} | ${cb:--} | ${c1:--} | $rc | ${cr:--} |"
 done
