@@ -4,7 +4,8 @@
 # them), each peer in the same run, same cells, same thread budget. Prints a table of ratios.
 #
 #   bench-data/whole_human_compare.sh     (REPEAT=2 runs per end-to-end row; ~25 min on 2 vCPUs,
-#                                           most of it the torch peer)
+#                                           most of it the torch peer; E2E=0: the forward rows
+#                                           alone, ~10 min, no scgpt import)
 #
 # Rows: end to end on 200 pbmc3k T cells at max_len 1200, 2 threads: `cellstream embed` vs the
 # Python scGPT-binning + onnxruntime pipeline (bench-data/e2e_ort_peer.py, same package) and vs
@@ -27,13 +28,17 @@ rm -rf "$log" && mkdir -p "$log"
 EXPORT_PYTHON="$py" bench-data/whole_human.sh
 cargo build --release --bin cellstream
 bin=target/release/cellstream
-[ -d "$gen/pbmc-t200" ] || "$py" bench-data/t_cells.py "$gen/pbmc-t200" --cells 200
-$bin convert "$gen/pbmc-t200" "$out/t200.csb"
+e2e="${E2E:-1}"
+if [ "$e2e" != 0 ]; then
+    [ -d "$gen/pbmc-t200" ] || "$py" bench-data/t_cells.py "$gen/pbmc-t200" --cells 200
+    $bin convert "$gen/pbmc-t200" "$out/t200.csb"
+fi
 
 field() { sed -n "s/.* $1=\([^ ]*\).*/\1/p"; }
 stats() { sort -g | awk '{v[NR]=$1} END {printf "%s %s %s", v[1], v[int((NR+1)/2)], v[NR]}'; }
 
-echo "== end to end, $threads threads, 200 T cells"
+[ "$e2e" = 0 ] && repeat=0
+echo "== end to end, $threads threads, 200 T cells ($repeat runs)"
 : > "$log/e2e-rust.txt"; : > "$log/e2e-ort.txt"; : > "$log/e2e-torch.txt"; : > "$log/rss.txt"
 for _ in $(seq "$repeat"); do
     "$py" bench-data/peak_rss.py -- $bin embed "$out/t200.csb" --model "$pkg" --threads $threads \
@@ -70,6 +75,7 @@ echo "| comparison | cellstream | peer | ratio |"
 echo "| --- | ---: | ---: | ---: |"
 r=$(awk '{print $1 / $2}' "$log/e2e-rust.txt" | stats); read -r _ rm _ <<<"$r"
 for side in ort torch; do
+    [ "$e2e" = 0 ] && break
     peer="Python scGPT binning + onnxruntime"
     [ "$side" = torch ] && peer="scGPT embed_data, torch on CPU"
     p=$(awk '{print $1 / $2}' "$log/e2e-$side.txt" | stats); read -r _ pm _ <<<"$p"
@@ -88,6 +94,7 @@ for s in 256 512 1024; do
     pc=$(grep "^S$s ACHIEVED" "$log/sgemm.txt" | field percent_of_peak)
     echo "| forward S=$s, one thread: GFLOP/s executed (vs numpy sgemm peak) | $g | $pk | $pc% |"
 done
+[ "$e2e" = 0 ] && exit 0
 peak=$(field peak_mib < "$log/rss.txt" | sort -g | tail -1)
 during=$(field peak_after_marker_mib < "$log/rss.txt" | sort -g | tail -1)
 echo "| peak RSS while embedding, MiB (vs model file + 256 MiB) | $during | $((model_mib + 256)) | $(awk -v a="$during" -v b="$((model_mib + 256))" 'BEGIN {printf "%.2fx", a / b}') |"
