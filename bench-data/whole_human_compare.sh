@@ -5,7 +5,7 @@
 #
 #   bench-data/whole_human_compare.sh     (REPEAT=2 runs per end-to-end row; ~25 min on 2 vCPUs,
 #                                           most of it the torch peer; E2E=0: the forward rows
-#                                           alone, ~10 min, no scgpt import)
+#                                           alone, ~7 min once the model exists)
 #
 # Rows: end to end on 200 pbmc3k T cells at max_len 1200, 2 threads: `cellstream embed` vs the
 # Python scGPT-binning + onnxruntime pipeline (bench-data/e2e_ort_peer.py, same package) and vs
