@@ -10,10 +10,10 @@
 //! a time with the exact scan's own dot product ([`knn::dots4`]).
 //!
 //! **Build** (`cellstream reference`, all cores) inserts cells highest level first, then in
-//! row order, [`BATCH`] at a time: each cell of a batch searches the graph as the batch found it (in parallel), takes
-//! its batch-mates as candidates too (so a batch of one new cluster links up with itself),
-//! and picks its links with the paper's heuristic; then every cell that gained links is
-//! pruned back to its capacity (in parallel, per cell). Nothing depends on the thread count
+//! row order, [`BATCH`] at a time: each cell of a batch searches the graph as the batch found
+//! it (in parallel), takes its batch-mates as candidates too (so a batch of one new cluster
+//! links up with itself), and picks its links with the paper's heuristic; then every cell
+//! that gained links is pruned back to its capacity (in parallel, per cell). Nothing depends on the thread count
 //! or timing, so the same rows give the same graph on any machine with the same vector tier.
 //!
 //! **Stored** as `index.hnsw`, little-endian: the magic `CSHNSW01`, then `u32` fields (cells,
