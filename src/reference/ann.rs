@@ -13,8 +13,9 @@
 //! row order, [`BATCH`] at a time: each cell of a batch searches the graph as the batch found
 //! it (in parallel), takes its batch-mates as candidates too (so a batch of one new cluster
 //! links up with itself), and picks its links with the paper's heuristic; then every cell
-//! that gained links is pruned back to its capacity (in parallel, per cell). Nothing depends on the thread count
-//! or timing, so the same rows give the same graph on any machine with the same vector tier.
+//! that gained links is pruned back to its capacity (in parallel, per cell). Nothing depends
+//! on the thread count or timing, so the same rows give the same graph on any machine with the
+//! same vector tier.
 //!
 //! **Stored** as `index.hnsw`, little-endian: the magic `CSHNSW01`, then `u32` fields (cells,
 //! width, `M`, `ef_construction`, `ef_search`, the entry cell, the top level, the CRC-32C of

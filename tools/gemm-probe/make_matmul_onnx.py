@@ -1,7 +1,7 @@
 """Writes matmul.onnx: Y[M, N] = X[M, K] @ W[K, N] with W a random initializer, the shape of
 the whole-human projections, for `tract-matmul` (tract's own kernel on the probe's shape).
 Needs `onnx` (tools/export-scgpt/requirements.txt pins it).
-Usage: python make_matmul_onnx.py [M K N] > writes matmul.onnx here."""
+Usage: python make_matmul_onnx.py [M K N] (default 4092 512 512); writes ./matmul.onnx."""
 
 import sys
 
@@ -9,7 +9,8 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper, save
 
 m, k, n = (int(v) for v in sys.argv[1:4]) if len(sys.argv) == 4 else (4092, 512, 512)
-w = numpy_helper.from_array(np.random.default_rng(0).random((k, n), dtype=np.float32) - 0.5, name="W")
+weights = np.random.default_rng(0).random((k, n), dtype=np.float32) - 0.5
+w = numpy_helper.from_array(weights, name="W")
 x = helper.make_tensor_value_info("X", TensorProto.FLOAT, [m, k])
 y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])
 graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "matmul", [x], [y], [w])

@@ -11,22 +11,14 @@ fn main() -> anyhow::Result<()> {
         .nth(1)
         .ok_or_else(|| anyhow::anyhow!("usage: tract-matmul matmul.onnx"))?;
     let model = onnx()?.load(&path)?.into_model()?;
-    let [m, k] = [0, 1].map(|axis| {
-        let fact = model.input_fact(0).expect("one input");
-        fact.to_string()
-            .trim_end_matches(",F32")
-            .split(',')
-            .nth(axis)
-            .and_then(|d| d.parse::<usize>().ok())
-            .expect("a concrete input shape")
-    });
-    let n = model
-        .output_fact(0)?
-        .to_string()
-        .split(',')
-        .nth(1)
-        .and_then(|d| d.parse::<usize>().ok())
-        .expect("a concrete output shape");
+    // Concrete sizes from the file's own shapes: X is [M, K], Y is [M, N].
+    let (input, output) = (model.input_fact(0)?, model.output_fact(0)?);
+    let size = |d: Dim| -> anyhow::Result<usize> { Ok(usize::try_from(d.to_int64()?)?) };
+    let (m, k, n) = (
+        size(input.dim(0)?)?,
+        size(input.dim(1)?)?,
+        size(output.dim(1)?)?,
+    );
     let plan = runtime_for_name("default")?.prepare(model)?;
     let x: Vec<f32> = (0..m * k)
         .map(|i| (i * 7 % 13) as f32 * 0.1 - 0.6)
