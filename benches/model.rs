@@ -82,13 +82,14 @@ fn main() {
     let pkg = ModelPackage::load(&model_dir).unwrap();
     let rt = ModelRuntime::new(&pkg).unwrap();
     println!(
-        "fusion {} ({} attention layers, {} LayerNorms fused, {} token tables), kernels {} (matmuls {}), precision {} ({} int8 products)",
+        "fusion {} ({} attention layers, {} LayerNorms fused, {} token tables), kernels {} (matmuls {}: {} products on ours), precision {} ({} int8 products)",
         rt.options.fusion.name(),
         rt.fused.attention_layers,
         rt.fused.layer_norms,
         rt.fused.token_tables,
         rt.options.simd.name(),
         rt.options.kernels.name(),
+        rt.fused.f32_products,
         rt.precision.name(),
         rt.fused.int8_products
     );

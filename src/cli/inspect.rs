@@ -127,6 +127,7 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         "int8_products": rt.fused.int8_products,
         "int8_weight_bytes": rt.fused.int8_weight_bytes,
         "int8_attention_layers": rt.fused.int8_attention_layers,
+        "f32_products": rt.fused.f32_products,
     });
     if json {
         println!("{v}");
@@ -175,6 +176,10 @@ fn inspect_model(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             rt.options.kernels.name()
         );
         match rt.precision {
+            Precision::F32 if rt.fused.f32_products > 0 => println!(
+                "precision:    f32 ({} products by constant weights on our own kernel)",
+                rt.fused.f32_products
+            ),
             Precision::F32 => println!("precision:    f32"),
             Precision::Int8 => println!(
                 "precision:    int8 ({} products by constant weights, {:.1} MB packed; \

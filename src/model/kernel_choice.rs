@@ -1,5 +1,12 @@
-//! Which of tract's matrix-multiply kernels runs each product: capped to the runtime's
-//! [`Simd`] tier, and corrected where tract's own choice was measured wrong on this CPU.
+//! Which matrix-multiply kernel runs each product: capped to the runtime's [`Simd`] tier, and
+//! corrected where tract's own choice was measured wrong on this CPU.
+//!
+//! **Our own, on AVX2.** On an AVX2-only CPU (or with `CELLSTREAM_SIMD=avx2`) the products by
+//! constant weights run on cellstream's kernel ([`KernelChoice::Own`]: `fuse/f32_kernel.rs`,
+//! a `Linear` op put in by the last transform), which sums exactly as tract's kernels do and
+//! runs those products faster there; the other products (none in the fused graph's hot path)
+//! stay tract's. On AVX-512 CPUs tract's kernels are kept: they run near the CPU's peak, and
+//! no kernel of ours was measured against them.
 //!
 //! **The cap.** With `CELLSTREAM_SIMD=avx2` (or `portable`) on an AVX-512 machine, our ops
 //! run their AVX2 kernels, and so must tract's matmuls, or a benchmark of "what an AVX2-only
@@ -56,6 +63,8 @@ pub enum KernelChoice {
     Tract,
     /// tract's choice, except the Zen 4 override above.
     Zen4,
+    /// Our AVX2 kernel for the products by constant weights, tract's choice elsewhere.
+    Own,
 }
 
 thread_local! {
@@ -64,21 +73,22 @@ thread_local! {
 }
 
 impl KernelChoice {
-    /// The best on this CPU: the override where it is a Zen 4, tract's choice elsewhere.
-    pub fn best() -> KernelChoice {
-        if is_zen4() {
-            KernelChoice::Zen4
-        } else {
-            KernelChoice::Tract
+    /// The best on this CPU at tier `simd`: our own where the tier is AVX2, the override
+    /// where it is a Zen 4's AVX-512, tract's choice elsewhere.
+    pub fn best(simd: Simd) -> KernelChoice {
+        match simd {
+            Simd::Avx2 if Simd::detect() >= Simd::Avx2 => KernelChoice::Own,
+            Simd::Avx512 if is_zen4() => KernelChoice::Zen4,
+            _ => KernelChoice::Tract,
         }
     }
 
     /// [`KernelChoice::best`], unless `CELLSTREAM_KERNELS` names another this CPU can use
-    /// (`tract`, `zen4`): a knob for comparisons, not a setting.
-    pub fn from_env() -> Result<KernelChoice, String> {
+    /// (`tract`, `zen4`, `own`): a knob for comparisons, not a setting.
+    pub fn from_env(simd: Simd) -> Result<KernelChoice, String> {
         super::knob(
             "CELLSTREAM_KERNELS",
-            KernelChoice::best(),
+            KernelChoice::best(simd),
             &KernelChoice::available(),
             KernelChoice::name,
         )
@@ -90,6 +100,9 @@ impl KernelChoice {
         if is_zen4() {
             all.push(KernelChoice::Zen4);
         }
+        if Simd::detect() >= Simd::Avx2 {
+            all.push(KernelChoice::Own);
+        }
         all
     }
 
@@ -97,6 +110,7 @@ impl KernelChoice {
         match self {
             KernelChoice::Tract => "tract",
             KernelChoice::Zen4 => "zen4",
+            KernelChoice::Own => "own",
         }
     }
 

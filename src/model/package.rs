@@ -40,7 +40,7 @@ pub struct Manifest {
     #[serde(default)]
     pub ties: Option<String>,
     /// The arithmetic of the products by constant weights: `f32` (the default) or `int8`
-    /// (opt-in: faster on AVX2, within the agreement BENCHMARKS.md reports; `fuse/int8.rs`).
+    /// (opt-in: faster on AVX2, within the agreement BENCHMARKS.md reports; `fuse/linear.rs`).
     #[serde(default)]
     pub precision: Option<String>,
     pub onnx_sha256: String,

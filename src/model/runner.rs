@@ -15,9 +15,10 @@ use anyhow::{anyhow, bail, Context};
 use tract::prelude::*;
 
 use super::fuse::{
-    Fusion, Precision, TokenTables, FUSED_ATTENTION_PROPERTY, FUSED_LAYER_NORM_PROPERTY,
-    INT8_ATTENTION_PROPERTY, INT8_BYTES_PROPERTY, INT8_PRODUCTS_PROPERTY, ROWS_AS_SLICES,
-    TOKEN_TABLES_PROPERTY, TOKEN_TABLE_BYTES_PROPERTY, TOKEN_TABLE_REPLACED_PROPERTY,
+    Fusion, Precision, TokenTables, F32_PRODUCTS_PROPERTY, FUSED_ATTENTION_PROPERTY,
+    FUSED_LAYER_NORM_PROPERTY, INT8_ATTENTION_PROPERTY, INT8_BYTES_PROPERTY,
+    INT8_PRODUCTS_PROPERTY, OWN_F32_PRODUCTS, ROWS_AS_SLICES, TOKEN_TABLES_PROPERTY,
+    TOKEN_TABLE_BYTES_PROPERTY, TOKEN_TABLE_REPLACED_PROPERTY,
 };
 use super::kernel_choice::KernelChoice;
 use super::package::{ModelError, ModelPackage};
@@ -59,11 +60,16 @@ pub struct Options {
 impl Options {
     /// The fastest on this CPU.
     pub fn best() -> Options {
+        Options::tier(Simd::detect())
+    }
+
+    /// The fastest at tier `simd` (which this CPU must run): what a CPU of that tier runs.
+    pub fn tier(simd: Simd) -> Options {
         Options {
             fusion: Fusion::best(),
             tables: TokenTables::Folded,
-            simd: Simd::detect(),
-            kernels: KernelChoice::best(),
+            simd,
+            kernels: KernelChoice::best(simd),
             precision: None,
         }
     }
@@ -82,11 +88,12 @@ impl Options {
 
     /// [`Options::best`], except what the environment's knobs name.
     pub fn from_env() -> Result<Options, String> {
+        let simd = Simd::from_env()?;
         Ok(Options {
             fusion: Fusion::from_env()?,
             tables: TokenTables::from_env()?,
-            simd: Simd::from_env()?,
-            kernels: KernelChoice::from_env()?,
+            simd,
+            kernels: KernelChoice::from_env(simd)?,
             precision: Precision::from_env()?,
         })
     }
@@ -170,7 +177,7 @@ impl ModelRuntime {
         };
         let (model, fused) = load(&pkg.onnx.parse_path(), input_pos, options, precision)
             .map_err(|e| graph_err(format!("cannot load the graph: {e:#}")))?;
-        if fused.int8_products > 0 {
+        if fused.int8_products + fused.f32_products > 0 {
             steady_heap();
         }
         let rt = Arc::new(ModelRuntime {
@@ -264,11 +271,13 @@ pub struct Fused {
     pub token_tables: usize,
     pub token_table_bytes: usize,
     pub token_table_replaced_bytes: usize,
-    /// Products by constant weights made int8 (`fuse/int8.rs`), and their packed weights.
+    /// Products by constant weights made int8 (`fuse/linear.rs`), and their packed weights.
     pub int8_products: usize,
     pub int8_weight_bytes: usize,
     /// Attention layers whose weighted sum runs in integers (`fuse/attention_int8.rs`).
     pub int8_attention_layers: usize,
+    /// f32 products by constant weights on our own kernel (`fuse/f32_kernel.rs`).
+    pub f32_products: usize,
 }
 
 /// The parsed, decluttered graph with symbolic rows and length, fused and folded as asked.
@@ -296,6 +305,8 @@ fn load(
     model.transform(ROWS_AS_SLICES)?;
     if let Some(int8) = precision.transform(options.simd) {
         model.transform(int8)?;
+    } else if options.kernels == KernelChoice::Own {
+        model.transform(OWN_F32_PRODUCTS)?;
     }
     let count = |name: &str| model.property(name).map_or(Ok(0), count_of);
     let fused = Fused {
@@ -307,6 +318,7 @@ fn load(
         int8_products: count(INT8_PRODUCTS_PROPERTY)?,
         int8_weight_bytes: count(INT8_BYTES_PROPERTY)?,
         int8_attention_layers: count(INT8_ATTENTION_PROPERTY)?,
+        f32_products: count(F32_PRODUCTS_PROPERTY)?,
     };
     Ok((model, fused))
 }
@@ -375,11 +387,12 @@ impl Default for HeapTrim {
 /// Fixes glibc's mmap and trim thresholds at the values its adaptive ones top out at
 /// (32 MiB; trim above 64 MiB), once per process, unless `GLIBC_TUNABLES` sets either.
 /// Left adaptive, the mmap threshold follows the largest buffer freed so far and the heap
-/// is trimmed above twice that: the int8 products' multi-megabyte outputs were mapped,
-/// faulted in page by page and unmapped again on every call (BENCHMARKS.md, "int8: the heap
-/// kept between calls"). Only int8 plans ask for it: f32 gained nothing measurable and held
-/// more memory, so it keeps glibc's defaults. Between batches [`release_free_memory`] still returns what
-/// the heap holds free.
+/// is trimmed above twice that: the multi-megabyte outputs of our `Linear` ops (int8, and
+/// f32 on our own kernel) were mapped, faulted in page by page and unmapped again on every
+/// call (BENCHMARKS.md, "int8: the heap kept between calls", "Our own f32 products on AVX2").
+/// Only plans with such ops ask for it: on tract's own products it gained nothing
+/// measurable and held more memory, so they keep glibc's defaults. Between batches
+/// [`release_free_memory`] still returns what the heap holds free.
 fn steady_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

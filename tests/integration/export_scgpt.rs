@@ -90,13 +90,7 @@ fn check(dir: &std::path::Path, options: Options) -> f32 {
 /// Each form this CPU runs: fused on every kernel tier, and tract's own ops.
 fn forms() -> Vec<Options> {
     eprintln!("kernel tiers covered: {:?}", Simd::available());
-    let mut forms: Vec<Options> = Simd::available()
-        .into_iter()
-        .map(|simd| Options {
-            simd,
-            ..Options::best()
-        })
-        .collect();
+    let mut forms: Vec<Options> = Simd::available().into_iter().map(Options::tier).collect();
     forms.push(Options::unfused(Simd::detect()));
     forms
 }

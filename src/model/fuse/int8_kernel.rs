@@ -1,4 +1,4 @@
-//! The arithmetic of [`super::Int8Linear`]: an f32 product of activations by constant weights,
+//! The arithmetic of an int8 [`super::Linear`]: an f32 product of activations by constant weights,
 //! carried out in 8-bit integers (issue 18's precision lever; `tools/precision-probe` measured
 //! the recipe and its agreement with f32 before it was built).
 //!

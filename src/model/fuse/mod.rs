@@ -10,9 +10,11 @@
 //! - the functions of one token's own input (gene encoder, value encoder, the first layer's
 //!   projection of their sum) as [`TokenTable`] lookups, computed for every possible input
 //!   when the model loads ([`TokenTables`], a separate transform);
-//! - where the package opts in (`precision = "int8"`), every product by constant weights as
-//!   an [`Int8Linear`] and attention's weighted sum in integers ([`Precision`], a separate
-//!   transform run last; `int8.rs`, `attention_int8.rs`).
+//! - every product by constant weights as a [`Linear`] with its weights packed once, in a
+//!   separate transform run last (`linear.rs`): in int8 where the package opts in
+//!   (`precision = "int8"`, [`Precision`]; attention's weighted sum in integers too,
+//!   `attention_int8.rs`), or in f32 on our AVX2 kernel where that is the kernel choice
+//!   (`f32_kernel.rs`, `model/kernel_choice.rs`).
 //!
 //! The rewrites are algebra: they run on every CPU ([`Fusion::best`]). Only the arithmetic
 //! inside an op picks a kernel, from the [`Simd`] tier chosen once at run time (AVX-512,
@@ -24,9 +26,10 @@ mod attention;
 mod attention_int8;
 mod attention_kernel;
 mod cls_attention;
-mod int8;
+mod f32_kernel;
 mod int8_kernel;
 mod layer_norm;
+mod linear;
 mod token_tables;
 
 use std::collections::HashMap;
@@ -45,11 +48,13 @@ use crate::simd::Simd;
 pub use attention::FusedAttention;
 pub use attention_kernel::Dims;
 pub use cls_attention::ClsAttention;
-pub use int8::{
-    Int8Linear, Precision, INT8_ATTENTION_PROPERTY, INT8_BYTES_PROPERTY, INT8_PRODUCTS_PROPERTY,
-};
+pub use f32_kernel::PackedWeights;
 pub use int8_kernel::QuantWeights;
 pub use layer_norm::FusedLayerNorm;
+pub use linear::{
+    Linear, LinearWeights, Precision, F32_PRODUCTS_PROPERTY, INT8_ATTENTION_PROPERTY,
+    INT8_BYTES_PROPERTY, INT8_PRODUCTS_PROPERTY, OWN_F32_PRODUCTS,
+};
 pub use token_tables::{
     FoldSummary, TokenTable, MAX_EXTRA_TABLE_BYTES, TOKEN_TABLES_PROPERTY,
     TOKEN_TABLE_BYTES_PROPERTY, TOKEN_TABLE_REPLACED_PROPERTY, VALUE_KEYS,

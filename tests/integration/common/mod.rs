@@ -54,9 +54,8 @@ pub fn cosine<T: Copy + Into<f64>>(a: &[T], b: &[T]) -> f64 {
 /// The fastest form on `simd`'s kernels with the products by constant weights in int8.
 pub fn int8_options(simd: Simd) -> Options {
     Options {
-        simd,
         precision: Some(Precision::Int8),
-        ..Options::best()
+        ..Options::tier(simd)
     }
 }
 

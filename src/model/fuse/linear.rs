@@ -1,10 +1,15 @@
-//! int8 precision, opt-in per package (`precision = "int8"` in `manifest.toml`): every product
-//! of a computed f32 tensor by constant weights (projections, feed-forward, the out
-//! projection) as one [`Int8Linear`], with the bias add that follows it where there is one;
-//! and every [`FusedAttention`]'s weighted sum (`attention_int8.rs`). Attention's scores and
-//! softmax and the one-query last layer stay f32. The recipe, its agreement with f32 and its
-//! speed are in BENCHMARKS.md ("Precision as a lever", "int8: attention's weighted sum in integers"); the arithmetic is
-//! `int8_kernel.rs`.
+//! Products of a computed f32 tensor by constant weights (projections, feed-forward, the out
+//! projection), with the bias add that follows where there is one, as one [`Linear`] op whose
+//! weights are packed once at load, in one of two forms:
+//!
+//! - **int8**, opt-in per package (`precision = "int8"` in `manifest.toml`): weights 7-bit per
+//!   column, activations 8-bit per row (`int8_kernel.rs`); with it every [`FusedAttention`]'s
+//!   weighted sum runs in integers (`attention_int8.rs`). Attention's scores and softmax and
+//!   the one-query last layer stay f32. The recipe, its agreement with f32 and its speed are in
+//!   BENCHMARKS.md ("Precision as a lever", "int8: attention's weighted sum in integers").
+//! - **f32** on AVX2 CPUs (`KernelChoice::Own`, `model/kernel_choice.rs`): the same sums as
+//!   tract's own kernels, bit for bit, on a kernel of ours that runs them faster there
+//!   (`f32_kernel.rs`; BENCHMARKS.md, "Our own f32 products on AVX2").
 
 use tract_core::internal::*;
 use tract_core::model::Rewriter;
@@ -16,6 +21,7 @@ use tract_core::transform::ModelTransform;
 use tract_core::{rule_if, rule_if_some};
 
 use super::const_and_other;
+use super::f32_kernel::PackedWeights;
 use super::int8_kernel::QuantWeights;
 use super::FusedAttention;
 use crate::simd::Simd;
@@ -26,13 +32,15 @@ pub const INT8_PRODUCTS_PROPERTY: &str = "cellstream.int8_products";
 pub const INT8_BYTES_PROPERTY: &str = "cellstream.int8_weight_bytes";
 /// ... and how many attention layers' weighted sums it made int8.
 pub const INT8_ATTENTION_PROPERTY: &str = "cellstream.int8_attention_layers";
+/// How many f32 products run on our own kernel.
+pub const F32_PRODUCTS_PROPERTY: &str = "cellstream.f32_products";
 
 /// The arithmetic of the products by constant weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     /// As the graph says.
     F32,
-    /// [`Int8Linear`]: weights 7-bit per column, activations 8-bit per row.
+    /// [`Linear`] on int8 weights: 7-bit per column, activations 8-bit per row.
     Int8,
 }
 
@@ -72,26 +80,69 @@ impl Precision {
     }
 }
 
-/// `x · W (+ b)`, contracting `x`'s last `k_axes` axes (together `K` long) with the constant
-/// `W`, `[K, N]`, in int8: the output is `x`'s other axes, then `N`.
+/// The tract transform that runs the f32 products on our own kernel (AVX2 and FMA).
+pub const OWN_F32_PRODUCTS: &str = "cellstream_f32_products";
+
+/// A [`Linear`]'s weights, packed for its kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Int8Linear {
-    pub weights: Arc<QuantWeights>,
+pub enum LinearWeights {
+    F32(PackedWeights),
+    Int8(QuantWeights),
+}
+
+impl LinearWeights {
+    pub fn k(&self) -> usize {
+        match self {
+            LinearWeights::F32(w) => w.k(),
+            LinearWeights::Int8(w) => w.k(),
+        }
+    }
+
+    pub fn n(&self) -> usize {
+        match self {
+            LinearWeights::F32(w) => w.n(),
+            LinearWeights::Int8(w) => w.n(),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            LinearWeights::F32(w) => w.bytes(),
+            LinearWeights::Int8(w) => w.bytes(),
+        }
+    }
+
+    fn product(&self, simd: Simd, a: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+        match self {
+            LinearWeights::F32(w) => w.product(a, bias, out),
+            LinearWeights::Int8(w) => w.product(simd, a, bias, out),
+        }
+    }
+}
+
+/// `x · W (+ b)`, contracting `x`'s last `k_axes` axes (together `K` long) with the constant
+/// `W`, `[K, N]`, on the weights' kernel: the output is `x`'s other axes, then `N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Linear {
+    pub weights: Arc<LinearWeights>,
     /// f32 `[N]`.
     pub bias: Option<Arc<Tensor>>,
     pub k_axes: usize,
     pub simd: Simd,
 }
 
-impl Op for Int8Linear {
+impl Op for Linear {
     fn name(&self) -> StaticName {
-        "CellstreamInt8Linear".into()
+        match *self.weights {
+            LinearWeights::F32(_) => "CellstreamLinear".into(),
+            LinearWeights::Int8(_) => "CellstreamInt8Linear".into(),
+        }
     }
 
     op_as_typed_op!();
 }
 
-impl EvalOp for Int8Linear {
+impl EvalOp for Linear {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
@@ -124,7 +175,7 @@ impl EvalOp for Int8Linear {
     }
 }
 
-impl TypedOp for Int8Linear {
+impl TypedOp for Linear {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
@@ -178,11 +229,16 @@ impl TypedOp for Int8Linear {
             .take(inputs[0].rank() - self.k_axes)
             .product();
         let macs = rows * (self.weights.k() * self.weights.n());
-        Ok(tvec!((Cost::FMA(i32::datum_type()), macs)))
+        let dt = match *self.weights {
+            LinearWeights::F32(_) => f32::datum_type(),
+            LinearWeights::Int8(_) => i32::datum_type(),
+        };
+        Ok(tvec!((Cost::FMA(dt), macs)))
     }
 }
 
-/// The transform: every product [`rule`] recognises, then the count and bytes as properties.
+/// The int8 transform: every product [`rule`] recognises, then the count and bytes as
+/// properties.
 #[derive(Debug, Clone)]
 pub struct Int8Products {
     pub simd: Simd,
@@ -197,17 +253,7 @@ impl ModelTransform for Int8Products {
     }
 
     fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
-        let simd = self.simd;
-        Rewriter::default()
-            .with_rule_for(
-                "int8-product",
-                move |_: &(), m: &TypedModel, n: &TypedNode, name: &str, op: &EinSum| {
-                    rule(simd, m, n, name, op)
-                },
-            )
-            .rewrite(&(), model)?;
-        // The f32 weights the products no longer read.
-        model.compact()?;
+        rewrite_products(model, Precision::Int8, self.simd)?;
         let mut attention = 0;
         for node in model.nodes_mut() {
             if let Some(op) = node.op_as::<FusedAttention>() {
@@ -221,13 +267,7 @@ impl ModelTransform for Int8Products {
         model
             .properties
             .insert(INT8_ATTENTION_PROPERTY.into(), rctensor0(attention as i64));
-        let ops: Vec<&Int8Linear> = model
-            .nodes()
-            .iter()
-            .filter_map(|n| n.op_as::<Int8Linear>())
-            .collect();
-        let bytes: usize = ops.iter().map(|op| op.weights.bytes()).sum();
-        let count = ops.len();
+        let (count, bytes) = products(model);
         model
             .properties
             .insert(INT8_PRODUCTS_PROPERTY.into(), rctensor0(count as i64));
@@ -250,12 +290,64 @@ register_simple_model_transform!(
     Int8Products { simd: Simd::Avx512 }
 );
 
+/// The f32 transform: every product [`rule`] recognises on our AVX2 kernel, then the count
+/// as a property. Only for a CPU that runs AVX2 and FMA.
+#[derive(Debug, Clone)]
+pub struct OwnF32Products;
+
+impl ModelTransform for OwnF32Products {
+    fn name(&self) -> StaticName {
+        OWN_F32_PRODUCTS.into()
+    }
+
+    fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
+        ensure!(
+            PackedWeights::runs_on(Simd::Avx2),
+            "our f32 products need AVX2 and FMA"
+        );
+        rewrite_products(model, Precision::F32, Simd::Avx2)?;
+        let (count, _) = products(model);
+        model
+            .properties
+            .insert(F32_PRODUCTS_PROPERTY.into(), rctensor0(count as i64));
+        Ok(())
+    }
+}
+
+register_simple_model_transform!("cellstream_f32_products", OwnF32Products);
+
+/// Every product [`rule`] recognises as a [`Linear`] of `precision`, then the constants no
+/// longer read dropped.
+fn rewrite_products(model: &mut TypedModel, precision: Precision, simd: Simd) -> TractResult<()> {
+    Rewriter::default()
+        .with_rule_for(
+            "linear-product",
+            move |_: &(), m: &TypedModel, n: &TypedNode, name: &str, op: &EinSum| {
+                rule(precision, simd, m, n, name, op)
+            },
+        )
+        .rewrite(&(), model)?;
+    // The f32 weights the products no longer read.
+    model.compact()
+}
+
+/// How many [`Linear`] ops the model holds, and their packed weights' bytes.
+fn products(model: &TypedModel) -> (usize, usize) {
+    let ops: Vec<&Linear> = model
+        .nodes()
+        .iter()
+        .filter_map(|n| n.op_as::<Linear>())
+        .collect();
+    (ops.len(), ops.iter().map(|op| op.weights.bytes()).sum())
+}
+
 /// An f32 einsum of a computed `x` by a constant `W` that contracts `x`'s trailing axes with
 /// all of `W`'s axes but one, `N`, in the same order, and whose output is `x`'s other axes (in
 /// any order) then `N`: a product by `W` as a `[K, N]` matrix, `x`'s axes moved after it where
 /// the einsum orders them otherwise (torch's sequence-first projections). With the bias add
 /// after it, where that add is its one reader and adds a constant `[…, 1, N]`.
 fn rule(
+    precision: Precision,
     simd: Simd,
     model: &TypedModel,
     node: &TypedNode,
@@ -303,7 +395,12 @@ fn rule(
     rule_if!(k > 0 && n > 0);
     let order: Vec<usize> = k_axes.iter().copied().chain([n_axis]).collect();
     let matrix = Tensor::clone(&w).permute_axes(&order)?;
-    let weights = QuantWeights::pack(matrix.try_as_plain_ram()?.as_slice::<f32>()?, k, n);
+    let matrix = matrix.try_as_plain_ram()?;
+    let matrix = matrix.as_slice::<f32>()?;
+    let weights = match precision {
+        Precision::F32 => LinearWeights::F32(PackedWeights::pack(matrix, k, n)),
+        Precision::Int8 => LinearWeights::Int8(QuantWeights::pack(matrix, k, n)),
+    };
 
     // The bias add, where the product's one reader adds a constant row of N.
     let mut end = node.id;
@@ -327,21 +424,22 @@ fn rule(
         }
     }
 
-    let mut patch = TypedModelPatch::new(format!("int8 product at {name}"));
+    let tag = precision.name();
+    let mut patch = TypedModelPatch::new(format!("{tag} product at {name}"));
     let tap = patch.tap_model(model, x)?;
-    let linear = Int8Linear {
+    let linear = Linear {
         weights: Arc::new(weights),
         bias,
         k_axes: c,
         simd,
     };
-    let mut wire = patch.wire_node(format!("{name}.int8"), linear, &[tap])?;
+    let mut wire = patch.wire_node(format!("{name}.{tag}"), linear, &[tap])?;
     // The op's axes are x's in x's order; move each to the einsum's place for it.
     for target in 0..kept {
         let at = places.iter().position(|&p| p == target).unwrap_or(target);
         if at != target {
             let mv = AxisOp::Move(at, target);
-            wire = patch.wire_node(format!("{name}.int8.move{target}"), mv, &wire)?;
+            wire = patch.wire_node(format!("{name}.{tag}.move{target}"), mv, &wire)?;
             let p = places.remove(at);
             places.insert(target, p);
         }
