@@ -239,19 +239,8 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::int8_kernel::tests::random;
     use super::*;
-
-    fn random(len: usize, seed: u64, amp: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * amp
-            })
-            .collect()
-    }
 
     /// Bit for bit the sum tract's kernels form: k ascending by fused multiply-adds from
     /// zero, then the bias; for shapes with partial tiles of rows and of columns.

@@ -339,10 +339,12 @@ fn dequantise(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn random(len: usize, seed: u64, amp: f32) -> Vec<f32> {
+    /// Values in `[-amp, amp)` from a xorshift generator seeded by `seed` (the f32 kernel's
+    /// tests use them too).
+    pub(in crate::model::fuse) fn random(len: usize, seed: u64, amp: f32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         (0..len)
             .map(|_| {
