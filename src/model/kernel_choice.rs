@@ -31,6 +31,7 @@
 
 use std::cell::Cell;
 
+use super::fuse::PackedWeights;
 use crate::simd::Simd;
 
 #[cfg(target_arch = "x86_64")]
@@ -77,7 +78,7 @@ impl KernelChoice {
     /// where it is a Zen 4's AVX-512, tract's choice elsewhere.
     pub fn best(simd: Simd) -> KernelChoice {
         match simd {
-            Simd::Avx2 if Simd::detect() >= Simd::Avx2 => KernelChoice::Own,
+            Simd::Avx2 if PackedWeights::runs_here() => KernelChoice::Own,
             Simd::Avx512 if is_zen4() => KernelChoice::Zen4,
             _ => KernelChoice::Tract,
         }
@@ -100,7 +101,7 @@ impl KernelChoice {
         if is_zen4() {
             all.push(KernelChoice::Zen4);
         }
-        if Simd::detect() >= Simd::Avx2 {
+        if PackedWeights::runs_here() {
             all.push(KernelChoice::Own);
         }
         all

@@ -77,8 +77,8 @@ impl PackedWeights {
     }
 
     /// Whether this CPU runs the kernel (AVX2 and FMA).
-    pub fn runs_on(simd: Simd) -> bool {
-        simd >= Simd::Avx2 && Simd::detect() >= Simd::Avx2
+    pub fn runs_here() -> bool {
+        Simd::detect() >= Simd::Avx2
     }
 
     /// `out[m, n] = a[m, k] · w (+ bias[n])`, `m = a.len() / k`.
@@ -94,10 +94,7 @@ impl PackedWeights {
         let m = a.len() / self.k;
         assert_eq!(out.len(), m * self.n, "output of {m} × {}", self.n);
         assert!(bias.is_none_or(|b| b.len() == self.n));
-        assert!(
-            Simd::detect() >= Simd::Avx2,
-            "the f32 products need AVX2 and FMA"
-        );
+        assert!(Self::runs_here(), "the f32 products need AVX2 and FMA");
         #[cfg(target_arch = "x86_64")]
         // SAFETY: this CPU runs AVX2 and FMA (asserted above).
         unsafe {
@@ -246,7 +243,7 @@ mod tests {
     /// zero, then the bias; for shapes with partial tiles of rows and of columns.
     #[test]
     fn every_output_is_the_sequential_fused_sum_bit_for_bit() {
-        if !PackedWeights::runs_on(Simd::detect()) {
+        if !PackedWeights::runs_here() {
             eprintln!("skipped: this CPU has no AVX2 and FMA");
             return;
         }

@@ -302,7 +302,7 @@ impl ModelTransform for OwnF32Products {
 
     fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
         ensure!(
-            PackedWeights::runs_on(Simd::Avx2),
+            PackedWeights::runs_here(),
             "our f32 products need AVX2 and FMA"
         );
         rewrite_products(model, Precision::F32, Simd::Avx2)?;
