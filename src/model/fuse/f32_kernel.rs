@@ -16,12 +16,8 @@
 
 use crate::simd::Simd;
 
-/// Rows of a tile.
-const MR: usize = 6;
 /// Columns of a tile, and of a packed panel.
 const NR: usize = 16;
-/// Rows per block: their activations stay in L2 while every panel streams past them.
-const ROWS_PER_BLOCK: usize = 16 * MR;
 
 /// Constant weights `[K, N]` (row-major), packed into panels of 16 columns.
 #[derive(Debug, Clone)]
@@ -107,7 +103,12 @@ impl PackedWeights {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{PackedWeights, MR, NR, ROWS_PER_BLOCK};
+    use super::{PackedWeights, NR};
+
+    /// Rows of a tile.
+    const MR: usize = 6;
+    /// Rows per block: their activations stay in L2 while every panel streams past them.
+    const ROWS_PER_BLOCK: usize = 16 * MR;
 
     type Acc = [[__m256; 2]; MR];
 
