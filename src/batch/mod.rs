@@ -18,6 +18,8 @@ mod mtx;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use crate::tokenize::rng::CellRng;
+
 pub use csb::{
     from_bytes as csb_from_bytes, from_zst_reader as csb_from_zst_reader, write_csb, write_csb_file,
 };
@@ -338,6 +340,39 @@ impl CountBatch {
             },
         )
         .expect("rows of a valid batch form a valid batch")
+    }
+
+    /// The batch as if read at `fraction` of its depth: each count kept by a binomial draw
+    /// of the cell's own generator (the run `seed` and its barcode), zeros dropped.
+    pub fn thinned(&self, fraction: f64, seed: u64) -> CountBatch {
+        let mut indptr = Vec::with_capacity(self.n_cells() + 1);
+        indptr.push(0u64);
+        let (mut indices, mut data) = (Vec::new(), Vec::new());
+        for (i, barcode) in self.barcodes.iter().enumerate() {
+            let cell = self.cell(i);
+            let mut rng = CellRng::for_cell(seed, barcode);
+            for (&g, &c) in cell.genes.iter().zip(cell.counts) {
+                let kept = rng.binomial(c, fraction);
+                if kept > 0 {
+                    indices.push(g);
+                    data.push(kept);
+                }
+            }
+            indptr.push(indices.len() as u64);
+        }
+        CountBatch::from_csr(
+            self.source.clone(),
+            self.format,
+            self.gene_names.clone(),
+            self.gene_ids.clone(),
+            self.barcodes.clone(),
+            CsrArrays {
+                indptr,
+                indices,
+                data,
+            },
+        )
+        .expect("a valid batch thinned is a valid batch")
     }
 
     pub fn n_cells(&self) -> usize {
@@ -756,6 +791,19 @@ mod tests {
         assert_eq!(b.cell(0).genes, &[0, 2]);
         assert_eq!(b.cell(1).counts, &[7]);
         assert_eq!(b.nnz(), 3);
+    }
+
+    #[test]
+    fn thinning_keeps_a_fraction_of_each_cell_and_is_seeded() {
+        let b = batch(vec![0, 2, 3], vec![0, 2, 1], vec![4000, 1, 3000]).unwrap();
+        let t = b.thinned(0.25, 7);
+        assert_eq!(t.n_cells(), 2);
+        assert!(t.data().iter().all(|&c| c > 0), "zeros are dropped");
+        let total = |b: &CountBatch, i: usize| b.cell(i).counts.iter().sum::<u32>() as f64;
+        assert!((total(&t, 0) - 1000.0).abs() < 150.0, "{}", total(&t, 0));
+        assert!((total(&t, 1) - 750.0).abs() < 150.0, "{}", total(&t, 1));
+        assert_eq!(t.data(), b.thinned(0.25, 7).data());
+        assert_ne!(t.data(), b.thinned(0.25, 8).data());
     }
 
     #[test]

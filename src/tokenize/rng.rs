@@ -124,11 +124,45 @@ impl CellRng {
         }
         (m >> 64) as u64
     }
+
+    /// A draw from Binomial(`n`, `p`): each of `n` trials kept with probability `p`. Exact
+    /// (one uniform per trial) up to [`BINOMIAL_EXACT_UP_TO`] trials, a rounded normal draw
+    /// beyond, so a huge count costs no more than that.
+    pub fn binomial(&mut self, n: u32, p: f64) -> u32 {
+        if n <= BINOMIAL_EXACT_UP_TO {
+            return (0..n).filter(|_| self.next_f64() < p).count() as u32;
+        }
+        let (mean, sd) = (n as f64 * p, (n as f64 * p * (1.0 - p)).sqrt());
+        // Box–Muller; 1 − u keeps the logarithm's argument in (0, 1].
+        let (u, v) = (1.0 - self.next_f64(), self.next_f64());
+        let z = (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos();
+        (mean + sd * z).round().clamp(0.0, n as f64) as u32
+    }
 }
+
+/// Trials [`CellRng::binomial`] draws one by one.
+pub const BINOMIAL_EXACT_UP_TO: u32 = 1000;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binomial_draws_have_the_right_mean_on_both_sides_of_the_exact_limit() {
+        let mut rng = CellRng::for_cell(3, "binomial");
+        for (n, p) in [(7u32, 0.25), (900, 0.1), (5000, 0.25)] {
+            let draws: Vec<u32> = (0..2000).map(|_| rng.binomial(n, p)).collect();
+            assert!(draws.iter().all(|&d| d <= n));
+            let mean = draws.iter().map(|&d| d as f64).sum::<f64>() / draws.len() as f64;
+            let sd = (n as f64 * p * (1.0 - p) / draws.len() as f64).sqrt();
+            assert!(
+                (mean - n as f64 * p).abs() < 5.0 * sd,
+                "{n} {p}: mean {mean}"
+            );
+        }
+        assert_eq!(rng.binomial(10, 0.0), 0);
+        assert_eq!(rng.binomial(10, 1.0), 10);
+    }
 
     #[test]
     fn mt19937_matches_numpy_seed_0() {
