@@ -142,10 +142,10 @@ fn graph(n: usize, dim: usize, n_queries: usize) {
         .collect();
     dump(&format!("graph-{n}x{dim}"), &exact, &queries);
     let t = Instant::now();
-    let want = exact.map_many(queries.iter().map(|q| black_box(q.as_slice())));
+    let want = exact.map_many(queries.iter().map(|q| (black_box(q.as_slice()), None)));
     let exact_rate = n_queries as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let got = graph.map_many(queries.iter().map(|q| black_box(q.as_slice())));
+    let got = graph.map_many(queries.iter().map(|q| (black_box(q.as_slice()), None)));
     let graph_rate = n_queries as f64 / t.elapsed().as_secs_f64();
     println!(
         "RESULT reference/graph cells={n} dim={dim} queries={n_queries} cells_per_s={graph_rate:.1} exact_cells_per_s={exact_rate:.1} ratio={:.2}",
@@ -155,8 +155,8 @@ fn graph(n: usize, dim: usize, n_queries: usize) {
     let (mut nb_e, mut nb_g) = (exact.neighbours(), graph.neighbours());
     let mut found = 0;
     for q in &queries[..sample] {
-        exact.map(q, &mut nb_e);
-        graph.map(q, &mut nb_g);
+        exact.map(q, None, &mut nb_e);
+        graph.map(q, None, &mut nb_g);
         found += nb_g
             .sorted()
             .iter()
@@ -225,11 +225,11 @@ fn main() {
         let mut nb = reference.neighbours();
         let one: Vec<_> = queries[..alone]
             .iter()
-            .map(|q| reference.map(black_box(q), &mut nb))
+            .map(|q| reference.map(black_box(q), None, &mut nb))
             .collect();
         let one_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let many = reference.map_many(queries.iter().map(|q| black_box(q.as_slice())));
+        let many = reference.map_many(queries.iter().map(|q| (black_box(q.as_slice()), None)));
         let many_s = t.elapsed().as_secs_f64();
         assert_eq!(
             one[..],

@@ -228,6 +228,26 @@ fn inspect_reference(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
         m.confidence_threshold,
         l.precision_of_assigned
     );
+    let cuts: Vec<String> = m
+        .depth_cuts
+        .iter()
+        .map(|c| {
+            format!(
+                "{:.2} at {:.0}% ({:.0} UMIs)",
+                c.novelty_cut,
+                100.0 * c.depth,
+                c.median_umis
+            )
+        })
+        .collect();
+    println!(
+        "novelty cut:  {}",
+        if cuts.is_empty() {
+            format!("{:.2} (every depth)", m.novelty_cut)
+        } else {
+            cuts.join(", ")
+        }
+    );
     let composition: Vec<String> = m
         .composition
         .iter()

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use cellstream::embed::{EmbedConfig, Embedder};
 use cellstream::model::{default_model_dir, ModelPackage};
-use cellstream::reference::{Provenance, Reference, Search};
+use cellstream::reference::{Provenance, Reference, Search, Thinned, THINNED_DEPTHS};
 
 use super::UsageError;
 
@@ -126,6 +126,9 @@ fn read_labels(path: &Path, column: &str) -> anyhow::Result<HashMap<String, Stri
     Ok(labels)
 }
 
+/// Seed of the thinning draws (the first depth's; the next ones count up from it).
+const THIN_SEED: u64 = 0x7468_696e;
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let labels = read_labels(&args.labels, &args.column)?;
     let model_dir = args.model.clone().unwrap_or_else(default_model_dir);
@@ -140,11 +143,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut embedder = Embedder::new(package, cfg)?;
     embedder.warm_up()?;
     let (mut cells, mut unlabelled, mut empty) = (Vec::new(), 0usize, 0usize);
+    // Per reference cell its UMIs, and the same cells thinned to each of THINNED_DEPTHS.
+    let mut umis = Vec::new();
+    let mut thinned: Vec<Thinned> = THINNED_DEPTHS
+        .iter()
+        .map(|&depth| Thinned {
+            depth,
+            cells: Vec::new(),
+        })
+        .collect();
     let bar = super::progress::cells(0);
     for (k, input) in args.inputs.iter().enumerate() {
         bar.set_message(format!("reading {}", input.display()));
         let batch = args.caps.read(input)?;
-        bar.inc_length(batch.n_cells() as u64);
+        bar.inc_length(((1 + THINNED_DEPTHS.len()) * batch.n_cells()) as u64);
         bar.set_message(format!(
             "{} ({}/{})",
             batch.batch_id(),
@@ -152,12 +164,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.inputs.len()
         ));
         let results = embedder.embed_with_progress(&batch, &mut |n| bar.inc(n as u64))?;
-        for (barcode, r) in batch.barcodes.iter().zip(results) {
+        let mut kept = Vec::new(); // rows that become reference cells
+        for (row, (barcode, r)) in batch.barcodes.iter().zip(results).enumerate() {
             match (labels.get(barcode), r.embedding) {
                 (None, _) => unlabelled += 1,
                 (Some(_), None) => empty += 1,
-                (Some(label), Some(e)) => cells.push((barcode.clone(), label.clone(), e)),
+                (Some(label), Some(e)) => {
+                    cells.push((barcode.clone(), label.clone(), e));
+                    umis.push(r.qc.total_counts);
+                    kept.push(row);
+                }
             }
+        }
+        for (j, t) in thinned.iter_mut().enumerate() {
+            let shallow = batch.thinned(t.depth, THIN_SEED + j as u64);
+            let mut results = embedder.embed_with_progress(&shallow, &mut |n| bar.inc(n as u64))?;
+            t.cells.extend(kept.iter().map(|&row| {
+                let umis = results[row].qc.total_counts;
+                results[row].embedding.take().map(|e| (e, umis))
+            }));
         }
     }
     bar.finish_and_clear();
@@ -175,6 +200,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut reference =
         Reference::build(cells, dim, model, built, args.index).map_err(UsageError)?;
+    reference
+        .calibrate_depths(&umis, &thinned)
+        .map_err(UsageError)?;
     if let Some(path) = &args.layout {
         let coords = read_layout(path, reference.barcodes())?;
         reference

@@ -186,13 +186,23 @@ impl Embedder {
                 .for_each(|o| l2_normalize(&mut o.embedding));
         }
         let mapped = |i: &usize| self.tokens.expressed[*i].n_in_vocab > 0;
-        // Every mapped cell's neighbours in one pass over the reference.
+        // Every mapped cell's neighbours in one pass over the reference; the novelty cut is
+        // read at the batch's depth (its median UMIs): depth is the run's, and a cell that is
+        // small by type is no shallower than its reference counterparts.
+        let mut umis: Vec<u64> = (0..outputs.len())
+            .filter(mapped)
+            .map(|i| self.tokens.expressed[i].total_counts)
+            .collect();
+        let depth = (!umis.is_empty()).then(|| {
+            let mid = umis.len() / 2;
+            *umis.select_nth_unstable(mid).1
+        });
         let mut mappings = reference
             .map(|r| {
                 r.map_many(
                     (0..outputs.len())
                         .filter(mapped)
-                        .map(|i| outputs[i].embedding.as_slice()),
+                        .map(|i| (outputs[i].embedding.as_slice(), depth)),
                 )
             })
             .unwrap_or_default()

@@ -20,7 +20,11 @@
 //! - `novelty`: the mean distance to the `k` nearest, divided by the 99th percentile of the
 //!   same over the reference's own cells in leave-one-out: the reference's cells sit below 1;
 //! - `assigned`: confidence at least the reference's threshold (the lowest giving ≥ 95%
-//!   precision in leave-one-out) and novelty at most 1.
+//!   precision in leave-one-out) and novelty at most the reference's cut for the cell's
+//!   depth: the [`NOVELTY_QUANTILE`] of its own cells' novelty in leave-one-out, at full depth
+//!   and with its cells thinned to [`THINNED_DEPTHS`] (a shallow cell lies farther from
+//!   everything, known or not), read at the query's depth in UMIs (`embed` and the daemon
+//!   pass the batch's median) between those depths' medians.
 
 pub mod ann;
 mod knn;
@@ -42,6 +46,11 @@ pub const K: usize = 10;
 pub const MIN_PER_BIN: usize = 20;
 /// Precision among assigned cells the threshold is chosen for.
 pub const TARGET_PRECISION: f64 = 0.95;
+/// Share of the reference's own cells (leave-one-out, at each depth) whose novelty is within
+/// the cut `assigned` needs: the other 5% are what the cut costs known cells.
+pub const NOVELTY_QUANTILE: f64 = 0.95;
+/// Fractions of the reference's depth its cells are thinned to for the depth cuts.
+pub const THINNED_DEPTHS: [f64; 3] = [0.5, 0.25, 0.1];
 /// Leave-one-out runs over at most this many reference cells (evenly spaced).
 const LOO_CELLS: usize = 5000;
 /// Queries scanned together ([`Reference::map_many`]): the reference is read once per this
@@ -99,12 +108,40 @@ pub struct Meta {
     /// `calibration[m - 1]`: confidence when the winner got `m` of `k` votes.
     pub calibration: Vec<f64>,
     pub novelty_scale: f64,
+    /// `assigned` needs novelty at most this (without depth cuts, or at full depth); 1 for
+    /// references written before it.
+    #[serde(default = "one")]
+    pub novelty_cut: f64,
+    /// The cut by depth, deepest first (the first is full depth); empty: `novelty_cut` for all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depth_cuts: Vec<DepthCut>,
     pub confidence_threshold: f64,
     pub leave_one_out: SelfScores,
     pub built: Provenance,
     /// The search graph, when the reference has one (absent: exact scan).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<IndexMeta>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The novelty cut for the reference's cells thinned to `depth`: a query with
+/// `median_umis` UMIs gets `novelty_cut`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepthCut {
+    pub depth: f64,
+    pub median_umis: f64,
+    pub novelty_cut: f64,
+}
+
+/// The reference's cells (in its order) thinned to `depth` and embedded again: per cell its
+/// embedding and UMI count, `None` when thinning left it no gene in the vocabulary.
+pub struct Thinned {
+    pub depth: f64,
+    pub cells: Vec<Option<(Vec<f32>, u64)>>,
 }
 
 /// `reference.json`'s `index`: an HNSW graph in `index.hnsw` (its last 4 bytes the CRC-32C
@@ -237,6 +274,8 @@ impl Reference {
                 composition,
                 calibration: Vec::new(),
                 novelty_scale: 1.0,
+                novelty_cut: 1.0,
+                depth_cuts: Vec::new(),
                 confidence_threshold: 0.0,
                 leave_one_out: SelfScores::default(),
                 built,
@@ -294,11 +333,13 @@ impl Reference {
         self.meta.calibration = calibration_table(&votes, k);
         self.meta.novelty_scale = percentile(&mut spread.clone(), 0.99).max(f64::MIN_POSITIVE);
         let scale = self.meta.novelty_scale;
-        // Each cell's (confidence, novelty ≤ 1, right).
+        let cut = percentile(&mut spread.clone(), NOVELTY_QUANTILE) / scale;
+        self.meta.novelty_cut = cut;
+        // Each cell's (confidence, novelty within the cut, right).
         let scored: Vec<(f64, bool, bool)> = votes
             .iter()
             .zip(&spread)
-            .map(|(&(m, right), &s)| (self.meta.calibration[m - 1], s / scale <= 1.0, right))
+            .map(|(&(m, right), &s)| (self.meta.calibration[m - 1], s / scale <= cut, right))
             .collect();
         let mut candidates: Vec<f64> = self.meta.calibration.clone();
         candidates.sort_by(f64::total_cmp);
@@ -325,6 +366,73 @@ impl Reference {
             assigned_fraction: assigned as f64 / votes.len() as f64,
             precision_of_assigned: precision,
         };
+    }
+
+    /// The depth cuts: `umis` per reference cell (its order), and its cells thinned to
+    /// shallower depths ([`Thinned`], deepest first), each cell's leave-one-out novelty
+    /// against the full-depth reference.
+    pub fn calibrate_depths(&mut self, umis: &[u64], thinned: &[Thinned]) -> Result<(), String> {
+        let n = self.meta.cells;
+        if umis.len() != n || thinned.iter().any(|t| t.cells.len() != n) {
+            return Err(format!(
+                "depth calibration: not one entry per reference cell ({n})"
+            ));
+        }
+        let step = n.div_ceil(LOO_CELLS).max(1);
+        let median_of = |v: Vec<f64>| percentile(&mut v.clone(), 0.5);
+        let mut cuts = vec![DepthCut {
+            depth: 1.0,
+            median_umis: median_of(umis.iter().map(|&u| u as f64).collect()),
+            novelty_cut: self.meta.novelty_cut,
+        }];
+        for t in thinned {
+            let cells: Vec<usize> = (0..n)
+                .step_by(step)
+                .filter(|&i| t.cells[i].is_some())
+                .collect();
+            let row = |i: usize| t.cells[i].as_ref().expect("filtered to cells with one");
+            let mut spread = Vec::with_capacity(cells.len());
+            self.nearest_each(
+                cells.iter().map(|&i| row(i).0.as_slice()),
+                Some(&cells),
+                true,
+                |nb| spread.push(nb.mean_distance()),
+            );
+            let median_umis = median_of(cells.iter().map(|&i| row(i).1 as f64).collect());
+            let last = cuts.last().expect("full depth first");
+            if cells.len() < MIN_PER_BIN || median_umis <= 0.0 || median_umis >= last.median_umis {
+                // Too few cells left, or no shallower than the depth before: nothing to add.
+                continue;
+            }
+            cuts.push(DepthCut {
+                depth: t.depth,
+                median_umis,
+                novelty_cut: percentile(&mut spread, NOVELTY_QUANTILE) / self.meta.novelty_scale,
+            });
+        }
+        self.meta.depth_cuts = if cuts.len() > 1 { cuts } else { Vec::new() };
+        Ok(())
+    }
+
+    /// The novelty cut at a depth of `umis` UMIs per cell (unknown: full depth's): between two
+    /// depths' medians, interpolated in log UMIs; past the ends, the end's.
+    pub fn novelty_cut_at(&self, umis: Option<u64>) -> f64 {
+        let cuts = &self.meta.depth_cuts;
+        let (Some(u), Some(first)) = (umis, cuts.first()) else {
+            return self.meta.novelty_cut;
+        };
+        let x = (u.max(1) as f64).ln();
+        if x >= first.median_umis.ln() {
+            return first.novelty_cut;
+        }
+        for w in cuts.windows(2) {
+            let (xa, xb) = (w[0].median_umis.ln(), w[1].median_umis.ln());
+            if x >= xb {
+                let t = (xa - x) / (xa - xb);
+                return w[0].novelty_cut + t * (w[1].novelty_cut - w[0].novelty_cut);
+            }
+        }
+        cuts.last().map_or(self.meta.novelty_cut, |c| c.novelty_cut)
     }
 
     fn row(&self, i: usize) -> &[f32] {
@@ -411,31 +519,39 @@ impl Reference {
             .unwrap_or((0, 0))
     }
 
-    /// The mapping of one cell's embedding (normalised here if it is not).
-    pub fn map(&self, embedding: &[f32], nb: &mut Neighbours) -> Mapping {
+    /// The mapping of one cell's embedding (normalised here if it is not) at a depth of `umis`
+    /// UMIs per cell (None: taken as full depth).
+    pub fn map(&self, embedding: &[f32], umis: Option<u64>, nb: &mut Neighbours) -> Mapping {
         let mut q = embedding.to_vec();
         l2_normalize(&mut q);
         self.nearest(&q, None, nb);
-        self.mapping(nb)
+        self.mapping(nb, umis)
     }
 
-    /// [`Reference::map`] for many cells at once: what each would get alone, with the
-    /// reference read once per [`QUERY_CHUNK`] cells instead of once per cell.
-    pub fn map_many<'a>(&self, embeddings: impl IntoIterator<Item = &'a [f32]>) -> Vec<Mapping> {
-        let mut out = Vec::new();
-        self.nearest_each(embeddings, None, true, |nb| out.push(self.mapping(nb)));
+    /// [`Reference::map`] for many cells (embedding, UMIs) at once: what each would get
+    /// alone, with the reference read once per [`QUERY_CHUNK`] cells instead of once per cell.
+    pub fn map_many<'a>(
+        &self,
+        cells: impl IntoIterator<Item = (&'a [f32], Option<u64>)>,
+    ) -> Vec<Mapping> {
+        let (embeddings, umis): (Vec<&[f32]>, Vec<Option<u64>>) = cells.into_iter().unzip();
+        let mut out = Vec::with_capacity(umis.len());
+        self.nearest_each(embeddings, None, true, |nb| {
+            out.push(self.mapping(nb, umis[out.len()]))
+        });
         out
     }
 
     /// A query's mapping from its nearest reference cells.
-    fn mapping(&self, nb: &Neighbours) -> Mapping {
+    fn mapping(&self, nb: &Neighbours, umis: Option<u64>) -> Mapping {
         let (label, m) = self.vote(nb);
         let confidence = self.meta.calibration[m.max(1) - 1];
         let novelty = nb.mean_distance() / self.meta.novelty_scale;
         Mapping {
             label,
             confidence: confidence as f32,
-            assigned: confidence >= self.meta.confidence_threshold && novelty <= 1.0,
+            assigned: confidence >= self.meta.confidence_threshold
+                && novelty <= self.novelty_cut_at(umis),
             novelty: novelty as f32,
         }
     }
@@ -578,18 +694,29 @@ impl Reference {
             && meta.calibration.len() == meta.k
             && meta.embedding_dim > 0
             && !meta.labels.is_empty()
-            && meta.novelty_scale > 0.0;
+            && meta.novelty_scale > 0.0
+            && meta.novelty_cut > 0.0
+            && meta
+                .depth_cuts
+                .iter()
+                .all(|c| c.median_umis > 0.0 && c.novelty_cut > 0.0)
+            && meta
+                .depth_cuts
+                .windows(2)
+                .all(|w| w[1].median_umis < w[0].median_umis);
         if !ok {
             return Err(invalid(
                 &path,
                 format!(
-                    "inconsistent: k {}, {} cells, {} calibration entries, embedding_dim {}, {} labels, novelty_scale {}",
+                    "inconsistent: k {}, {} cells, {} calibration entries, embedding_dim {}, {} labels, novelty_scale {}, novelty_cut {}, depth_cuts {:?} (positive, UMIs decreasing)",
                     meta.k,
                     meta.cells,
                     meta.calibration.len(),
                     meta.embedding_dim,
                     meta.labels.len(),
-                    meta.novelty_scale
+                    meta.novelty_scale,
+                    meta.novelty_cut,
+                    meta.depth_cuts
                 ),
             ));
         }
@@ -839,12 +966,85 @@ mod tests {
             r.meta.leave_one_out
         );
         let mut nb = r.neighbours();
-        let m = r.map(&[0.0, 1.0, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0], &mut nb);
+        let m = r.map(&[0.0, 1.0, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0], None, &mut nb);
         assert_eq!(r.label_name(m.label), "type1");
         assert!(m.assigned && m.novelty < 1.0, "{m:?}");
         // A direction no reference cell points to.
-        let far = r.map(&[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], &mut nb);
+        let far = r.map(&[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0], None, &mut nb);
         assert!(far.novelty > 1.0 && !far.assigned, "{far:?}");
+    }
+
+    #[test]
+    fn shallower_cells_get_a_wider_cut_read_at_their_umis() {
+        let mut rng = CellRng::for_cell(4, "depth cuts");
+        let mut r = Reference::build(
+            clusters(60, 0.3, &mut rng),
+            8,
+            model(),
+            Provenance::default(),
+            Search::Exact,
+        )
+        .unwrap();
+        // About 5% of its own cells lie past the full-depth cut, none past the scale.
+        assert!(
+            r.meta.novelty_cut > 0.3 && r.meta.novelty_cut < 1.0,
+            "{:?}",
+            r.meta
+        );
+        // Thinned copies: the same cells, noisier, at fewer UMIs.
+        let copy = |spread: f32, umis: u64, rng: &mut CellRng| {
+            clusters(60, spread, rng)
+                .into_iter()
+                .map(|(_, _, e)| Some((e, umis)))
+                .collect()
+        };
+        let thinned = [
+            Thinned {
+                depth: 0.5,
+                cells: copy(0.6, 50, &mut rng),
+            },
+            Thinned {
+                depth: 0.2,
+                cells: copy(1.0, 20, &mut rng),
+            },
+        ];
+        r.calibrate_depths(&vec![100; 180], &thinned).unwrap();
+        let cuts: Vec<f64> = r.meta.depth_cuts.iter().map(|c| c.novelty_cut).collect();
+        assert_eq!(cuts.len(), 3, "{:?}", r.meta.depth_cuts);
+        assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{cuts:?}");
+        assert_eq!(r.novelty_cut_at(None), cuts[0]);
+        assert_eq!(r.novelty_cut_at(Some(500)), cuts[0]);
+        assert_eq!(r.novelty_cut_at(Some(50)), cuts[1]);
+        assert_eq!(r.novelty_cut_at(Some(3)), cuts[2]);
+        let between = r.novelty_cut_at(Some(70));
+        assert!(cuts[0] < between && between < cuts[1], "{between} {cuts:?}");
+        // A cell just past the full-depth cut: novel at full depth, not when shallow.
+        let mut nb = r.neighbours();
+        let (mut q, mut m) = (vec![0f32; 8], None);
+        for step in 0..200 {
+            q[0] = 1.0;
+            q[1] = step as f32 * 0.01;
+            let got = r.map(&q, None, &mut nb);
+            if (got.novelty as f64) > cuts[0] * 1.05 {
+                m = Some(got);
+                break;
+            }
+        }
+        let m = m.expect("a query past the full-depth cut");
+        assert!(
+            !m.assigned && (m.novelty as f64) < cuts[1],
+            "{m:?} {cuts:?}"
+        );
+        assert!(r.map(&q, Some(20), &mut nb).assigned);
+        assert!(!r.map(&q, Some(1000), &mut nb).assigned);
+        let many = r.map_many([(&q[..], Some(20)), (&q[..], None)]);
+        assert!(many[0].assigned && !many[1].assigned);
+        // Written and read back with the cuts.
+        let dir = tempfile::tempdir().unwrap();
+        r.write(dir.path()).unwrap();
+        let back = Reference::load(dir.path(), Some(&model())).unwrap();
+        assert_eq!(back.meta.depth_cuts, r.meta.depth_cuts);
+        assert_eq!(back.novelty_cut_at(Some(70)), between);
     }
 
     #[test]
@@ -883,6 +1083,14 @@ mod tests {
         std::fs::remove_file(dir.path().join(LAYOUT)).unwrap();
         let old = Reference::load(dir.path(), Some(&model())).unwrap();
         assert!(old.layout().is_none() && old.place(&[1.0; 8], &mut nb).is_none());
+        // One written before the novelty cut keeps the old rule, novelty at most 1.
+        let meta = dir.path().join(META);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
+        json.as_object_mut().unwrap().remove("novelty_cut");
+        std::fs::write(&meta, json.to_string()).unwrap();
+        let old = Reference::load(dir.path(), Some(&model())).unwrap();
+        assert_eq!(old.novelty_cut_at(Some(100)), 1.0);
         r.write(dir.path()).unwrap();
         let back = Reference::load(dir.path(), Some(&model())).unwrap();
         assert_eq!(back.embeddings, r.embeddings);
@@ -925,11 +1133,11 @@ mod tests {
         // Where the graph finds the k nearest, the distances and order are the scan's.
         let same = want.iter().zip(&got).filter(|(w, g)| w == g).count();
         assert!(same * 100 >= 99 * want.len(), "{same} of {}", want.len());
-        let map = |r: &Reference| r.map_many(queries.iter().map(|q| &q[..]));
+        let map = |r: &Reference| r.map_many(queries.iter().map(|q| (&q[..], None)));
         assert_eq!(map(&graph).len(), queries.len());
         // One cell alone and in a batch: the same neighbours.
         let mut nb = graph.neighbours();
-        graph.map(&queries[7], &mut nb);
+        graph.map(&queries[7], None, &mut nb);
         assert_eq!(nb.sorted(), &got[7][..]);
 
         let dir = tempfile::tempdir().unwrap();

@@ -629,6 +629,23 @@ fn a_reference_labels_cells_by_their_nearest_and_is_refused_for_another_model() 
         "{right}/{assigned}"
     );
     assert!(novel < 35, "{novel} of 700 novel");
+    // The novelty cut `assigned` also needs, from the cells thinned to each depth: the
+    // shallower, the fewer UMIs and the wider the cut.
+    let coarse: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference.join("reference.json")).unwrap()).unwrap();
+    let cuts: Vec<[f64; 3]> = coarse["depth_cuts"]
+        .as_array()
+        .expect("depth cuts")
+        .iter()
+        .map(|c| ["depth", "median_umis", "novelty_cut"].map(|k| c[k].as_f64().unwrap()))
+        .collect();
+    assert_eq!(
+        cuts.iter().map(|c| c[0]).collect::<Vec<_>>(),
+        [1.0, 0.5, 0.25, 0.1]
+    );
+    assert!(cuts.windows(2).all(|w| w[1][1] < w[0][1]), "{cuts:?}");
+    assert_eq!(cuts[0][2], coarse["novelty_cut"].as_f64().unwrap());
+    assert!(cuts[0][2] < 1.0 && cuts[3][2] > cuts[0][2], "{cuts:?}");
 
     // The same cells with a search graph (`--index hnsw`, the default past 10^5 cells): the
     // cells map as the exact scan maps them (the graph finds all 10 nearest at this size).
@@ -661,7 +678,8 @@ fn a_reference_labels_cells_by_their_nearest_and_is_refused_for_another_model() 
     );
     let out = cellstream(&["inspect", g]);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("search:       hnsw graph"),
+        String::from_utf8_lossy(&out.stdout).contains("search:       hnsw graph")
+            && String::from_utf8_lossy(&out.stdout).contains("novelty cut:  "),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
