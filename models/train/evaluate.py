@@ -14,7 +14,8 @@ probability, assigned = confidence >= confidence_threshold; expected calibration
 over 15 equal-width confidence bins.
 Reference mapping (models/train/refmap.py): the package's embeddings of the reference cells
 (models/train/reference_labels.tsv: the pbmc3k training cells) as the reference; k = 10
-cosine kNN vote, calibrated vote confidence, novelty; scored on the same test cells.
+cosine kNN vote, calibrated vote confidence, novelty and its depth cuts (the reference cells
+thinned as `cellstream reference` does); scored on the same test cells, each set as one batch.
 Baseline: sklearn LogisticRegression on normalize_total(1e4)+log1p of the genes shared with
 the test set, trained on the same pbmc3k training cells.
 Writes models/train/scores.json, the reliability diagrams (--figures, default
@@ -134,6 +135,27 @@ class Package:
         return toks, emb, logits
 
 
+# The reference's cells thinned for its depth cuts, as `cellstream reference` does (its own
+# draws differ; the depths are the same): (fraction, thinning seed).
+REFERENCE_THINNING = ((0.5, 105), (0.25, 125), (0.10, 110))
+
+
+def build_reference(pkg, X, barcodes, symbols, labels):
+    """A Reference of these cells as the package embeds them, with its depth cuts."""
+    _, emb, _ = pkg.run(X, barcodes, symbols)
+    thinned = []
+    for frac, seed in REFERENCE_THINNING:
+        Xt = thin_counts(X, frac, seed)
+        _, temb, _ = pkg.run(Xt, barcodes, symbols)
+        thinned.append((frac, temb, np.asarray(Xt.sum(1)).ravel()))
+    return Reference(emb, labels, umis=np.asarray(X.sum(1)).ravel(), thinned=thinned)
+
+
+def batch_depth(X):
+    """The depth a batch's cells are mapped at (cellstream: the batch's median UMIs)."""
+    return np.full(X.shape[0], np.median(np.asarray(X.sum(1)).ravel()))
+
+
 def read_labels_tsv(path, column):
     rows = [l.split("\t") for l in Path(path).read_text().splitlines()]
     j = rows[0].index(column)
@@ -211,12 +233,12 @@ def main():
         "pbmc68k_reduced": (d68.X[keep68], [d68.barcodes[i] for i in keep68], d68.symbols, y68),
     }
 
-    # the reference: the package's embeddings of the reference cells (full depth)
+    # the reference: the package's embeddings of the reference cells, with its depth cuts
     ref_lab = read_labels_tsv(args.reference_labels, "cell_type_coarse")
     ri = np.array([i for i, b in enumerate(d3.barcodes) if b in ref_lab])
     assert not (set(d3.barcodes[i] for i in ri) & held), "reference holds held-out cells"
-    _, ref_emb, _ = pkg.run(d3.X[ri], [d3.barcodes[i] for i in ri], d3.symbols)
-    ref = Reference(ref_emb, label_index([ref_lab[d3.barcodes[i]] for i in ri]))
+    ref = build_reference(pkg, d3.X[ri], [d3.barcodes[i] for i in ri], d3.symbols,
+                          label_index([ref_lab[d3.barcodes[i]] for i in ri]))
     print(f"model {args.model} sha256 {pkg.man['onnx_sha256'][:12]}…, ties {pkg.ties}, max_len "
           f"{pkg.max_len}, temperature {pkg.T}, threshold {pkg.thr}; reference {len(ri)} cells "
           f"(leave-one-out accuracy {ref.loo_correct.mean():.3f}, vote threshold "
@@ -253,10 +275,12 @@ def main():
             m["confusion"] = np.array([[int(((y == i) & (p.argmax(1) == j)).sum())
                                         for j in range(len(COARSE))]
                                        for i in range(len(COARSE))]).tolist()
-            mp = ref.map(emb)
+            depth = batch_depth(Xd)
+            mp = ref.map(emb, depth)
             rm = metrics(y, mp["label"], mp["confidence"], assigned=mp["assigned"])
             rm["novelty_median"] = float(np.median(mp["novelty"]))
             rm["novelty_above_1"] = float((mp["novelty"] > 1).mean())
+            rm["novelty_above_cut"] = float((mp["novelty"] > ref.cut_at(depth)).mean())
             rm["agrees_with_classifier"] = float((mp["label"] == p.argmax(1)).mean())
             r = {"model": m, "reference": rm}
             if not args.no_baseline:

@@ -18,9 +18,17 @@ this module is what the experiments in models/train use. For any model that make
 - confidence = conf[m]; novelty = mean distance to the k nearest reference cells divided by
   the 99th percentile (numpy's linear interpolation) of the same quantity over the
   reference's own cells in leave-one-out.
-- assigned = confidence >= threshold and novelty <= 1. threshold = the lowest value of the
-  table at which, on the leave-one-out reference, the assigned cells are right >= 95% of the
-  time (the highest table value when none is).
+- novelty cut: the 95th percentile (NOVELTY_QUANTILE) of the reference's own leave-one-out
+  novelty. Depth cuts (when the reference's cells thinned to 50 / 25 / 10% depth are given,
+  embedded again): per depth, the 95th percentile of each thinned cell's novelty against the
+  full-depth reference without itself, at the thinned cells' median UMI count; a query's cut
+  is interpolated in log(UMIs) between those medians (the ends' cut past them) at its depth:
+  cellstream passes the median UMI count of the query's batch. A depth with
+  fewer than 20 cells or a median UMI count not below the previous depth's is skipped.
+- assigned = confidence >= threshold and novelty <= the query's cut. threshold = the lowest
+  value of the table at which, on the leave-one-out reference, the assigned cells (novelty
+  within the full-depth cut) are right >= 95% of the time (the highest table value when none
+  is).
 """
 from __future__ import annotations
 
@@ -29,6 +37,8 @@ import numpy as np
 K = 10
 MIN_GROUP = 20
 NOVELTY_PERCENTILE = 99.0
+NOVELTY_QUANTILE = 95.0
+MIN_DEPTH_CELLS = 20
 PRECISION_TARGET = 0.95
 
 
@@ -104,7 +114,9 @@ def choose_threshold(conf, correct, ok_novelty, table, target=PRECISION_TARGET):
 
 
 class Reference:
-    def __init__(self, emb, labels, k=K):
+    def __init__(self, emb, labels, k=K, umis=None, thinned=()):
+        """thinned: (depth, embeddings, umis) per shallower depth, deepest first, rows in the
+        reference's order (a row of NaN: a cell thinning left without an embedding)."""
         self.emb = l2norm(emb)
         self.labels = np.asarray(labels)
         self.k = k
@@ -117,21 +129,49 @@ class Reference:
         self.scale = float(np.percentile(self.loo_meandist, NOVELTY_PERCENTILE))
         self.loo_conf = self.table[m]
         self.loo_novelty = self.loo_meandist / self.scale
+        self.cut = float(np.percentile(self.loo_novelty, NOVELTY_QUANTILE))
         self.threshold = choose_threshold(self.loo_conf, self.loo_correct,
-                                          self.loo_novelty <= 1, self.table)
+                                          self.loo_novelty <= self.cut, self.table)
+        self.depth_cuts = []  # (depth, median UMIs, cut), deepest first
+        if umis is not None and len(thinned):
+            self.depth_cuts.append((1.0, float(np.median(umis)), self.cut))
+            for depth, temb, tumis in thinned:
+                ok = ~np.isnan(np.asarray(temb, np.float64)).any(1)
+                q = l2norm(np.asarray(temb)[ok])
+                rows = np.flatnonzero(ok)
+                d = 1.0 - q @ self.emb.T
+                d[np.arange(len(rows)), rows] = np.inf
+                md = np.sort(d, 1)[:, :k].mean(1)
+                med = float(np.median(np.asarray(tumis)[ok]))
+                if len(rows) < MIN_DEPTH_CELLS or med >= self.depth_cuts[-1][1]:
+                    continue
+                self.depth_cuts.append((depth, med, float(np.percentile(md, NOVELTY_QUANTILE)) / self.scale))
+            if len(self.depth_cuts) < 2:
+                self.depth_cuts = []
 
-    def map(self, query):
-        """dict of label, votes, confidence, novelty, assigned for each query row."""
+    def cut_at(self, umis):
+        """The novelty cut for cells of `umis` UMIs (None: full depth's)."""
+        if umis is None or not self.depth_cuts:
+            return np.full(1 if umis is None else len(umis), self.cut)
+        x = np.log(np.maximum(np.asarray(umis, np.float64), 1))
+        xs = np.log([c[1] for c in self.depth_cuts])[::-1]  # increasing
+        ys = np.array([c[2] for c in self.depth_cuts])[::-1]
+        return np.interp(x, xs, ys)
+
+    def map(self, query, umis=None):
+        """dict of label, votes, confidence, novelty, assigned for each query row (umis: the
+        depth each row is read at, in UMIs per cell, for the depth cut; None: full depth)."""
         idx, dist = knn(query, self.emb, self.k)
         pred, m = vote(self.labels[idx])
         conf = self.table[m]
         nov = dist.mean(1) / self.scale
         return {"label": pred, "votes": m, "confidence": conf, "novelty": nov,
-                "assigned": (conf >= self.threshold) & (nov <= 1)}
+                "assigned": (conf >= self.threshold) & (nov <= self.cut_at(umis))}
 
     def summary(self):
         return {"k": self.k, "cells": int(len(self.labels)),
                 "table": [round(float(x), 6) for x in self.table[1:]],
                 "loo_cells_per_m": np.bincount(self.loo_m, minlength=self.k + 1)[1:].tolist(),
                 "loo_accuracy": float(self.loo_correct.mean()),
-                "novelty_scale_p99": self.scale, "threshold": self.threshold}
+                "novelty_scale_p99": self.scale, "novelty_cut": self.cut,
+                "depth_cuts": [list(c) for c in self.depth_cuts], "threshold": self.threshold}

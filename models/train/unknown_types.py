@@ -3,21 +3,25 @@
 
     # one training per left-out type (train.py --exclude-class; see models/train/README.md)
     OMP_NUM_THREADS=1 .venv-train/bin/python models/train/train.py --exclude-class B \\
-        --epochs 20 --out models/train/loto/B/pkg --aux-dir models/train/loto/B
+        --epochs 40 --out models/train/loto/B40/pkg --aux-dir models/train/loto/B40
     ...
-    OMP_NUM_THREADS=1 .venv-train/bin/python models/train/unknown_types.py models/train/loto/*/
+    OMP_NUM_THREADS=1 .venv-train/bin/python models/train/unknown_types.py \\
+        models/train/loto/B40 models/train/loto/NK40 models/train/loto/CD14_Mono40
 
 Each run directory holds the package (pkg/), train_summary.json (which class was left out) and
 reference_labels.tsv (its training cells, the left-out type absent). For each run: the
-reference = the package's embeddings of those cells (models/train/refmap.py); queries = the
-held-out pbmc3k cells (never trained on) at full depth and at 25% / 10% read depth.
+reference = the package's embeddings of those cells, with the same cells thinned to 50 / 25 /
+10% for its depth cuts (models/train/refmap.py, as `cellstream reference` builds it);
+queries = the held-out pbmc3k cells (never trained on) at full depth and at 25% / 10% depth.
 Scores, separating the left-out type (positive) from the known types:
 - AUROC of the novelty score, of 1 - classifier confidence (softmax(logits / T)), and of
   1 - the reference vote's calibrated confidence;
 - the fraction of left-out cells that end unassigned, and of known cells that stay assigned,
-  under three rules: reference mapping (vote confidence >= its threshold and novelty <= 1),
-  classifier and novelty (classifier confidence >= the manifest's threshold and novelty <= 1),
-  classifier alone (confidence >= threshold).
+  under four rules: reference mapping (vote confidence >= its threshold and novelty within
+  the reference's cut for the batch's median UMI count: what cellstream does), the same with the
+  earlier cut, novelty <= 1 at every depth (`reference_p99`), classifier and novelty
+  (classifier confidence >= the manifest's threshold and novelty within the cut), classifier
+  alone (confidence >= threshold).
 Writes models/train/unknown_types.json and models/pbmc-compact/figures/unknown_types.png.
 """
 import os
@@ -34,8 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import COARSE, DATA_3K, PACKAGE, TRAIN_DIR, Dataset10x, label_index, thin_counts  # noqa: E402
-from evaluate import DEPTHS, Package, read_labels_tsv, softmax  # noqa: E402
-from refmap import Reference  # noqa: E402
+from evaluate import (DEPTHS, Package, batch_depth, build_reference, read_labels_tsv,  # noqa: E402
+                      softmax)
 
 
 def main():
@@ -59,22 +63,24 @@ def main():
         labs = read_labels_tsv(run / "reference_labels.tsv", "cell_type_coarse")
         ri = np.array([i for i, b in enumerate(d.barcodes) if b in labs])
         assert not (set(d.barcodes[i] for i in ri) & held) and (y[ri] != k).all()
-        _, remb, _ = pkg.run(d.X[ri], [d.barcodes[i] for i in ri], d.symbols)
-        ref = Reference(remb, y[ri])
+        ref = build_reference(pkg, d.X[ri], [d.barcodes[i] for i in ri], d.symbols, y[ri])
         out = {"left_out": left, "epochs": summ["args"]["epochs"], "reference_cells": len(ri),
-               "reference_threshold": ref.threshold, "classifier_threshold": pkg.thr,
-               "temperature": pkg.T, "depths": {}}
+               "reference_threshold": ref.threshold, "novelty_cut": ref.cut,
+               "depth_cuts": [list(c) for c in ref.depth_cuts],
+               "classifier_threshold": pkg.thr, "temperature": pkg.T, "depths": {}}
         for frac, seed in DEPTHS:
             X = d.X[te] if seed is None else thin_counts(d.X[te], frac, seed)
             _, emb, logits = pkg.run(X, [d.barcodes[i] for i in te], d.symbols)
             unseen = y[te] == k
             p = softmax(logits / pkg.T)
             conf = p.max(1)
-            mp = ref.map(emb)
+            umis = batch_depth(X)  # the held-out set as one batch
+            mp = ref.map(emb, umis)
             nov = mp["novelty"]
             rules = {
                 "reference": mp["assigned"],
-                "classifier_and_novelty": (conf >= pkg.thr) & (nov <= 1),
+                "reference_p99": (mp["confidence"] >= ref.threshold) & (nov <= 1),
+                "classifier_and_novelty": (conf >= pkg.thr) & (nov <= ref.cut_at(umis)),
                 "classifier": conf >= pkg.thr,
             }
             r = {"unseen_cells": int(unseen.sum()), "known_cells": int((~unseen).sum()),
@@ -93,14 +99,16 @@ def main():
             out["depths"][str(int(frac * 100))] = r
             if seed is None:
                 curves[left] = {"novelty": (nov, unseen), "classifier": (-conf, unseen),
-                                "reference vote": (-mp["confidence"], unseen)}
+                                "reference vote": (-mp["confidence"], unseen), "cut": ref.cut}
             print(f"left out {left:10s} depth {int(frac * 100):3d}%: AUROC novelty "
                   f"{r['auroc_novelty']:.3f}, classifier conf {r['auroc_classifier_confidence']:.3f}, "
                   f"vote conf {r['auroc_reference_confidence']:.3f}; unseen unassigned "
-                  f"ref {r['unseen_unassigned_reference']:.2f} / clf+nov "
+                  f"ref {r['unseen_unassigned_reference']:.2f} / ref p99 "
+                  f"{r['unseen_unassigned_reference_p99']:.2f} / clf+nov "
                   f"{r['unseen_unassigned_classifier_and_novelty']:.2f} / clf "
                   f"{r['unseen_unassigned_classifier']:.2f}; known assigned ref "
-                  f"{r['known_assigned_reference']:.2f} / clf+nov "
+                  f"{r['known_assigned_reference']:.2f} / ref p99 "
+                  f"{r['known_assigned_reference_p99']:.2f} / clf+nov "
                   f"{r['known_assigned_classifier_and_novelty']:.2f} / clf "
                   f"{r['known_assigned_classifier']:.2f}", flush=True)
         res[left] = out
@@ -115,7 +123,7 @@ def main():
     fig, axes = plt.subplots(2, n, figsize=(3.6 * n, 6.6), squeeze=False)
     for j, (left, c) in enumerate(curves.items()):
         ax = axes[0, j]
-        for name, (score, pos) in c.items():
+        for name, (score, pos) in ((n, v) for n, v in c.items() if n != "cut"):
             fpr, tpr, _ = roc_curve(pos, score)
             ax.plot(fpr, tpr, label=f"{name}: AUROC {roc_auc_score(pos, score):.3f}")
         ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls=":")
@@ -128,7 +136,8 @@ def main():
         bins = np.linspace(0, max(3.0, float(np.percentile(nov, 99.5))), 40)
         ax.hist(nov[~pos], bins, alpha=0.6, density=True, label="known types")
         ax.hist(nov[pos], bins, alpha=0.6, density=True, label=f"{left} (never seen)")
-        ax.axvline(1.0, color="k", lw=1, ls="--")
+        ax.axvline(1.0, color="0.5", lw=1, ls=":")
+        ax.axvline(c["cut"], color="k", lw=1, ls="--", label=f"full-depth cut {c['cut']:.2f}")
         ax.set_xlabel("novelty (1 = reference's own p99)")
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
