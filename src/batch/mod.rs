@@ -318,10 +318,16 @@ impl CountBatch {
 
     /// Cells `rows` (in order) as a new batch over the same genes, arrays on the heap.
     pub fn select(&self, rows: std::ops::Range<usize>) -> CountBatch {
+        self.select_rows(&rows.collect::<Vec<_>>())
+    }
+
+    /// Cells `rows` (each `< n_cells`, in the order given) as a new batch over the same
+    /// genes, arrays on the heap.
+    pub fn select_rows(&self, rows: &[usize]) -> CountBatch {
         let mut indptr = Vec::with_capacity(rows.len() + 1);
         indptr.push(0u64);
         let (mut indices, mut data) = (Vec::new(), Vec::new());
-        for i in rows.clone() {
+        for &i in rows {
             let cell = self.cell(i);
             indices.extend_from_slice(cell.genes);
             data.extend_from_slice(cell.counts);
@@ -332,7 +338,7 @@ impl CountBatch {
             self.format,
             self.gene_names.clone(),
             self.gene_ids.clone(),
-            self.barcodes[rows].to_vec(),
+            rows.iter().map(|&i| self.barcodes[i].clone()).collect(),
             CsrArrays {
                 indptr,
                 indices,

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use cellstream::embed::{EmbedConfig, Embedder};
 use cellstream::model::{default_model_dir, ModelPackage};
-use cellstream::reference::{Provenance, Reference, Search, Thinned, THINNED_DEPTHS};
+use cellstream::reference::{
+    calibration_sample, Provenance, Reference, Search, Thinned, THINNED_DEPTHS,
+};
 
 use super::UsageError;
 
@@ -143,20 +145,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut embedder = Embedder::new(package, cfg)?;
     embedder.warm_up()?;
     let (mut cells, mut unlabelled, mut empty) = (Vec::new(), 0usize, 0usize);
-    // Per reference cell its UMIs, and the same cells thinned to each of THINNED_DEPTHS.
-    let mut umis = Vec::new();
-    let mut thinned: Vec<Thinned> = THINNED_DEPTHS
-        .iter()
-        .map(|&depth| Thinned {
-            depth,
-            cells: Vec::new(),
-        })
-        .collect();
+    // Per reference cell its UMIs and where it came from (input, row).
+    let (mut umis, mut origin) = (Vec::new(), Vec::new());
     let bar = super::progress::cells(0);
     for (k, input) in args.inputs.iter().enumerate() {
         bar.set_message(format!("reading {}", input.display()));
         let batch = args.caps.read(input)?;
-        bar.inc_length(((1 + THINNED_DEPTHS.len()) * batch.n_cells()) as u64);
+        bar.inc_length(batch.n_cells() as u64);
         bar.set_message(format!(
             "{} ({}/{})",
             batch.batch_id(),
@@ -164,7 +159,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.inputs.len()
         ));
         let results = embedder.embed_with_progress(&batch, &mut |n| bar.inc(n as u64))?;
-        let mut kept = Vec::new(); // rows that become reference cells
         for (row, (barcode, r)) in batch.barcodes.iter().zip(results).enumerate() {
             match (labels.get(barcode), r.embedding) {
                 (None, _) => unlabelled += 1,
@@ -172,17 +166,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 (Some(label), Some(e)) => {
                     cells.push((barcode.clone(), label.clone(), e));
                     umis.push(r.qc.total_counts);
-                    kept.push(row);
+                    origin.push((k, row));
                 }
             }
         }
+    }
+    // The cells the calibration reads, thinned to each depth and embedded again: a second
+    // pass over the inputs, bounded by the sample's size whatever the reference's.
+    let sample = calibration_sample(cells.len());
+    let mut thinned: Vec<Thinned> = THINNED_DEPTHS
+        .iter()
+        .map(|&depth| Thinned {
+            depth,
+            cells: vec![None; cells.len()],
+        })
+        .collect();
+    bar.inc_length((THINNED_DEPTHS.len() * sample.len()) as u64);
+    for (k, input) in args.inputs.iter().enumerate() {
+        let (refs, rows): (Vec<usize>, Vec<usize>) = sample
+            .iter()
+            .filter(|&&i| origin[i].0 == k)
+            .map(|&i| (i, origin[i].1))
+            .unzip();
+        if rows.is_empty() {
+            continue;
+        }
+        bar.set_message(format!("{}: thinned copies", input.display()));
+        let batch = args.caps.read(input)?.select_rows(&rows);
         for (j, t) in thinned.iter_mut().enumerate() {
             let shallow = batch.thinned(t.depth, THIN_SEED + j as u64);
-            let mut results = embedder.embed_with_progress(&shallow, &mut |n| bar.inc(n as u64))?;
-            t.cells.extend(kept.iter().map(|&row| {
-                let umis = results[row].qc.total_counts;
-                results[row].embedding.take().map(|e| (e, umis))
-            }));
+            let results = embedder.embed_with_progress(&shallow, &mut |n| bar.inc(n as u64))?;
+            for (&i, r) in refs.iter().zip(results) {
+                t.cells[i] = r.embedding.map(|e| (e, r.qc.total_counts));
+            }
         }
     }
     bar.finish_and_clear();

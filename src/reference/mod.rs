@@ -53,6 +53,15 @@ pub const NOVELTY_QUANTILE: f64 = 0.95;
 pub const THINNED_DEPTHS: [f64; 3] = [0.5, 0.25, 0.1];
 /// Leave-one-out runs over at most this many reference cells (evenly spaced).
 const LOO_CELLS: usize = 5000;
+
+/// The reference cells (indices) a reference of `cells` cells calibrates on in leave-one-out:
+/// all of them up to [`LOO_CELLS`], else that many evenly spaced. Only these need thinned
+/// copies ([`Reference::calibrate_depths`]).
+pub fn calibration_sample(cells: usize) -> Vec<usize> {
+    (0..cells)
+        .step_by(cells.div_ceil(LOO_CELLS).max(1))
+        .collect()
+}
 /// Queries scanned together ([`Reference::map_many`]): the reference is read once per this
 /// many cells, and their rows take `QUERY_CHUNK × embedding_dim` floats.
 pub const QUERY_CHUNK: usize = 256;
@@ -318,10 +327,9 @@ impl Reference {
     /// calibration table, the novelty scale and the threshold, and how they score.
     fn calibrate(&mut self) {
         let (n, k) = (self.meta.cells, self.meta.k);
-        let step = n.div_ceil(LOO_CELLS).max(1);
         let mut votes = Vec::new(); // (winner's votes, right)
         let mut spread = Vec::new(); // mean distance to the k nearest
-        let cells: Vec<usize> = (0..n).step_by(step).collect();
+        let cells = calibration_sample(n);
         let rows = cells.iter().map(|&i| self.row(i));
         let mut cell = cells.iter();
         self.nearest_each(rows, Some(&cells), false, |nb| {
@@ -369,8 +377,8 @@ impl Reference {
     }
 
     /// The depth cuts: `umis` per reference cell (its order), and its cells thinned to
-    /// shallower depths ([`Thinned`], deepest first), each cell's leave-one-out novelty
-    /// against the full-depth reference.
+    /// shallower depths ([`Thinned`], deepest first; only the [`calibration_sample`]'s cells
+    /// are read), each cell's leave-one-out novelty against the full-depth reference.
     pub fn calibrate_depths(&mut self, umis: &[u64], thinned: &[Thinned]) -> Result<(), String> {
         let n = self.meta.cells;
         if umis.len() != n || thinned.iter().any(|t| t.cells.len() != n) {
@@ -378,16 +386,17 @@ impl Reference {
                 "depth calibration: not one entry per reference cell ({n})"
             ));
         }
-        let step = n.div_ceil(LOO_CELLS).max(1);
-        let median_of = |v: Vec<f64>| percentile(&mut v.clone(), 0.5);
+        let sample = calibration_sample(n);
+        let median_of = |mut v: Vec<f64>| percentile(&mut v, 0.5);
         let mut cuts = vec![DepthCut {
             depth: 1.0,
-            median_umis: median_of(umis.iter().map(|&u| u as f64).collect()),
+            median_umis: median_of(sample.iter().map(|&i| umis[i] as f64).collect()),
             novelty_cut: self.meta.novelty_cut,
         }];
         for t in thinned {
-            let cells: Vec<usize> = (0..n)
-                .step_by(step)
+            let cells: Vec<usize> = sample
+                .iter()
+                .copied()
                 .filter(|&i| t.cells[i].is_some())
                 .collect();
             let row = |i: usize| t.cells[i].as_ref().expect("filtered to cells with one");
@@ -1045,6 +1054,29 @@ mod tests {
         let back = Reference::load(dir.path(), Some(&model())).unwrap();
         assert_eq!(back.meta.depth_cuts, r.meta.depth_cuts);
         assert_eq!(back.novelty_cut_at(Some(70)), between);
+    }
+
+    #[test]
+    fn depth_cuts_read_only_the_calibration_sample() {
+        let mut rng = CellRng::for_cell(5, "sample");
+        let cells = clusters(2000, 0.3, &mut rng);
+        let n = cells.len();
+        let mut r =
+            Reference::build(cells, 8, model(), Provenance::default(), Search::Exact).unwrap();
+        let sample = calibration_sample(n);
+        assert!(sample.len() <= LOO_CELLS && sample.len() > LOO_CELLS / 2);
+        let noisy = clusters(2000, 0.6, &mut rng);
+        let mut t = Thinned {
+            depth: 0.5,
+            cells: vec![None; n],
+        };
+        for &i in &sample {
+            t.cells[i] = Some((noisy[i].2.clone(), 50));
+        }
+        r.calibrate_depths(&vec![100; n], &[t]).unwrap();
+        let cuts = &r.meta.depth_cuts;
+        assert_eq!(cuts.len(), 2, "{cuts:?}");
+        assert!(cuts[1].novelty_cut > cuts[0].novelty_cut, "{cuts:?}");
     }
 
     #[test]
