@@ -333,19 +333,32 @@ impl CountBatch {
             data.extend_from_slice(cell.counts);
             indptr.push(indices.len() as u64);
         }
+        let barcodes = rows.iter().map(|&i| self.barcodes[i].clone()).collect();
+        self.derived(barcodes, indptr, indices, data)
+    }
+
+    /// A batch of other cells over this one's genes, from arrays derived from this batch's
+    /// (valid by construction).
+    fn derived(
+        &self,
+        barcodes: Vec<String>,
+        indptr: Vec<u64>,
+        indices: Vec<u32>,
+        data: Vec<u32>,
+    ) -> CountBatch {
         CountBatch::from_csr(
             self.source.clone(),
             self.format,
             self.gene_names.clone(),
             self.gene_ids.clone(),
-            rows.iter().map(|&i| self.barcodes[i].clone()).collect(),
+            barcodes,
             CsrArrays {
                 indptr,
                 indices,
                 data,
             },
         )
-        .expect("rows of a valid batch form a valid batch")
+        .expect("arrays derived from a valid batch form a valid batch")
     }
 
     /// The batch as if read at `fraction` of its depth: each count kept by a binomial draw
@@ -366,19 +379,7 @@ impl CountBatch {
             }
             indptr.push(indices.len() as u64);
         }
-        CountBatch::from_csr(
-            self.source.clone(),
-            self.format,
-            self.gene_names.clone(),
-            self.gene_ids.clone(),
-            self.barcodes.clone(),
-            CsrArrays {
-                indptr,
-                indices,
-                data,
-            },
-        )
-        .expect("a valid batch thinned is a valid batch")
+        self.derived(self.barcodes.clone(), indptr, indices, data)
     }
 
     pub fn n_cells(&self) -> usize {
