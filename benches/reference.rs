@@ -142,10 +142,10 @@ fn graph(n: usize, dim: usize, n_queries: usize) {
         .collect();
     dump(&format!("graph-{n}x{dim}"), &exact, &queries);
     let t = Instant::now();
-    let want = exact.map_many(queries.iter().map(|q| (black_box(q.as_slice()), None)));
+    let want = exact.map_many(queries.iter().map(|q| black_box(q.as_slice())), None);
     let exact_rate = n_queries as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let got = graph.map_many(queries.iter().map(|q| (black_box(q.as_slice()), None)));
+    let got = graph.map_many(queries.iter().map(|q| black_box(q.as_slice())), None);
     let graph_rate = n_queries as f64 / t.elapsed().as_secs_f64();
     println!(
         "RESULT reference/graph cells={n} dim={dim} queries={n_queries} cells_per_s={graph_rate:.1} exact_cells_per_s={exact_rate:.1} ratio={:.2}",
@@ -229,7 +229,7 @@ fn main() {
             .collect();
         let one_s = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let many = reference.map_many(queries.iter().map(|q| (black_box(q.as_slice()), None)));
+        let many = reference.map_many(queries.iter().map(|q| black_box(q.as_slice())), None);
         let many_s = t.elapsed().as_secs_f64();
         assert_eq!(
             one[..],

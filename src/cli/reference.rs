@@ -178,15 +178,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|&depth| Thinned {
             depth,
-            cells: vec![None; cells.len()],
+            cells: vec![None; sample.len()],
         })
         .collect();
     bar.inc_length((THINNED_DEPTHS.len() * sample.len()) as u64);
     for (k, input) in args.inputs.iter().enumerate() {
-        let (refs, rows): (Vec<usize>, Vec<usize>) = sample
+        // (position in the sample, row in this input) of the sampled cells it holds.
+        let (slots, rows): (Vec<usize>, Vec<usize>) = sample
             .iter()
-            .filter(|&&i| origin[i].0 == k)
-            .map(|&i| (i, origin[i].1))
+            .enumerate()
+            .filter(|&(_, &i)| origin[i].0 == k)
+            .map(|(p, &i)| (p, origin[i].1))
             .unzip();
         if rows.is_empty() {
             continue;
@@ -196,8 +198,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for (j, t) in thinned.iter_mut().enumerate() {
             let shallow = batch.thinned(t.depth, THIN_SEED + j as u64);
             let results = embedder.embed_with_progress(&shallow, &mut |n| bar.inc(n as u64))?;
-            for (&i, r) in refs.iter().zip(results) {
-                t.cells[i] = r.embedding.map(|e| (e, r.qc.total_counts));
+            for (&p, r) in slots.iter().zip(results) {
+                t.cells[p] = r.embedding.map(|e| (e, r.qc.total_counts));
             }
         }
     }

@@ -202,7 +202,8 @@ impl Embedder {
                 r.map_many(
                     (0..outputs.len())
                         .filter(mapped)
-                        .map(|i| (outputs[i].embedding.as_slice(), depth)),
+                        .map(|i| outputs[i].embedding.as_slice()),
+                    depth,
                 )
             })
             .unwrap_or_default()

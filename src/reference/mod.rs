@@ -146,8 +146,9 @@ pub struct DepthCut {
     pub novelty_cut: f64,
 }
 
-/// The reference's cells (in its order) thinned to `depth` and embedded again: per cell its
-/// embedding and UMI count, `None` when thinning left it no gene in the vocabulary.
+/// The reference's [`calibration_sample`] cells (in its order) thinned to `depth` and
+/// embedded again: per cell its embedding and UMI count, `None` when thinning left it no
+/// gene in the vocabulary.
 pub struct Thinned {
     pub depth: f64,
     pub cells: Vec<Option<(Vec<f32>, u64)>>,
@@ -339,9 +340,10 @@ impl Reference {
             spread.push(nb.mean_distance());
         });
         self.meta.calibration = calibration_table(&votes, k);
-        self.meta.novelty_scale = percentile(&mut spread.clone(), 0.99).max(f64::MIN_POSITIVE);
+        let mut sorted = spread.clone();
+        self.meta.novelty_scale = percentile(&mut sorted, 0.99).max(f64::MIN_POSITIVE);
         let scale = self.meta.novelty_scale;
-        let cut = percentile(&mut spread.clone(), NOVELTY_QUANTILE) / scale;
+        let cut = percentile(&mut sorted, NOVELTY_QUANTILE) / scale;
         self.meta.novelty_cut = cut;
         // Each cell's (confidence, novelty within the cut, right).
         let scored: Vec<(f64, bool, bool)> = votes
@@ -376,17 +378,18 @@ impl Reference {
         };
     }
 
-    /// The depth cuts: `umis` per reference cell (its order), and its cells thinned to
-    /// shallower depths ([`Thinned`], deepest first; only the [`calibration_sample`]'s cells
-    /// are read), each cell's leave-one-out novelty against the full-depth reference.
+    /// The depth cuts: `umis` per reference cell (its order), and its [`calibration_sample`]
+    /// thinned to shallower depths ([`Thinned`], deepest first), each cell's leave-one-out
+    /// novelty against the full-depth reference.
     pub fn calibrate_depths(&mut self, umis: &[u64], thinned: &[Thinned]) -> Result<(), String> {
         let n = self.meta.cells;
-        if umis.len() != n || thinned.iter().any(|t| t.cells.len() != n) {
+        let sample = calibration_sample(n);
+        if umis.len() != n || thinned.iter().any(|t| t.cells.len() != sample.len()) {
             return Err(format!(
-                "depth calibration: not one entry per reference cell ({n})"
+                "depth calibration: not one UMI count per reference cell ({n}) and one thinned entry per sampled cell ({})",
+                sample.len()
             ));
         }
-        let sample = calibration_sample(n);
         let median_of = |mut v: Vec<f64>| percentile(&mut v, 0.5);
         let mut cuts = vec![DepthCut {
             depth: 1.0,
@@ -394,20 +397,20 @@ impl Reference {
             novelty_cut: self.meta.novelty_cut,
         }];
         for t in thinned {
-            let cells: Vec<usize> = sample
+            // (reference cell, its thinned embedding and UMIs), for those thinning left one.
+            let (cells, copies): (Vec<usize>, Vec<&(Vec<f32>, u64)>) = sample
                 .iter()
-                .copied()
-                .filter(|&i| t.cells[i].is_some())
-                .collect();
-            let row = |i: usize| t.cells[i].as_ref().expect("filtered to cells with one");
+                .zip(&t.cells)
+                .filter_map(|(&i, c)| Some((i, c.as_ref()?)))
+                .unzip();
             let mut spread = Vec::with_capacity(cells.len());
             self.nearest_each(
-                cells.iter().map(|&i| row(i).0.as_slice()),
+                copies.iter().map(|c| c.0.as_slice()),
                 Some(&cells),
                 true,
                 |nb| spread.push(nb.mean_distance()),
             );
-            let median_umis = median_of(cells.iter().map(|&i| row(i).1 as f64).collect());
+            let median_umis = median_of(copies.iter().map(|c| c.1 as f64).collect());
             let last = cuts.last().expect("full depth first");
             if cells.len() < MIN_PER_BIN || median_umis <= 0.0 || median_umis >= last.median_umis {
                 // Too few cells left, or no shallower than the depth before: nothing to add.
@@ -534,33 +537,32 @@ impl Reference {
         let mut q = embedding.to_vec();
         l2_normalize(&mut q);
         self.nearest(&q, None, nb);
-        self.mapping(nb, umis)
+        self.mapping(nb, self.novelty_cut_at(umis))
     }
 
-    /// [`Reference::map`] for many cells (embedding, UMIs) at once: what each would get
-    /// alone, with the reference read once per [`QUERY_CHUNK`] cells instead of once per cell.
+    /// [`Reference::map`] for many cells of one batch, all at a depth of `umis` UMIs per cell:
+    /// what each would get alone, with the reference read once per [`QUERY_CHUNK`] cells
+    /// instead of once per cell.
     pub fn map_many<'a>(
         &self,
-        cells: impl IntoIterator<Item = (&'a [f32], Option<u64>)>,
+        embeddings: impl IntoIterator<Item = &'a [f32]>,
+        umis: Option<u64>,
     ) -> Vec<Mapping> {
-        let (embeddings, umis): (Vec<&[f32]>, Vec<Option<u64>>) = cells.into_iter().unzip();
-        let mut out = Vec::with_capacity(umis.len());
-        self.nearest_each(embeddings, None, true, |nb| {
-            out.push(self.mapping(nb, umis[out.len()]))
-        });
+        let cut = self.novelty_cut_at(umis);
+        let mut out = Vec::new();
+        self.nearest_each(embeddings, None, true, |nb| out.push(self.mapping(nb, cut)));
         out
     }
 
-    /// A query's mapping from its nearest reference cells.
-    fn mapping(&self, nb: &Neighbours, umis: Option<u64>) -> Mapping {
+    /// A query's mapping from its nearest reference cells, assigned within novelty `cut`.
+    fn mapping(&self, nb: &Neighbours, cut: f64) -> Mapping {
         let (label, m) = self.vote(nb);
         let confidence = self.meta.calibration[m.max(1) - 1];
         let novelty = nb.mean_distance() / self.meta.novelty_scale;
         Mapping {
             label,
             confidence: confidence as f32,
-            assigned: confidence >= self.meta.confidence_threshold
-                && novelty <= self.novelty_cut_at(umis),
+            assigned: confidence >= self.meta.confidence_threshold && novelty <= cut,
             novelty: novelty as f32,
         }
     }
@@ -1046,8 +1048,9 @@ mod tests {
         );
         assert!(r.map(&q, Some(20), &mut nb).assigned);
         assert!(!r.map(&q, Some(1000), &mut nb).assigned);
-        let many = r.map_many([(&q[..], Some(20)), (&q[..], None)]);
-        assert!(many[0].assigned && !many[1].assigned);
+        assert!(
+            r.map_many([&q[..]], Some(20))[0].assigned && !r.map_many([&q[..]], None)[0].assigned
+        );
         // Written and read back with the cuts.
         let dir = tempfile::tempdir().unwrap();
         r.write(dir.path()).unwrap();
@@ -1066,13 +1069,13 @@ mod tests {
         let sample = calibration_sample(n);
         assert!(sample.len() <= LOO_CELLS && sample.len() > LOO_CELLS / 2);
         let noisy = clusters(2000, 0.6, &mut rng);
-        let mut t = Thinned {
+        let t = Thinned {
             depth: 0.5,
-            cells: vec![None; n],
+            cells: sample
+                .iter()
+                .map(|&i| Some((noisy[i].2.clone(), 50)))
+                .collect(),
         };
-        for &i in &sample {
-            t.cells[i] = Some((noisy[i].2.clone(), 50));
-        }
         r.calibrate_depths(&vec![100; n], &[t]).unwrap();
         let cuts = &r.meta.depth_cuts;
         assert_eq!(cuts.len(), 2, "{cuts:?}");
@@ -1165,7 +1168,7 @@ mod tests {
         // Where the graph finds the k nearest, the distances and order are the scan's.
         let same = want.iter().zip(&got).filter(|(w, g)| w == g).count();
         assert!(same * 100 >= 99 * want.len(), "{same} of {}", want.len());
-        let map = |r: &Reference| r.map_many(queries.iter().map(|q| (&q[..], None)));
+        let map = |r: &Reference| r.map_many(queries.iter().map(|q| &q[..]), None);
         assert_eq!(map(&graph).len(), queries.len());
         // One cell alone and in a batch: the same neighbours.
         let mut nb = graph.neighbours();
