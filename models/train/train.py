@@ -30,9 +30,9 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CLS, export_module, COARSE, DATA_3K, EOC, N_BINS, PACKAGE, PAD, PAD_VALUE, TIES,
-                    TRAIN_DIR, Dataset10x, build_model, cell_rng, label_index, length_batches,
-                    pad_batch, sha256_file, thin_counts, tokenize_cell, tokenize_cell_expected,
-                    tokenize_dataset)
+                    TRAIN_DIR, Dataset10x, bin_counts_expected, build_model, cell_rng, label_index,
+                    length_batches, pad_batch, sha256_file, thin_counts, tokenize_cell,
+                    tokenize_cell_expected, tokenize_dataset)
 
 import torch  # noqa: E402  (after the thread settings)
 import torch.nn.functional as F  # noqa: E402
@@ -154,8 +154,39 @@ class Augmenter:
         if rng.random() < a.p_drop:
             counts = np.where(rng.random(len(counts)) < rng.uniform(0, a.drop_max), 0, counts)
         if self.ties == "expected":
-            return tokenize_cell_expected(vids, counts, max_len, cls_id)
-        return tokenize_cell(vids, counts, rng, max_len, cls_id)
+            toks = tokenize_cell_expected(vids, counts, max_len, cls_id)
+        else:
+            toks = tokenize_cell(vids, counts, rng, max_len, cls_id)
+        if not self.a.mvc:
+            return toks
+        # what --mvc reconstructs: every in-vocabulary gene of the augmented cell, binned as
+        # the tokenizer bins (before the max_len selection); absent genes are 0
+        keep = (vids >= 0) & (counts > 0)
+        x = counts[keep].astype(np.float32)
+        bins = bin_counts_expected(x) if len(x) else np.zeros(0, np.float32)
+        return toks, (vids[keep], bins / (N_BINS - 1))
+
+
+def mvc_head(d_model):
+    """Training-only decoder for --mvc (scGPT's MVCDecoder, inner-product form): a gene's
+    value predicted from the <cls> embedding and the gene's own embedding, for every
+    vocabulary gene. Meant to make the embedding carry the cell's expression profile, not
+    only what separates the training classes (tried for unknown types: model card). Not
+    exported: the ONNX graph is the same with or without it."""
+    from torch import nn
+
+    class MVC(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gene2query = nn.Linear(d_model, d_model)
+            self.W = nn.Linear(d_model, d_model, bias=False)
+
+        def forward(self, emb, gene_embs):
+            q = torch.sigmoid(self.gene2query(gene_embs))  # [G, d]
+            # on the unit-length embedding: the one the runtime and the reference use
+            return F.normalize(emb, dim=1) @ self.W(q).T  # [N, G]
+
+    return MVC()
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -324,6 +355,12 @@ def main():
                     help="2: two augmented views of each cell per step, with --consistency")
     ap.add_argument("--consistency", type=float, default=0.0,
                     help="weight of the symmetric KL between the two views' predictions")
+    ap.add_argument("--mvc", type=float, default=0.0,
+                    help="weight of an auxiliary loss: reconstruct every vocabulary gene's bin "
+                         "from the <cls> embedding (mean squared error, bins / 50); 0: off")
+    ap.add_argument("--ce-weight", type=float, default=1.0,
+                    help="weight of the classification loss; 0 with --mvc: an embedding trained "
+                         "without labels (the classifier head stays untrained)")
     ap.add_argument("--val-frac", type=float, default=0.15,
                     help="stratified share of the training cells kept for validation")
     ap.add_argument("--exclude-class", default="",
@@ -425,8 +462,14 @@ def main():
                         args.nlayers, args.dropout).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params} parameters")
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    named = list(model.named_parameters())
+    mvc = None
+    if args.mvc:
+        mvc = mvc_head(args.d_model).to(device)
+        named += [("mvc." + n, p) for n, p in mvc.named_parameters()]
+        all_genes = torch.arange(G, device=device)
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     steps_per_epoch = math.ceil(len(rows) / args.batch_size)
@@ -441,19 +484,31 @@ def main():
         model.train()
         t0 = time.time()
         views = [[aug(v, c, rng, args.max_len, cls_id) for v, c in rows] for _ in range(args.views)]
+        if mvc is not None:
+            targets = [[t[1] for t in v] for v in views]
+            views = [[t[0] for t in v] for v in views]
+            mvc.train()
         toks = views[0]
         # length-bucketed batches (little padding), visited in random order
         order = np.argsort([len(t[0]) + rng.random() * 8 for t in toks], kind="stable")
         batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
         rng.shuffle(batches)
-        tot_loss, tot_ok, n_seen, n_tok = 0.0, 0, 0, 0
+        tot_loss, tot_ok, n_seen, n_tok, tot_mvc = 0.0, 0, 0, 0, 0.0
         for b in batches:
             ids, vals = pad_batch([v[i] for v in views for i in b], pad_id)
             yb = torch.from_numpy(ytr[b]).to(device)
-            _, logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(vals).to(device))
+            emb, logits = model(torch.from_numpy(ids).to(device), torch.from_numpy(vals).to(device))
             yv = yb.repeat(args.views)
-            loss = F.cross_entropy(logits, yv, weight=cw.to(device),
-                                   label_smoothing=args.label_smoothing)
+            loss = args.ce_weight * F.cross_entropy(logits, yv, weight=cw.to(device),
+                                                    label_smoothing=args.label_smoothing)
+            if mvc is not None:
+                tgt = np.zeros((len(ids), G), np.float32)
+                for r, (g, x) in enumerate(t[i] for t in targets for i in b):
+                    tgt[r, g] = x
+                pred = mvc(emb, model.encoder(all_genes))
+                mvc_loss = F.mse_loss(pred, torch.from_numpy(tgt).to(device))
+                loss = loss + args.mvc * mvc_loss
+                tot_mvc += mvc_loss.item() * len(b)
             if args.views == 2 and args.consistency > 0:
                 lp1, lp2 = F.log_softmax(logits[:len(b)], 1), F.log_softmax(logits[len(b):], 1)
                 sym_kl = 0.5 * (F.kl_div(lp1, lp2, log_target=True, reduction="batchmean")
@@ -461,7 +516,7 @@ def main():
                 loss = loss + args.consistency * sym_kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
             opt.step()
             sched.step()
             tot_loss += loss.item() * len(b)
@@ -471,6 +526,8 @@ def main():
         msg = (f"epoch {epoch}/{args.epochs}: loss {tot_loss / n_seen:.4f} train-acc(aug) "
                f"{tot_ok / (n_seen * args.views):.3f} lr {sched.get_last_lr()[0]:.2e} "
                f"{time.time() - t0:.1f}s ({n_tok / (time.time() - t0):.0f} tok/s)")
+        if mvc is not None:
+            msg += f" mvc-mse {tot_mvc / n_seen:.4f}"
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             model.cpu()
             accs = [accuracy(predict_torch(model, t, pad_id)[1], yva) for t in va_toks + [va_panel]]
