@@ -137,6 +137,14 @@ def select_expected(ids: np.ndarray, x: np.ndarray, n: int) -> np.ndarray:
     return np.sort(order[:n])
 
 
+def binned_entries(vocab_ids, counts):
+    """A cell's in-vocabulary non-zero entries (input order): ids, counts as float32, and
+    their bins (`bin_counts_expected`, over all of them)."""
+    keep = (vocab_ids >= 0) & (counts > 0)
+    x = counts[keep].astype(np.float32)
+    return vocab_ids[keep], x, bin_counts_expected(x) if len(x) else np.zeros(0, np.float32)
+
+
 def tokenize_cell_expected(vocab_ids, counts, max_len, cls_id):
     """Tokenization mode `expected`: deterministic, no RNG. One cell -> (gene_ids, values).
 
@@ -147,10 +155,7 @@ def tokenize_cell_expected(vocab_ids, counts, max_len, cls_id):
        vocabulary id, survivors in input order (binning happens before selection, as scGPT's);
     4. <cls> first with value pad_value.
     """
-    keep = (vocab_ids >= 0) & (counts > 0)
-    ids = vocab_ids[keep]
-    x = counts[keep].astype(np.float32)
-    vals = bin_counts_expected(x) if len(x) else np.zeros(0, np.float32)
+    ids, x, vals = binned_entries(vocab_ids, counts)
     if len(ids) + 1 > max_len:
         sel = select_expected(ids, x, max_len - 1)
         ids, vals = ids[sel], vals[sel]

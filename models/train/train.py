@@ -30,7 +30,7 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CLS, export_module, COARSE, DATA_3K, EOC, N_BINS, PACKAGE, PAD, PAD_VALUE, TIES,
-                    TRAIN_DIR, Dataset10x, bin_counts_expected, build_model, cell_rng, label_index,
+                    TRAIN_DIR, Dataset10x, binned_entries, build_model, cell_rng, label_index,
                     length_batches, pad_batch, sha256_file, thin_counts, tokenize_cell,
                     tokenize_cell_expected, tokenize_dataset)
 
@@ -161,10 +161,8 @@ class Augmenter:
             return toks
         # what --mvc reconstructs: every in-vocabulary gene of the augmented cell, binned as
         # the tokenizer bins (before the max_len selection); absent genes are 0
-        keep = (vids >= 0) & (counts > 0)
-        x = counts[keep].astype(np.float32)
-        bins = bin_counts_expected(x) if len(x) else np.zeros(0, np.float32)
-        return toks, (vids[keep], bins / (N_BINS - 1))
+        ids, _, bins = binned_entries(vids, counts)
+        return toks, (ids, bins / (N_BINS - 1))
 
 
 def mvc_head(d_model):
@@ -487,7 +485,6 @@ def main():
         if mvc is not None:
             targets = [[t[1] for t in v] for v in views]
             views = [[t[0] for t in v] for v in views]
-            mvc.train()
         toks = views[0]
         # length-bucketed batches (little padding), visited in random order
         order = np.argsort([len(t[0]) + rng.random() * 8 for t in toks], kind="stable")
