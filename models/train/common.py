@@ -155,7 +155,11 @@ def tokenize_cell_expected(vocab_ids, counts, max_len, cls_id):
        vocabulary id, survivors in input order (binning happens before selection, as scGPT's);
     4. <cls> first with value pad_value.
     """
-    ids, x, vals = binned_entries(vocab_ids, counts)
+    return tokens_expected(*binned_entries(vocab_ids, counts), max_len, cls_id)
+
+
+def tokens_expected(ids, x, vals, max_len, cls_id):
+    """Steps 3 and 4 of `tokenize_cell_expected`, on `binned_entries`' output."""
     if len(ids) + 1 > max_len:
         sel = select_expected(ids, x, max_len - 1)
         ids, vals = ids[sel], vals[sel]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CLS, export_module, COARSE, DATA_3K, EOC, N_BINS, PACKAGE, PAD, PAD_VALUE, TIES,
                     TRAIN_DIR, Dataset10x, binned_entries, build_model, cell_rng, label_index,
                     length_batches, pad_batch, sha256_file, thin_counts, tokenize_cell,
-                    tokenize_cell_expected, tokenize_dataset)
+                    tokenize_dataset, tokens_expected)
 
 import torch  # noqa: E402  (after the thread settings)
 import torch.nn.functional as F  # noqa: E402
@@ -153,38 +153,36 @@ class Augmenter:
             counts = np.where(in_panel[np.maximum(vids, 0)], counts, 0)
         if rng.random() < a.p_drop:
             counts = np.where(rng.random(len(counts)) < rng.uniform(0, a.drop_max), 0, counts)
+        entries = None
         if self.ties == "expected":
-            toks = tokenize_cell_expected(vids, counts, max_len, cls_id)
+            entries = binned_entries(vids, counts)
+            toks = tokens_expected(*entries, max_len, cls_id)
         else:
             toks = tokenize_cell(vids, counts, rng, max_len, cls_id)
         if not self.a.mvc:
             return toks
         # what --mvc reconstructs: every in-vocabulary gene of the augmented cell, binned as
         # the tokenizer bins (before the max_len selection); absent genes are 0
-        ids, _, bins = binned_entries(vids, counts)
+        ids, _, bins = entries if entries is not None else binned_entries(vids, counts)
         return toks, (ids, bins / (N_BINS - 1))
 
 
-def mvc_head(d_model):
+class MVCDecoder(torch.nn.Module):
     """Training-only decoder for --mvc (scGPT's MVCDecoder, inner-product form): a gene's
     value predicted from the <cls> embedding and the gene's own embedding, for every
     vocabulary gene. Meant to make the embedding carry the cell's expression profile, not
     only what separates the training classes (tried for unknown types: model card). Not
     exported: the ONNX graph is the same with or without it."""
-    from torch import nn
 
-    class MVC(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gene2query = nn.Linear(d_model, d_model)
-            self.W = nn.Linear(d_model, d_model, bias=False)
+    def __init__(self, d_model):
+        super().__init__()
+        self.gene2query = torch.nn.Linear(d_model, d_model)
+        self.W = torch.nn.Linear(d_model, d_model, bias=False)
 
-        def forward(self, emb, gene_embs):
-            q = torch.sigmoid(self.gene2query(gene_embs))  # [G, d]
-            # on the unit-length embedding: the one the runtime and the reference use
-            return F.normalize(emb, dim=1) @ self.W(q).T  # [N, G]
-
-    return MVC()
+    def forward(self, emb, gene_embs):
+        q = torch.sigmoid(self.gene2query(gene_embs))  # [G, d]
+        # on the unit-length embedding: the one the runtime and the reference use
+        return F.normalize(emb, dim=1) @ self.W(q).T  # [N, G]
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -463,7 +461,7 @@ def main():
     named = list(model.named_parameters())
     mvc = None
     if args.mvc:
-        mvc = mvc_head(args.d_model).to(device)
+        mvc = MVCDecoder(args.d_model).to(device)
         named += [("mvc." + n, p) for n, p in mvc.named_parameters()]
         all_genes = torch.arange(G, device=device)
     decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
