@@ -24,6 +24,9 @@ the 99th-percentile scale are measured at the query's depth:
           reference cells' own distances to it (leaving themselves out): a scale per depth only
   expr_m  expression kNN against the thinned reference (principal components of the full one)
   max_m   the larger of cls_m and expr_m
+  max_s   the larger of cls_s and expr_m
+  sum_m   cls_m + expr_m; sum_s: cls_s + expr_m (both spaces count, not only the larger; for
+          the sums only AUROC and at90 mean anything, their threshold would be 2)
 AUROC: unseen type against known types; "unseen>1" and "known<=1" at the rule's threshold;
 "at90": the unseen cells past the threshold that keeps exactly 90% of the known test cells
 below it (chosen on the test cells themselves: the most any threshold on that score could
@@ -158,6 +161,9 @@ def main():
             scores["cls_s"] = scores["cls"] * refs["cls"].scale / np.percentile(thinned, NOVELTY_PERCENTILE)
             scores["expr_m"] = expr.novelty_matched(X, XR)
             scores["max_m"] = np.maximum(scores["cls_m"], scores["expr_m"])
+            scores["max_s"] = np.maximum(scores["cls_s"], scores["expr_m"])
+            scores["sum_m"] = scores["cls_m"] + scores["expr_m"]
+            scores["sum_s"] = scores["cls_s"] + scores["expr_m"]
             print(f"left out {a['exclude_class']}, depth {int(frac * 100)}%: " + "; ".join(
                 f"{n} AUROC {roc_auc_score(unseen, s):.3f}" + (
                     "" if n == "energy" else
