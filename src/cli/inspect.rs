@@ -248,6 +248,28 @@ fn inspect_reference(dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
             cuts.join(", ")
         }
     );
+    if let Some(e) = r.expression() {
+        let levels: Vec<String> = e
+            .meta
+            .levels
+            .iter()
+            .map(|l| {
+                format!(
+                    "{:.2} and {:.2} at {:.0}% ({:.0} UMIs)",
+                    l.novelty_cut,
+                    l.embedding_cut,
+                    100.0 * l.depth,
+                    l.median_umis
+                )
+            })
+            .collect();
+        println!(
+            "expression:   {} genes, {} components; cuts (expression and embedding novelty) {}",
+            e.meta.genes.len(),
+            e.meta.components,
+            levels.join(", ")
+        );
+    }
     let composition: Vec<String> = m
         .composition
         .iter()

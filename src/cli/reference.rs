@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use cellstream::embed::{EmbedConfig, Embedder};
 use cellstream::model::{default_model_dir, ModelPackage};
+use cellstream::reference::expression::{Genes, Profile, Projection};
 use cellstream::reference::{
-    calibration_sample, Provenance, Reference, Search, Thinned, THINNED_DEPTHS,
+    calibration_sample, ExpressionFit, Provenance, Reference, Search, Thinned, THINNED_DEPTHS,
 };
 
 use super::UsageError;
@@ -47,6 +48,10 @@ pub struct Args {
     /// How queries find their nearest reference cells.
     #[arg(long, value_enum, default_value = "auto")]
     index: Search,
+    /// Also measure novelty in expression space (principal components of the reference's
+    /// most variable genes): `assigned` then needs a cell near reference cells in both.
+    #[arg(long)]
+    expression_space: bool,
 }
 
 /// Coordinates for each of `barcodes` from a tab-separated file (header; barcode, x, y).
@@ -182,6 +187,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
     bar.inc_length((THINNED_DEPTHS.len() * sample.len()) as u64);
+    // With an expression space: per depth (full first), per sampled cell, its profile.
+    let mut genes = Genes::default();
+    let mut profiles: Vec<Vec<Option<Profile>>> = if args.expression_space {
+        vec![vec![None; sample.len()]; THINNED_DEPTHS.len() + 1]
+    } else {
+        Vec::new()
+    };
     for (k, input) in args.inputs.iter().enumerate() {
         // (position in the sample, row in this input) of the sampled cells it holds.
         let (slots, rows): (Vec<usize>, Vec<usize>) = sample
@@ -195,8 +207,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         bar.set_message(format!("{}: thinned copies", input.display()));
         let batch = args.caps.read(input)?.select_rows(&rows);
+        let numbers = if args.expression_space {
+            genes.numbers(&batch)
+        } else {
+            Vec::new()
+        };
+        if let Some(full) = profiles.first_mut() {
+            for (r, &p) in slots.iter().enumerate() {
+                full[p] = Genes::profile(&batch, &numbers, r);
+            }
+        }
         for (j, t) in thinned.iter_mut().enumerate() {
             let shallow = batch.thinned(t.depth, THIN_SEED + j as u64);
+            if let Some(level) = profiles.get_mut(j + 1) {
+                for (r, &p) in slots.iter().enumerate() {
+                    level[p] = Genes::profile(&shallow, &numbers, r);
+                }
+            }
             let results = embedder.embed_with_progress(&shallow, &mut |n| bar.inc(n as u64))?;
             for (&p, r) in slots.iter().zip(results) {
                 t.cells[p] = r.embedding.map(|e| (e, r.qc.total_counts));
@@ -218,8 +245,30 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut reference =
         Reference::build(cells, dim, model, built, args.index).map_err(UsageError)?;
+    let expression = if args.expression_space {
+        let full: Vec<&Profile> = profiles[0].iter().flatten().collect();
+        let projection = Projection::fit(&genes, &full).ok_or_else(|| {
+            UsageError(format!(
+                "expression space: {} cells with counts and no gene that varies among them",
+                full.len()
+            ))
+        })?;
+        let rows = projection.rows(&genes);
+        let coords = profiles
+            .iter()
+            .map(|level| {
+                level
+                    .iter()
+                    .map(|p| p.as_ref().map(|p| projection.project_profile(&rows, p)))
+                    .collect()
+            })
+            .collect();
+        Some(ExpressionFit { projection, coords })
+    } else {
+        None
+    };
     reference
-        .calibrate_depths(&umis, &thinned)
+        .calibrate_depths(&umis, &thinned, expression)
         .map_err(UsageError)?;
     if let Some(path) = &args.layout {
         let coords = read_layout(path, reference.barcodes())?;

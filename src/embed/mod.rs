@@ -197,7 +197,7 @@ impl Embedder {
             let mid = umis.len() / 2;
             *umis.select_nth_unstable(mid).1
         });
-        let mut mappings = reference
+        let mut mappings: Vec<_> = reference
             .map(|r| {
                 r.map_many(
                     (0..outputs.len())
@@ -206,8 +206,16 @@ impl Embedder {
                     depth,
                 )
             })
-            .unwrap_or_default()
-            .into_iter();
+            .unwrap_or_default();
+        if let Some(r) = reference {
+            r.check_expression(
+                batch,
+                (0..outputs.len()).filter(mapped),
+                depth,
+                &mut mappings,
+            );
+        }
+        let mut mappings = mappings.into_iter();
         let results = outputs
             .into_iter()
             .enumerate()

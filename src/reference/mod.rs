@@ -24,9 +24,14 @@
 //!   depth: the [`NOVELTY_QUANTILE`] of its own cells' novelty in leave-one-out, at full depth
 //!   and with its cells thinned to [`THINNED_DEPTHS`] (a shallow cell lies farther from
 //!   everything, known or not), read at the query's depth in UMIs (`embed` and the daemon
-//!   pass the batch's median) between those depths' medians.
+//!   pass the batch's median) between those depths' medians;
+//! - with an expression space (`cellstream reference --expression-space`, [`expression`]),
+//!   for a batch holding its genes: `assigned` also needs the cell's counts near reference
+//!   cells' at its depth, and the two cuts at each depth are set together so that the same
+//!   95% of the reference's own cells stay within both. `novelty` stays the embedding's.
 
 pub mod ann;
+pub mod expression;
 mod knn;
 pub mod layout;
 
@@ -37,7 +42,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::batch::CountBatch;
 use crate::fsutil::write_atomic;
+use expression::{ExpressionSpace, Projection};
 pub use knn::Neighbours;
 
 /// Neighbours a vote takes (scGPT's tutorials use 10).
@@ -151,8 +158,11 @@ pub struct DepthCut {
 /// gene in the vocabulary.
 pub struct Thinned {
     pub depth: f64,
-    pub cells: Vec<Option<(Vec<f32>, u64)>>,
+    pub cells: Vec<Option<ThinnedCell>>,
 }
+
+/// A thinned cell's embedding and UMI count.
+pub type ThinnedCell = (Vec<f32>, u64);
 
 /// `reference.json`'s `index`: an HNSW graph in `index.hnsw` (its last 4 bytes the CRC-32C
 /// of the rest).
@@ -205,6 +215,16 @@ pub struct Reference {
     /// Per cell, its 2-D coordinates on the reference's map (`layout.f32`), if it has one.
     layout: Option<Vec<[f32; 2]>>,
     index: Option<Arc<ann::Index>>,
+    /// Novelty in expression space, when the reference was built with one.
+    expression: Option<Arc<ExpressionSpace>>,
+}
+
+/// The reference's [`calibration_sample`] cells in a fitted expression space, for
+/// [`Reference::calibrate_depths`]: per depth (full, then as the thinned copies), per sampled
+/// cell its coordinates (`None` when it has no counts at that depth).
+pub struct ExpressionFit {
+    pub projection: Projection,
+    pub coords: Vec<Vec<Option<Vec<f32>>>>,
 }
 
 /// A query cell's mapping.
@@ -296,6 +316,7 @@ impl Reference {
             barcodes,
             layout: None,
             index: None,
+            expression: None,
         };
         let hnsw = match search {
             Search::Auto => n > ann::AUTO_ABOVE,
@@ -380,8 +401,16 @@ impl Reference {
 
     /// The depth cuts: `umis` per reference cell (its order), and its [`calibration_sample`]
     /// thinned to shallower depths ([`Thinned`], deepest first), each cell's leave-one-out
-    /// novelty against the full-depth reference.
-    pub fn calibrate_depths(&mut self, umis: &[u64], thinned: &[Thinned]) -> Result<(), String> {
+    /// novelty against the full-depth reference. With `expression` (the same cells in an
+    /// expression space, at full depth and at each thinned depth) the reference also keeps
+    /// the space, a level per depth cut, each with its own pair of cuts for batches measured
+    /// in both spaces ([`Reference::check_expression`]).
+    pub fn calibrate_depths(
+        &mut self,
+        umis: &[u64],
+        thinned: &[Thinned],
+        expression: Option<ExpressionFit>,
+    ) -> Result<(), String> {
         let n = self.meta.cells;
         let sample = calibration_sample(n);
         if umis.len() != n || thinned.iter().any(|t| t.cells.len() != sample.len()) {
@@ -390,19 +419,47 @@ impl Reference {
                 sample.len()
             ));
         }
+        if let Some(e) = &expression {
+            if e.coords.len() != thinned.len() + 1
+                || e.coords.iter().any(|c| c.len() != sample.len())
+            {
+                return Err(format!(
+                    "depth calibration: expression coordinates for {} depths, expected {} of {} cells each",
+                    e.coords.len(),
+                    thinned.len() + 1,
+                    sample.len()
+                ));
+            }
+        }
+        let scale = self.meta.novelty_scale;
         let median_of = |mut v: Vec<f64>| percentile(&mut v, 0.5);
         let mut cuts = vec![DepthCut {
             depth: 1.0,
             median_umis: median_of(sample.iter().map(|&i| umis[i] as f64).collect()),
             novelty_cut: self.meta.novelty_cut,
         }];
-        for t in thinned {
-            // (reference cell, its thinned embedding and UMIs), for those thinning left one.
-            let (cells, copies): (Vec<usize>, Vec<&(Vec<f32>, u64)>) = sample
+        // Per kept depth, per sampled cell: its leave-one-out novelty (None: no embedding).
+        let mut novelty: Vec<(usize, Vec<Option<f64>>)> = Vec::new();
+        if expression.is_some() {
+            let mut full = Vec::with_capacity(sample.len());
+            self.nearest_each(
+                sample.iter().map(|&i| self.row(i)),
+                Some(&sample),
+                false,
+                |nb| full.push(Some(nb.mean_distance() / scale)),
+            );
+            novelty.push((0, full));
+        }
+        for (j, t) in thinned.iter().enumerate() {
+            // (position in the sample, reference cell, its thinned embedding and UMIs), for
+            // those thinning left one.
+            let (kept, copies): (Vec<(usize, usize)>, Vec<&ThinnedCell>) = sample
                 .iter()
                 .zip(&t.cells)
-                .filter_map(|(&i, c)| Some((i, c.as_ref()?)))
+                .enumerate()
+                .filter_map(|(p, (&i, c))| Some(((p, i), c.as_ref()?)))
                 .unzip();
+            let cells: Vec<usize> = kept.iter().map(|k| k.1).collect();
             let mut spread = Vec::with_capacity(cells.len());
             self.nearest_each(
                 copies.iter().map(|c| c.0.as_slice()),
@@ -416,14 +473,106 @@ impl Reference {
                 // Too few cells left, or no shallower than the depth before: nothing to add.
                 continue;
             }
+            let mut by_position = vec![None; sample.len()];
+            for (&(p, _), &s) in kept.iter().zip(&spread) {
+                by_position[p] = Some(s / scale);
+            }
+            novelty.push((j + 1, by_position));
             cuts.push(DepthCut {
                 depth: t.depth,
                 median_umis,
-                novelty_cut: percentile(&mut spread, NOVELTY_QUANTILE) / self.meta.novelty_scale,
+                novelty_cut: percentile(&mut spread, NOVELTY_QUANTILE) / scale,
             });
+        }
+        if let Some(fit) = expression {
+            self.fit_expression(fit, &cuts, &novelty)?;
         }
         self.meta.depth_cuts = if cuts.len() > 1 { cuts } else { Vec::new() };
         Ok(())
+    }
+
+    /// The expression space's levels (one per depth in `cuts`, whose cells' `<cls>` novelty
+    /// `novelty` holds by the depth's index into the fit), each with the two spaces' cuts set
+    /// together: at the same quantile of each novelty, the lowest that leaves
+    /// [`NOVELTY_QUANTILE`] of the level's cells within both.
+    fn fit_expression(
+        &mut self,
+        fit: ExpressionFit,
+        cuts: &[DepthCut],
+        novelty: &[(usize, Vec<Option<f64>>)],
+    ) -> Result<(), String> {
+        // Per level: the positions measured in both spaces.
+        let mut levels = Vec::new();
+        let mut both: Vec<Vec<usize>> = Vec::new();
+        for (cut, (d, cls)) in cuts.iter().zip(novelty) {
+            let positions: Vec<usize> = (0..cls.len())
+                .filter(|&p| cls[p].is_some() && fit.coords[*d][p].is_some())
+                .collect();
+            if positions.len() <= expression::K {
+                return Err(format!(
+                    "expression space: {} cells at depth {} (more than {} needed)",
+                    positions.len(),
+                    cut.depth,
+                    expression::K
+                ));
+            }
+            let coords: Vec<f32> = positions
+                .iter()
+                .flat_map(|&p| fit.coords[*d][p].clone().expect("measured"))
+                .collect();
+            levels.push((cut.depth, cut.median_umis, coords));
+            both.push(positions);
+        }
+        let mut space = ExpressionSpace::new(fit.projection, levels);
+        for (l, ((_, cls), positions)) in novelty.iter().zip(&both).enumerate() {
+            let a: Vec<f64> = positions
+                .iter()
+                .map(|&p| cls[p].expect("measured"))
+                .collect();
+            let b = space.self_novelty(l);
+            let (embedding_cut, expression_cut) = joint_cuts(&a, &b, NOVELTY_QUANTILE);
+            space.set_cuts(l, embedding_cut, expression_cut);
+        }
+        self.expression = Some(Arc::new(space));
+        Ok(())
+    }
+
+    /// The expression space, when the reference has one.
+    pub fn expression(&self) -> Option<&ExpressionSpace> {
+        self.expression.as_deref()
+    }
+
+    /// Decides `assigned` again for `mappings` (cells `rows` of `batch`, in order, mapped at a
+    /// depth of `umis`) with both spaces, at the expression level nearest that depth: the
+    /// confidence threshold, `novelty` within the level's embedding cut and the expression
+    /// novelty within its expression cut. Nothing without an expression space, or when
+    /// `batch` lacks too many of its genes ([`expression::MIN_COVERAGE`]; the embedding's
+    /// depth cuts alone then decide); returns whether the batch was measured.
+    pub fn check_expression(
+        &self,
+        batch: &CountBatch,
+        rows: impl IntoIterator<Item = usize>,
+        umis: Option<u64>,
+        mappings: &mut [Mapping],
+    ) -> bool {
+        let Some(space) = &self.expression else {
+            return false;
+        };
+        let panel = space.panel(&batch.gene_names);
+        if !panel.covered {
+            return false;
+        }
+        let level = space.level_at(umis);
+        let l = &space.meta.levels[level];
+        for (row, m) in rows.into_iter().zip(mappings.iter_mut()) {
+            let near = space
+                .novelty(batch, &panel, row, level)
+                .is_none_or(|e| e <= l.novelty_cut);
+            m.assigned = f64::from(m.confidence) >= self.meta.confidence_threshold
+                && f64::from(m.novelty) <= l.embedding_cut
+                && near;
+        }
+        true
     }
 
     /// The novelty cut at a depth of `umis` UMIs per cell (unknown: full depth's): between two
@@ -649,6 +798,11 @@ impl Reference {
             let bytes = index.to_bytes().map_err(std::io::Error::other)?;
             write_atomic(&dir.join(INDEX), |w| w.write_all(&bytes))?;
         }
+        match &self.expression {
+            Some(space) => space.write(dir)?,
+            // A space left from an earlier build would be read as this one's.
+            None => ExpressionSpace::remove(dir)?,
+        }
         if let Some(layout) = &self.layout {
             write_atomic(&dir.join(LAYOUT), |w| {
                 for [x, y] in layout {
@@ -789,6 +943,7 @@ impl Reference {
                 &path,
             )?)),
         };
+        let expression = ExpressionSpace::load(dir)?.map(Arc::new);
         Ok(Reference {
             meta,
             embeddings,
@@ -796,6 +951,7 @@ impl Reference {
             barcodes,
             layout,
             index,
+            expression,
         })
     }
 }
@@ -933,6 +1089,27 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
 }
 
+/// Cuts on two scores of the same cells at one quantile `q` of each, the lowest `q` from
+/// `quantile` up at which `quantile` of the cells are within both.
+fn joint_cuts(a: &[f64], b: &[f64], quantile: f64) -> (f64, f64) {
+    let (mut sa, mut sb) = (a.to_vec(), b.to_vec());
+    let within = |ca: f64, cb: f64| {
+        a.iter()
+            .zip(b)
+            .filter(|&(&x, &y)| x <= ca && y <= cb)
+            .count() as f64
+            / a.len() as f64
+    };
+    let mut q = quantile;
+    loop {
+        let (ca, cb) = (percentile(&mut sa, q), percentile(&mut sb, q));
+        if q >= 1.0 || within(ca, cb) >= quantile {
+            return (ca, cb);
+        }
+        q = (q + 0.0005).min(1.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1019,7 +1196,7 @@ mod tests {
                 cells: copy(1.0, 20, &mut rng),
             },
         ];
-        r.calibrate_depths(&vec![100; 180], &thinned).unwrap();
+        r.calibrate_depths(&vec![100; 180], &thinned, None).unwrap();
         let cuts: Vec<f64> = r.meta.depth_cuts.iter().map(|c| c.novelty_cut).collect();
         assert_eq!(cuts.len(), 3, "{:?}", r.meta.depth_cuts);
         assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{cuts:?}");
@@ -1059,6 +1236,123 @@ mod tests {
         assert_eq!(back.novelty_cut_at(Some(70)), between);
     }
 
+    /// Cells × 40 genes: type `t` (0–3) expresses genes `10t..10t + 10` at about 20 counts,
+    /// every other gene at about 1 in 3 cells; `rows` gives each cell's type.
+    fn typed_counts(types: &[usize], rng: &mut CellRng) -> CountBatch {
+        use crate::batch::{CsrArrays, Format};
+        let mut csr = CsrArrays {
+            indptr: vec![0],
+            ..CsrArrays::default()
+        };
+        for &t in types {
+            for g in 0..40u32 {
+                let c = if g as usize / 10 == t {
+                    15 + rng.below(10) as u32
+                } else {
+                    (rng.below(3) == 0) as u32
+                };
+                if c > 0 {
+                    csr.indices.push(g);
+                    csr.data.push(c);
+                }
+            }
+            csr.indptr.push(csr.indices.len() as u64);
+        }
+        let barcodes = (0..types.len()).map(|i| format!("q{i}")).collect();
+        let genes = (0..40).map(|g| format!("G{g}")).collect();
+        CountBatch::from_csr("test", Format::Mtx, genes, None, barcodes, csr).unwrap()
+    }
+
+    #[test]
+    fn an_expression_space_unassigns_cells_whose_counts_no_reference_cell_has() {
+        let mut rng = CellRng::for_cell(6, "expression");
+        let mut r = Reference::build(
+            clusters(60, 0.3, &mut rng),
+            8,
+            model(),
+            Provenance::default(),
+            Search::Exact,
+        )
+        .unwrap();
+        let full_depth_cut = r.meta.novelty_cut;
+        // The reference's cells: types 0–2, in the order `clusters` makes them.
+        let types: Vec<usize> = (0..180).map(|i| i / 60).collect();
+        let batch = typed_counts(&types, &mut rng);
+        let mut genes = expression::Genes::default();
+        let numbers = genes.numbers(&batch);
+        let profiles: Vec<expression::Profile> = (0..180)
+            .map(|i| expression::Genes::profile(&batch, &numbers, i).unwrap())
+            .collect();
+        let projection =
+            Projection::fit(&genes, &profiles.iter().collect::<Vec<_>>()).expect("a space");
+        let rows = projection.rows(&genes);
+        let coords = vec![profiles
+            .iter()
+            .map(|p| Some(projection.project_profile(&rows, p)))
+            .collect()];
+        r.calibrate_depths(
+            &vec![100; 180],
+            &[],
+            Some(ExpressionFit { projection, coords }),
+        )
+        .unwrap();
+        // The embedding's own cut stays; the level's pair, set together, is at least as wide.
+        assert_eq!(r.meta.novelty_cut, full_depth_cut);
+        let space = r.expression().expect("kept");
+        assert_eq!(space.meta.levels.len(), 1);
+        let level = &space.meta.levels[0];
+        assert!(level.embedding_cut >= full_depth_cut, "{level:?}");
+        // Queries whose embeddings all sit in type 0's cluster; their counts of type 0, of
+        // type 3 (no reference cell's) and of type 1.
+        let queries = typed_counts(&[0, 3, 1], &mut rng);
+        let e = [1.0f32, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let mut m = r.map_many([&e[..], &e[..], &e[..]], None);
+        assert!(m.iter().all(|m| m.assigned), "{m:?}");
+        assert!(r.check_expression(&queries, 0..3, None, &mut m));
+        // Counts of a type the reference holds pass whatever the embedding says: only
+        // distance in expression space counts here.
+        assert_eq!(
+            m.iter().map(|m| m.assigned).collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        // Without most of the space's genes a batch is not measured.
+        let few = queries.select_rows(&[1]);
+        let few = CountBatch::from_csr(
+            "test",
+            crate::batch::Format::Mtx,
+            (0..40).map(|g| format!("other{g}")).collect(),
+            None,
+            few.barcodes.clone(),
+            crate::batch::CsrArrays {
+                indptr: vec![0, 0],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut one = r.map_many([&e[..]], None);
+        assert!(!r.check_expression(&few, 0..1, None, &mut one));
+        assert!(one[0].assigned);
+        // Written and read back; a rebuild without a space leaves none behind.
+        let dir = tempfile::tempdir().unwrap();
+        r.write(dir.path()).unwrap();
+        let back = Reference::load(dir.path(), Some(&model())).unwrap();
+        assert_eq!(back.expression().unwrap().meta, space.meta);
+        let mut again = r.map_many([&e[..], &e[..], &e[..]], None);
+        back.check_expression(&queries, 0..3, None, &mut again);
+        assert_eq!(again, m);
+        let plain = Reference::build(
+            clusters(60, 0.3, &mut rng),
+            8,
+            model(),
+            Provenance::default(),
+            Search::Exact,
+        )
+        .unwrap();
+        plain.write(dir.path()).unwrap();
+        let back = Reference::load(dir.path(), Some(&model())).unwrap();
+        assert!(back.expression().is_none());
+    }
+
     #[test]
     fn depth_cuts_read_only_the_calibration_sample() {
         let mut rng = CellRng::for_cell(5, "sample");
@@ -1076,7 +1370,7 @@ mod tests {
                 .map(|&i| Some((noisy[i].2.clone(), 50)))
                 .collect(),
         };
-        r.calibrate_depths(&vec![100; n], &[t]).unwrap();
+        r.calibrate_depths(&vec![100; n], &[t], None).unwrap();
         let cuts = &r.meta.depth_cuts;
         assert_eq!(cuts.len(), 2, "{cuts:?}");
         assert!(cuts[1].novelty_cut > cuts[0].novelty_cut, "{cuts:?}");
