@@ -769,3 +769,89 @@ fn a_package_asking_for_int8_runs_int8_and_an_unknown_precision_is_refused() {
         stderr(&out)
     );
 }
+
+/// `cellstream reference --expression-space` keeps the cells in an expression space beside
+/// the embeddings: a level per depth cut, each with a pair of cuts (the embedding's at least
+/// its cut alone, since 95% of the cells must pass both); `embed --reference` gives each cell
+/// the label, confidence and novelty the plain reference gives it, and `assigned` under both
+/// spaces; `inspect` shows the space.
+#[test]
+fn an_expression_space_changes_only_which_cells_are_assigned() {
+    let input = common::repo().join("bench-data/pbmc68k_reduced");
+    let labels = input.join("labels.tsv");
+    let dir = tempfile::tempdir().unwrap();
+    let i = input.to_str().unwrap();
+    let build = |name: &str, extra: &[&str]| {
+        let out_dir = dir.path().join(name);
+        let mut args = vec![
+            "reference",
+            i,
+            "--labels",
+            labels.to_str().unwrap(),
+            "--column",
+            "cell_type_coarse",
+            "--threads",
+            "2",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = cellstream(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        out_dir
+    };
+    let plain = build("plain", &[]);
+    let both = build("both", &["--expression-space"]);
+    assert!(!plain.join("expression.json").exists());
+    let read = |p: PathBuf| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let space = read(both.join("expression.json"));
+    let meta = read(plain.join("reference.json"));
+    let levels = space["levels"].as_array().unwrap();
+    assert_eq!(
+        levels
+            .iter()
+            .map(|l| l["depth"].as_f64().unwrap())
+            .collect::<Vec<_>>(),
+        [1.0, 0.5, 0.25, 0.1],
+        "{space}"
+    );
+    assert_eq!(space["components"], 20);
+    assert!(
+        levels[0]["embedding_cut"].as_f64().unwrap() >= meta["novelty_cut"].as_f64().unwrap(),
+        "{space} {meta}"
+    );
+    // The embedding's own cuts are the plain reference's.
+    assert_eq!(
+        read(both.join("reference.json"))["depth_cuts"],
+        meta["depth_cuts"]
+    );
+    let run = |r: &Path| {
+        let (out, records) = embed(&["embed", i, "--reference", r.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        records
+    };
+    let (a, b) = (run(&plain), run(&both));
+    assert_eq!(a.len(), 700);
+    let (mut assigned, mut before) = (0, 0);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["confidence"], y["confidence"]);
+        assert_eq!(x["novelty"], y["novelty"]);
+        if x["assigned"] == y["assigned"] {
+            assert_eq!(x["label"], y["label"]);
+        }
+        assigned += y["assigned"].as_bool().unwrap() as usize;
+        before += x["assigned"].as_bool().unwrap() as usize;
+    }
+    // Its own cells (each its own nearest in both spaces): as many assigned as with the
+    // embedding alone, give or take the 5% either pair of cuts leaves out; fewer than half
+    // pass the confidence threshold chosen on these noisy sorted-cell labels.
+    assert!(
+        before > 200 && assigned.abs_diff(before) <= 35,
+        "{assigned} of 700 assigned, {before} with the embedding alone"
+    );
+    let out = cellstream(&["inspect", both.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("expression:   "), "{text}");
+}
