@@ -435,13 +435,7 @@ impl ExpressionSpace {
                 ),
             ));
         }
-        let values: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-            return Err(invalid(&dpath, format!("value {i} is not finite")));
-        }
+        let values = super::finite_f32s(&bytes).map_err(|what| invalid(&dpath, what))?;
         let (weights, rest) = values.split_at(g * COMPONENTS);
         let (offset, mut rest) = rest.split_at(COMPONENTS);
         let mut coords = Vec::new();

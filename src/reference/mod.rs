@@ -902,13 +902,7 @@ impl Reference {
         file.take(want as u64)
             .read_to_end(&mut bytes)
             .map_err(io(&epath))?;
-        let embeddings: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        if let Some(i) = embeddings.iter().position(|x| !x.is_finite()) {
-            return Err(invalid(&epath, format!("value {i} is not finite")));
-        }
+        let embeddings = finite_f32s(&bytes).map_err(|what| invalid(&epath, what))?;
         let cpath = dir.join(CELLS);
         let file = std::fs::File::open(&cpath).map_err(io(&cpath))?;
         let (mut barcodes, mut labels) = (Vec::new(), Vec::new());
@@ -1089,6 +1083,18 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
 }
 
+/// Little-endian f32 values, refused if any is not finite.
+fn finite_f32s(bytes: &[u8]) -> Result<Vec<f32>, String> {
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    match values.iter().position(|x| !x.is_finite()) {
+        Some(i) => Err(format!("value {i} is not finite")),
+        None => Ok(values),
+    }
+}
+
 /// Cuts on two scores of the same cells at one quantile `q` of each, the lowest `q` from
 /// `quantile` up at which `quantile` of the cells are within both.
 fn joint_cuts(a: &[f64], b: &[f64], quantile: f64) -> (f64, f64) {
@@ -1129,6 +1135,18 @@ mod tests {
         cells
     }
 
+    /// A reference of [`clusters`] (60 cells each, spread 0.3), exact search.
+    fn three_clusters(rng: &mut CellRng) -> Reference {
+        Reference::build(
+            clusters(60, 0.3, rng),
+            8,
+            model(),
+            Provenance::default(),
+            Search::Exact,
+        )
+        .unwrap()
+    }
+
     fn model() -> ModelId {
         ModelId {
             name: "m".into(),
@@ -1139,14 +1157,7 @@ mod tests {
     #[test]
     fn separated_clusters_map_to_their_label_and_far_cells_are_novel() {
         let mut rng = CellRng::for_cell(1, "reference");
-        let r = Reference::build(
-            clusters(60, 0.3, &mut rng),
-            8,
-            model(),
-            Provenance::default(),
-            Search::Exact,
-        )
-        .unwrap();
+        let r = three_clusters(&mut rng);
         assert_eq!(r.meta.k, K);
         assert!(
             r.meta.leave_one_out.accuracy > 0.99,
@@ -1165,14 +1176,7 @@ mod tests {
     #[test]
     fn shallower_cells_get_a_wider_cut_read_at_their_umis() {
         let mut rng = CellRng::for_cell(4, "depth cuts");
-        let mut r = Reference::build(
-            clusters(60, 0.3, &mut rng),
-            8,
-            model(),
-            Provenance::default(),
-            Search::Exact,
-        )
-        .unwrap();
+        let mut r = three_clusters(&mut rng);
         // About 5% of its own cells lie past the full-depth cut, none past the scale.
         assert!(
             r.meta.novelty_cut > 0.3 && r.meta.novelty_cut < 1.0,
@@ -1266,14 +1270,7 @@ mod tests {
     #[test]
     fn an_expression_space_unassigns_cells_whose_counts_no_reference_cell_has() {
         let mut rng = CellRng::for_cell(6, "expression");
-        let mut r = Reference::build(
-            clusters(60, 0.3, &mut rng),
-            8,
-            model(),
-            Provenance::default(),
-            Search::Exact,
-        )
-        .unwrap();
+        let mut r = three_clusters(&mut rng);
         let full_depth_cut = r.meta.novelty_cut;
         // The reference's cells: types 0–2, in the order `clusters` makes them.
         let types: Vec<usize> = (0..180).map(|i| i / 60).collect();
@@ -1340,14 +1337,7 @@ mod tests {
         let mut again = r.map_many([&e[..], &e[..], &e[..]], None);
         back.check_expression(&queries, 0..3, None, &mut again);
         assert_eq!(again, m);
-        let plain = Reference::build(
-            clusters(60, 0.3, &mut rng),
-            8,
-            model(),
-            Provenance::default(),
-            Search::Exact,
-        )
-        .unwrap();
+        let plain = three_clusters(&mut rng);
         plain.write(dir.path()).unwrap();
         let back = Reference::load(dir.path(), Some(&model())).unwrap();
         assert!(back.expression().is_none());
