@@ -102,17 +102,25 @@ impl Genes {
 
     /// Cell `row` of `batch` (its genes numbered by `numbers`); `None` without counts.
     pub fn profile(batch: &CountBatch, numbers: &[u32], row: usize) -> Option<Profile> {
-        let cell = batch.cell(row);
-        let total: u64 = cell.counts.iter().map(|&c| u64::from(c)).sum();
-        (total > 0).then(|| {
-            let scale = TARGET_SUM / total as f64;
-            cell.genes
-                .iter()
-                .zip(cell.counts)
-                .map(|(&g, &c)| (numbers[g as usize], (f64::from(c) * scale).ln_1p() as f32))
-                .collect()
-        })
+        Some(
+            log_normalised(batch, row)?
+                .map(|(g, v)| (numbers[g as usize], v))
+                .collect(),
+        )
     }
+}
+
+/// Cell `row` of `batch` as (batch gene, `ln(1 + 10^4 count / total)`); `None` without counts.
+fn log_normalised(batch: &CountBatch, row: usize) -> Option<impl Iterator<Item = (u32, f32)> + '_> {
+    let cell = batch.cell(row);
+    let total: u64 = cell.counts.iter().map(|&c| u64::from(c)).sum();
+    let scale = TARGET_SUM / total as f64;
+    (total > 0).then(|| {
+        cell.genes
+            .iter()
+            .zip(cell.counts)
+            .map(move |(&g, &c)| (g, (f64::from(c) * scale).ln_1p() as f32))
+    })
 }
 
 /// The fitted projection, before its levels are measured.
@@ -200,15 +208,23 @@ impl Projection {
 
     /// A reference cell's coordinates (its profile numbered as `rows` reads them).
     pub fn project_profile(&self, rows: &HashMap<u32, usize>, profile: &Profile) -> Vec<f32> {
-        let mut out = vec![0f32; COMPONENTS];
-        for &(g, v) in profile {
-            if let Some(&j) = rows.get(&g) {
-                axpy(
-                    &mut out,
-                    v,
-                    &self.weights[j * COMPONENTS..(j + 1) * COMPONENTS],
-                );
-            }
+        self.project(
+            profile
+                .iter()
+                .filter_map(|(g, v)| Some((*rows.get(g)?, *v))),
+        )
+        .to_vec()
+    }
+
+    /// Coordinates of a cell given as (row of the projection, log-normalised value).
+    fn project(&self, entries: impl Iterator<Item = (usize, f32)>) -> [f32; COMPONENTS] {
+        let mut out = [0f32; COMPONENTS];
+        for (j, v) in entries {
+            axpy(
+                &mut out,
+                v,
+                &self.weights[j * COMPONENTS..(j + 1) * COMPONENTS],
+            );
         }
         out.iter_mut().zip(&self.offset).for_each(|(o, b)| *o -= b);
         out
@@ -329,25 +345,12 @@ impl ExpressionSpace {
         row: usize,
         level: usize,
     ) -> Option<f64> {
-        let cell = batch.cell(row);
-        let total: u64 = cell.counts.iter().map(|&c| u64::from(c)).sum();
-        if total == 0 {
-            return None;
-        }
-        let scale = TARGET_SUM / total as f64;
-        let w = &self.projection.weights;
-        let mut q = vec![0f32; COMPONENTS];
-        for (&g, &c) in cell.genes.iter().zip(cell.counts) {
-            let j = panel.rows[g as usize];
-            if j != u32::MAX {
-                let j = j as usize;
-                let v = (f64::from(c) * scale).ln_1p() as f32;
-                axpy(&mut q, v, &w[j * COMPONENTS..(j + 1) * COMPONENTS]);
-            }
-        }
-        q.iter_mut()
-            .zip(&self.projection.offset)
-            .for_each(|(o, b)| *o -= b);
+        let q = self
+            .projection
+            .project(log_normalised(batch, row)?.filter_map(|(g, v)| {
+                let j = panel.rows[g as usize];
+                (j != u32::MAX).then_some((j as usize, v))
+            }));
         let spread = mean_nearest(&self.coords[level], &q, None);
         Some(spread / self.meta.levels[level].novelty_scale)
     }

@@ -473,11 +473,13 @@ impl Reference {
                 // Too few cells left, or no shallower than the depth before: nothing to add.
                 continue;
             }
-            let mut by_position = vec![None; sample.len()];
-            for (&(p, _), &s) in kept.iter().zip(&spread) {
-                by_position[p] = Some(s / scale);
+            if expression.is_some() {
+                let mut by_position = vec![None; sample.len()];
+                for (&(p, _), &s) in kept.iter().zip(&spread) {
+                    by_position[p] = Some(s / scale);
+                }
+                novelty.push((j + 1, by_position));
             }
-            novelty.push((j + 1, by_position));
             cuts.push(DepthCut {
                 depth: t.depth,
                 median_umis,
