@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Is there a temperature that calibrates both test sets? (issue 19's ECE target)
+
+    OMP_NUM_THREADS=1 .venv-train/bin/python models/train/calibration_bound.py [--model DIR]
+
+The package's logits (onnxruntime, tokenized as evaluate.py does) on held-out pbmc3k and
+pbmc68k_reduced (CD34+ excluded), at full depth and thinned to 25% / 10% (evaluate.py's
+seeds). For every temperature on a log grid from 0.05 to 50: the expected calibration error
+(15 equal-width bins, as evaluate.py) of softmax(logits / T) on each set. Prints, per depth,
+the temperature that is best for pbmc68k_reduced alone (chosen on the test labels: a bound,
+not a method), the pbmc3k ECE it costs there, and the smallest worst-of-both ECE any
+temperature reaches. Also counts the pbmc68k_reduced cells whose predicted class its label
+mapping never uses (no confidence can be right for them unless it is ~0). Writes nothing.
+"""
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import COARSE, DATA_3K, DATA_68K, PACKAGE, TRAIN_DIR, Dataset10x, label_index, thin_counts  # noqa: E402
+from evaluate import DEPTHS, Package, reliability, softmax  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=PACKAGE)
+    args = ap.parse_args()
+
+    pkg = Package(args.model)
+    d3 = Dataset10x(DATA_3K)
+    held = set((TRAIN_DIR / "heldout_barcodes.txt").read_text().split())
+    te = np.array([i for i, b in enumerate(d3.barcodes) if b in held])
+    d68 = Dataset10x(DATA_68K)
+    c68 = d68.coarse()
+    keep68 = np.where(c68 != "CD34+")[0]
+    sets = {
+        "pbmc3k_heldout": (d3.X[te], [d3.barcodes[i] for i in te], d3.symbols,
+                           label_index(d3.coarse())[te]),
+        "pbmc68k_reduced": (d68.X[keep68], [d68.barcodes[i] for i in keep68], d68.symbols,
+                            label_index(c68[keep68])),
+    }
+    grid = np.exp(np.linspace(np.log(0.05), np.log(50), 241))
+    print(f"model {args.model}, manifest temperature {pkg.T}")
+    print("| depth | manifest T: ECE pbmc3k / pbmc68k | T best for pbmc68k alone | its ECE "
+          "pbmc68k / pbmc3k | smallest max(ECE pbmc3k, ECE pbmc68k) over T (at T) |")
+    print("|---|---|---|---|---|")
+    for frac, seed in DEPTHS:
+        ece = {}
+        for name, (X, bcs, symbols, y) in sets.items():
+            Xd = X if seed is None else thin_counts(X, frac, seed)
+            _, _, logits = pkg.run(Xd, bcs, symbols)
+            pred = logits.argmax(1)
+            ece[name] = np.array([reliability(softmax(logits / t).max(1), pred == y)[0]
+                                  for t in grid])
+            ece[name + "@manifest"] = reliability(softmax(logits / pkg.T).max(1), pred == y)[0]
+            if name == "pbmc68k_reduced" and seed is None:
+                unused = sorted(set(range(len(COARSE))) - set(y.tolist()))
+                n = int(np.isin(pred, unused).sum())
+                print(f"pbmc68k_reduced, full depth: {n} of {len(y)} cells predicted as a class "
+                      f"its labels never use ({', '.join(COARSE[k] for k in unused)})")
+        a, b = ece["pbmc3k_heldout"], ece["pbmc68k_reduced"]
+        i68 = int(b.argmin())
+        worst = np.maximum(a, b)
+        iw = int(worst.argmin())
+        print(f"| {int(frac * 100)}% | {ece['pbmc3k_heldout@manifest']:.3f} / "
+              f"{ece['pbmc68k_reduced@manifest']:.3f} | {grid[i68]:.2f} | {b[i68]:.3f} / "
+              f"{a[i68]:.3f} | {worst[iw]:.3f} (T = {grid[iw]:.2f}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
