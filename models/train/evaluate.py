@@ -156,6 +156,18 @@ def batch_depth(X):
     return np.full(X.shape[0], np.median(np.asarray(X.sum(1)).ravel()))
 
 
+def fit_baseline(d3, tr, y_tr, symbols):
+    """The baseline: logistic regression on log-normalised genes shared with the test set,
+    fitted on pbmc3k's cells `tr`. -> (predict(X of the test set's genes), shared genes)."""
+    from sklearn.linear_model import LogisticRegression
+
+    idx3 = {s: i for i, s in enumerate(d3.symbols)}
+    shared = [(idx3[s], j) for j, s in enumerate(symbols) if s in idx3]
+    a3, at = np.array([p[0] for p in shared]), np.array([p[1] for p in shared])
+    clf = LogisticRegression(max_iter=5000).fit(lognorm(d3.X[tr][:, a3]), y_tr)
+    return (lambda X: clf.predict(lognorm(X[:, at]))), len(shared)
+
+
 def read_labels_tsv(path, column):
     rows = [l.split("\t") for l in Path(path).read_text().splitlines()]
     j = rows[0].index(column)
@@ -256,15 +268,8 @@ def main():
         setres = {"genes_in_panel": len(symbols), "panel_genes_in_vocab": int((g2v >= 0).sum()),
                   "per_class_n": {COARSE[k]: int((y == k).sum()) for k in range(len(COARSE))}}
         if not args.no_baseline:
-            from sklearn.linear_model import LogisticRegression
-
-            idx3 = {s: i for i, s in enumerate(d3.symbols)}
-            shared = [(idx3[s], j) for j, s in enumerate(symbols) if s in idx3]
-            a3, at = np.array([p[0] for p in shared]), np.array([p[1] for p in shared])
             t0 = time.time()
-            clf = LogisticRegression(max_iter=5000)
-            clf.fit(lognorm(d3.X[tr][:, a3]), y3[tr])
-            setres["baseline_shared_genes"] = len(shared)
+            baseline, setres["baseline_shared_genes"] = fit_baseline(d3, tr, y3[tr], symbols)
             setres["baseline_fit_seconds"] = round(time.time() - t0, 1)
         for frac, seed in DEPTHS:
             Xd = X if seed is None else thin_counts(X, frac, seed)
@@ -284,7 +289,7 @@ def main():
             rm["agrees_with_classifier"] = float((mp["label"] == p.argmax(1)).mean())
             r = {"model": m, "reference": rm}
             if not args.no_baseline:
-                bp = clf.predict(lognorm(Xd[:, at]))
+                bp = baseline(Xd)
                 r["baseline"] = metrics(y, bp)
             if name == "pbmc68k_reduced":
                 pm = merge_mono_probs(p)
