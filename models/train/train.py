@@ -329,6 +329,9 @@ def choose_threshold(probs_list, y_list, target, step=0.01):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split-seed", type=int, default=None,
+                    help="seed of the held-out and validation splits (default: --seed); keep it "
+                         "at 0 to vary only initialisation and augmentation draws")
     ap.add_argument("--out", type=Path, default=PACKAGE)
     ap.add_argument("--aux-dir", type=Path, default=TRAIN_DIR,
                     help="where heldout_barcodes.txt, validation_barcodes.txt, vocab_genes.tsv, "
@@ -393,8 +396,9 @@ def main():
     d = Dataset10x(DATA_3K)
     y_all = label_index(d.coarse())
     assert (y_all >= 0).all()
-    tr, te = split_heldout(y_all, args.seed)
-    fit, val = split_validation(tr, y_all, args.seed, args.val_frac)
+    split_seed = args.seed if args.split_seed is None else args.split_seed
+    tr, te = split_heldout(y_all, split_seed)
+    fit, val = split_validation(tr, y_all, split_seed, args.val_frac)
     (aux / "heldout_barcodes.txt").write_text("".join(d.barcodes[i] + "\n" for i in te))
     (aux / "validation_barcodes.txt").write_text("".join(d.barcodes[i] + "\n" for i in val))
     if args.exclude_class:
