@@ -168,6 +168,27 @@ def fit_baseline(d3, tr, y_tr, symbols):
     return (lambda X: clf.predict(lognorm(X[:, at]))), len(shared)
 
 
+def load_test_sets():
+    """-> (pbmc3k, its training cells' indices, its coarse labels, the test sets by name:
+    (counts, barcodes, symbols, labels), pbmc68k_reduced's CD34+ cells left out (they have no
+    coarse class))."""
+    d3 = Dataset10x(DATA_3K)
+    held = set((TRAIN_DIR / "heldout_barcodes.txt").read_text().split())
+    te = np.array([i for i, b in enumerate(d3.barcodes) if b in held])
+    tr = np.array([i for i, b in enumerate(d3.barcodes) if b not in held])
+    y3 = label_index(d3.coarse())
+    d68 = Dataset10x(DATA_68K)
+    c68 = d68.coarse()
+    keep68 = np.where(c68 != "CD34+")[0]
+    y68 = label_index(c68[keep68])
+    assert (y68 >= 0).all()
+    tests = {
+        "pbmc3k_heldout": (d3.X[te], [d3.barcodes[i] for i in te], d3.symbols, y3[te]),
+        "pbmc68k_reduced": (d68.X[keep68], [d68.barcodes[i] for i in keep68], d68.symbols, y68),
+    }
+    return d3, tr, y3, tests, len(c68) - len(keep68)
+
+
 def read_labels_tsv(path, column):
     rows = [l.split("\t") for l in Path(path).read_text().splitlines()]
     j = rows[0].index(column)
@@ -230,20 +251,8 @@ def main():
     args = ap.parse_args()
 
     pkg = Package(args.model)
-    d3 = Dataset10x(DATA_3K)
-    held = set((TRAIN_DIR / "heldout_barcodes.txt").read_text().split())
-    te = np.array([i for i, b in enumerate(d3.barcodes) if b in held])
-    tr = np.array([i for i, b in enumerate(d3.barcodes) if b not in held])
-    y3 = label_index(d3.coarse())
-    d68 = Dataset10x(DATA_68K)
-    c68 = d68.coarse()
-    keep68 = np.where(c68 != "CD34+")[0]
-    y68 = label_index(c68[keep68])
-    assert (y68 >= 0).all()
-    tests = {
-        "pbmc3k_heldout": (d3.X[te], [d3.barcodes[i] for i in te], d3.symbols, y3[te]),
-        "pbmc68k_reduced": (d68.X[keep68], [d68.barcodes[i] for i in keep68], d68.symbols, y68),
-    }
+    d3, tr, y3, tests, cd34 = load_test_sets()
+    held = set(tests["pbmc3k_heldout"][1])
 
     # the reference: the package's embeddings of the reference cells, with its depth cuts
     ref_lab = read_labels_tsv(args.reference_labels, "cell_type_coarse")
@@ -254,8 +263,8 @@ def main():
     print(f"model {args.model} sha256 {pkg.man['onnx_sha256'][:12]}…, ties {pkg.ties}, max_len "
           f"{pkg.max_len}, temperature {pkg.T}, threshold {pkg.thr}; reference {len(ri)} cells "
           f"(leave-one-out accuracy {ref.loo_correct.mean():.3f}, vote threshold "
-          f"{ref.threshold:.3f}); pbmc68k_reduced: {len(keep68)} cells scored, "
-          f"{len(c68) - len(keep68)} CD34+ excluded", flush=True)
+          f"{ref.threshold:.3f}); pbmc68k_reduced: {len(tests['pbmc68k_reduced'][3])} cells "
+          f"scored, {cd34} CD34+ excluded", flush=True)
 
     results = {"model": str(args.model), "onnx_sha256": pkg.man["onnx_sha256"], "ties": pkg.ties,
                "temperature": pkg.T, "confidence_threshold": pkg.thr, "tokenize_seed": EVAL_SEED,

@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import COARSE, DATA_3K, DATA_68K, PACKAGE, TRAIN_DIR, Dataset10x, label_index, thin_counts  # noqa: E402
-from evaluate import DEPTHS, Package, fit_baseline, reliability, softmax  # noqa: E402
+from common import COARSE, PACKAGE, thin_counts  # noqa: E402
+from evaluate import (DEPTHS, Package, fit_baseline, load_test_sets, reliability,  # noqa: E402
+                      softmax)
 
 
 def main():
@@ -40,20 +41,8 @@ def main():
     args = ap.parse_args()
 
     pkg = Package(args.model)
-    d3 = Dataset10x(DATA_3K)
-    held = set((TRAIN_DIR / "heldout_barcodes.txt").read_text().split())
-    te = np.array([i for i, b in enumerate(d3.barcodes) if b in held])
-    tr = np.array([i for i, b in enumerate(d3.barcodes) if b not in held])
-    d68 = Dataset10x(DATA_68K)
-    c68 = d68.coarse()
-    keep68 = np.where(c68 != "CD34+")[0]
-    sets = {
-        "pbmc3k_heldout": (d3.X[te], [d3.barcodes[i] for i in te], d3.symbols,
-                           label_index(d3.coarse())[te]),
-        "pbmc68k_reduced": (d68.X[keep68], [d68.barcodes[i] for i in keep68], d68.symbols,
-                            label_index(c68[keep68])),
-    }
-    baseline, _ = fit_baseline(d3, tr, label_index(d3.coarse())[tr], sets["pbmc68k_reduced"][2])
+    d3, tr, y3, sets, _ = load_test_sets()
+    baseline, _ = fit_baseline(d3, tr, y3[tr], sets["pbmc68k_reduced"][2])
     grid = np.exp(np.linspace(np.log(0.05), np.log(50), 241))
     print(f"model {args.model}, manifest temperature {pkg.T}")
     print("| depth | manifest T: ECE pbmc3k / pbmc68k | T best for pbmc68k alone | its ECE "
